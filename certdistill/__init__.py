@@ -1,0 +1,14 @@
+"""certdistill: certified robustness and certified distillation as scikit-learn estimators."""
+
+from certdistill.certify import Certificate, certified_radius, certify
+from certdistill.exceptions import UnsupportedLayerError
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Certificate",
+    "UnsupportedLayerError",
+    "certified_radius",
+    "certify",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from certdistill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,412 @@
+"""Bound operations: one small class per supported layer type.
+
+Each operation knows three steps for the layer it wraps:
+
+* ``forward(x)``: the plain forward pass (used to read batch statistics of the clean input);
+* ``interval(center, radius)``: interval bound propagation in centre/radius form;
+* ``backward(A, input_shape, bounds, alpha)``: the backward linear-relaxation step of CROWN.
+  ``A`` has shape ``(n, S, *output_shape)`` and represents ``S`` linear functions ``A @ h`` of the
+  layer's output ``h`` for each of the ``n`` samples. The step returns ``(A', b)`` such that
+  ``A @ layer(z) >= A' @ z + b`` for every ``z`` inside the layer's input bounds, with ``b`` of
+  shape ``(n, S)``. For affine layers the inequality is an equality.
+
+The engine (:mod:`certdistill.bounds.engine`) walks a list of these operations; it never asks what
+kind of layer an operation wraps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certdistill.exceptions import UnsupportedLayerError
+
+
+class BoundOp:
+    """Base class of a bound operation.
+
+    Attributes
+    ----------
+    mixes_features : bool
+        True when an output unit depends on several input units (dense or convolutional layers).
+        Interval arithmetic is exact through at most one such layer, which lets the engine skip a
+        backward pass for the first layer of pre-activation bounds.
+    is_activation : bool
+        True for the non-linear operations that need pre-activation bounds for their relaxation.
+    uses_batch_statistics : bool
+        True when the operation must see the clean input before propagating bounds (BatchNorm in
+        training mode normalises with the statistics of the clean batch).
+    """
+
+    mixes_features = False
+    is_activation = False
+
+    @property
+    def uses_batch_statistics(self) -> bool:
+        return False
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def interval(self, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(
+        self,
+        A: Tensor,
+        input_shape: torch.Size,
+        bounds: tuple[Tensor, Tensor] | None = None,
+        alpha: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+def _flat_sum(x: Tensor) -> Tensor:
+    """Sum over every dimension after the first two: ``(n, S, ...) -> (n, S)``."""
+    return x.flatten(2).sum(-1) if x.dim() > 2 else x
+
+
+class LinearOp(BoundOp):
+    """``nn.Linear``: ``y = x W^T + b``."""
+
+    mixes_features = True
+
+    def __init__(self, layer: nn.Linear):
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def interval(self, center, radius):
+        weight = self.layer.weight
+        return F.linear(center, weight, self.layer.bias), F.linear(radius, weight.abs())
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        bias = self.layer.bias
+        bias_term = _flat_sum(A @ bias) if bias is not None else None
+        return A @ self.layer.weight, bias_term
+
+
+class Conv2dOp(BoundOp):
+    """``nn.Conv2d`` with ``groups=1``, ``dilation=1`` and zero padding."""
+
+    mixes_features = True
+
+    def __init__(self, layer: nn.Conv2d):
+        self.layer = layer
+        self.padding = _numeric_padding(layer)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.layer.stride, self.padding)
+
+    def forward(self, x):
+        return self._conv(x, self.layer.weight, self.layer.bias)
+
+    def interval(self, center, radius):
+        weight = self.layer.weight
+        return self._conv(center, weight, self.layer.bias), self._conv(radius, weight.abs(), None)
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        n, specs = A.shape[:2]
+        # The transpose of a convolution is the gradient of its input.
+        A_in = torch.nn.grad.conv2d_input(
+            (n * specs, *input_shape),
+            self.layer.weight,
+            A.reshape(n * specs, *A.shape[2:]),
+            stride=self.layer.stride,
+            padding=self.padding,
+        ).view(n, specs, *input_shape)
+        bias = self.layer.bias
+        bias_term = A.sum(dim=(3, 4)) @ bias if bias is not None else None
+        return A_in, bias_term
+
+
+def _numeric_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    padding = layer.padding
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        kernel = layer.kernel_size
+        if any(k % 2 == 0 for k in kernel):
+            raise UnsupportedLayerError(
+                f"{layer!r}: padding='same' with an even kernel pads asymmetrically; "
+                "give explicit padding instead."
+            )
+        return tuple((k - 1) // 2 for k in kernel)
+    return tuple(padding)
+
+
+class ElementwiseAffineOp(BoundOp):
+    """Per-channel affine map ``y = scale * x + shift`` (BatchNorm in any mode)."""
+
+    def __init__(self, layer: nn.modules.batchnorm._BatchNorm):
+        self.layer = layer
+        self._batch_affine: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def uses_batch_statistics(self) -> bool:
+        layer = self.layer
+        return layer.training or layer.running_mean is None
+
+    def _channel_view(self, param: Tensor, ndim: int) -> Tensor:
+        # Channels are dimension 1; trailing spatial dimensions broadcast.
+        return param.view(-1, *([1] * (ndim - 2)))
+
+    def _affine_from(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        layer = self.layer
+        scale = torch.rsqrt(var + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight
+        shift = -mean * scale
+        if layer.bias is not None:
+            shift = shift + layer.bias
+        return scale, shift
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """Return per-channel ``(scale, shift)`` of the map currently in force."""
+        if self.uses_batch_statistics:
+            if self._batch_affine is None:
+                raise RuntimeError("batch statistics were not bound before propagating bounds")
+            return self._batch_affine
+        return self._affine_from(self.layer.running_mean, self.layer.running_var)
+
+    def forward(self, x):
+        if self.uses_batch_statistics:
+            # Statistics of the clean batch, as in certified training (no running-stat update).
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, unbiased=False)
+            self._batch_affine = self._affine_from(mean, var)
+        scale, shift = self.affine()
+        return x * self._channel_view(scale, x.dim()) + self._channel_view(shift, x.dim())
+
+    def interval(self, center, radius):
+        scale, shift = self.affine()
+        scale_v = self._channel_view(scale, center.dim())
+        return center * scale_v + self._channel_view(shift, center.dim()), radius * scale_v.abs()
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        scale, shift = self.affine()
+        ndim = A.dim() - 1  # the shape A would have with a single spec row
+        scale_v = self._channel_view(scale, ndim)
+        shift_v = self._channel_view(shift, ndim)
+        return A * scale_v, _flat_sum(A * shift_v)
+
+
+class AvgPool2dOp(BoundOp):
+    """``nn.AvgPool2d``: a linear map with non-negative weights."""
+
+    mixes_features = True
+
+    def __init__(self, layer: nn.AvgPool2d):
+        self.layer = layer
+        self.kernel_size = _pair(layer.kernel_size)
+        self.stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
+        self.padding = _pair(layer.padding)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def interval(self, center, radius):
+        # Non-negative weights: the radius maps through the same pooling.
+        return self.layer(center), self.layer(radius)
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        n, specs = A.shape[:2]
+        shape_holder = A.new_zeros(()).expand(n * specs, *input_shape)
+        A_in = torch.ops.aten.avg_pool2d_backward(
+            A.reshape(n * specs, *A.shape[2:]),
+            shape_holder,
+            list(self.kernel_size),
+            list(self.stride),
+            list(self.padding),
+            self.layer.ceil_mode,
+            self.layer.count_include_pad,
+            self.layer.divisor_override,
+        )
+        return A_in.view(n, specs, *input_shape), None
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class ReshapeOp(BoundOp):
+    """``nn.Flatten`` and ``nn.Unflatten``: a change of shape only."""
+
+    def __init__(self, layer: nn.Flatten | nn.Unflatten):
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def interval(self, center, radius):
+        return self.layer(center), self.layer(radius)
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        return A.reshape(*A.shape[:2], *input_shape), None
+
+
+class IdentityOp(BoundOp):
+    """``nn.Identity`` and ``nn.Dropout`` (bounds describe the network at inference)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def forward(self, x):
+        return x
+
+    def interval(self, center, radius):
+        return center, radius
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        return A, None
+
+
+class ReLUOp(BoundOp):
+    """``nn.ReLU`` with the triangle relaxation of CROWN.
+
+    For an unstable neuron (``l < 0 < u``) the upper line is the chord
+    ``u / (u - l) * (z - l)`` and the lower line is ``alpha * z`` with ``alpha`` in ``[0, 1]``.
+    Without an explicit ``alpha`` the adaptive choice of CROWN is used: slope 1 when ``u > -l``,
+    else 0, which minimises the area between the two lines.
+    """
+
+    is_activation = True
+
+    def __init__(self, layer: nn.ReLU):
+        self.layer = layer
+
+    def forward(self, x):
+        return F.relu(x)
+
+    def interval(self, center, radius):
+        lower = F.relu(center - radius)
+        upper = F.relu(center + radius)
+        return (upper + lower) / 2, (upper - lower) / 2
+
+    @staticmethod
+    def unstable(lower: Tensor, upper: Tensor) -> Tensor:
+        return (lower < 0) & (upper > 0)
+
+    @staticmethod
+    def adaptive_lower_slope(lower: Tensor, upper: Tensor) -> Tensor:
+        """Lower slope of CROWN before any optimisation (also alpha-CROWN's starting point)."""
+        return (upper > -lower).to(lower.dtype)
+
+    def relaxation(
+        self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(lower_slope, upper_slope, upper_intercept)``.
+
+        Stable neurons get exact lines (slopes 1 and 1 when active, 0 and 0 when inactive).
+        ``alpha``, when given, has one more leading dimension (the spec rows) than the bounds.
+        """
+        unstable = self.unstable(lower, upper)
+        active = (lower >= 0).to(lower.dtype)
+        # Guard the division; unstable neurons have upper - lower > 0.
+        width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+        upper_slope = torch.where(unstable, upper / width, active)
+        upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(lower))
+        if alpha is None:
+            lower_slope = torch.where(unstable, self.adaptive_lower_slope(lower, upper), active)
+        else:
+            lower_slope = torch.where(unstable.unsqueeze(1), alpha, active.unsqueeze(1))
+        return lower_slope, upper_slope, upper_intercept
+
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        lower, upper = bounds
+        lower_slope, upper_slope, upper_intercept = self.relaxation(lower, upper, alpha)
+        if alpha is None:
+            lower_slope = lower_slope.unsqueeze(1)
+        positive, negative = A.clamp(min=0), A.clamp(max=0)
+        A_in = positive * lower_slope + negative * upper_slope.unsqueeze(1)
+        return A_in, _flat_sum(negative * upper_intercept.unsqueeze(1))
+
+
+def _check_conv(layer: nn.Conv2d) -> None:
+    if layer.groups != 1 or _pair(layer.dilation) != (1, 1) or layer.padding_mode != "zeros":
+        raise UnsupportedLayerError(
+            f"{layer!r}: only Conv2d with groups=1, dilation=1 and padding_mode='zeros' is "
+            f"supported by the native engine. {SUPPORTED_LAYERS_TEXT}"
+        )
+
+
+def _make_conv(layer: nn.Conv2d) -> Conv2dOp:
+    _check_conv(layer)
+    return Conv2dOp(layer)
+
+
+def _make_avgpool(layer: nn.AvgPool2d) -> AvgPool2dOp:
+    return AvgPool2dOp(layer)
+
+
+#: Layer type -> factory of its bound operation. Subclasses match through their base class.
+OP_REGISTRY: dict[type[nn.Module], type[BoundOp] | callable] = {
+    nn.Linear: LinearOp,
+    nn.Conv2d: _make_conv,
+    nn.ReLU: ReLUOp,
+    nn.Flatten: ReshapeOp,
+    nn.Unflatten: ReshapeOp,
+    nn.BatchNorm1d: ElementwiseAffineOp,
+    nn.BatchNorm2d: ElementwiseAffineOp,
+    nn.AvgPool2d: _make_avgpool,
+    nn.Identity: IdentityOp,
+    nn.Dropout: IdentityOp,
+}
+
+SUPPORTED_LAYERS_TEXT = (
+    "Supported layers: Linear, Conv2d (groups=1, dilation=1), ReLU, Flatten, Unflatten, "
+    "BatchNorm1d, BatchNorm2d, AvgPool2d, Identity, Dropout and nested Sequential. "
+    "For other layers use backend='auto_lirpa'."
+)
+
+
+def _op_for(layer: nn.Module, name: str) -> BoundOp:
+    # Exact type first, so that a user subclass overriding forward() is not silently mis-bounded.
+    factory = OP_REGISTRY.get(type(layer))
+    if factory is None:
+        raise UnsupportedLayerError(
+            f"Layer '{name}' ({layer!r}) is not supported by the native bound engine. "
+            f"{SUPPORTED_LAYERS_TEXT}"
+        )
+    return factory(layer)
+
+
+def build_ops(module: nn.Module) -> list[BoundOp]:
+    """Flatten a (nested) ``nn.Sequential`` into a list of bound operations.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        An ``nn.Sequential`` of supported layers, or a single supported layer.
+
+    Returns
+    -------
+    list of BoundOp
+
+    Raises
+    ------
+    UnsupportedLayerError
+        If the module, or any layer in it, is not supported.
+    """
+    ops: list[BoundOp] = []
+
+    def visit(layer: nn.Module, name: str) -> None:
+        if type(layer) is nn.Sequential:
+            for child_name, child in layer.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name)
+        else:
+            ops.append(_op_for(layer, name or type(layer).__name__))
+
+    visit(module, "")
+    if not ops:
+        raise UnsupportedLayerError("The module has no layers to propagate bounds through.")
+    return ops
+
+
+def numel(shape: torch.Size) -> int:
+    return math.prod(shape)
