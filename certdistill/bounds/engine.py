@@ -129,6 +129,24 @@ class BoundEngine:
         out_center, out_radius = self._interval_pass(_Propagation(center=center, radius=radius))
         return out_center - out_radius, out_center + out_radius
 
+    def activation_interval_bounds(
+        self,
+        x: Tensor,
+        eps: float | Tensor,
+        *,
+        lower: float | Tensor | None = None,
+        upper: float | Tensor | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """IBP bounds ``(lower, upper)`` of each activation's input, in network order.
+
+        Used for diagnostics (unstable neurons) and by the regularisers of Shi et al. (2021).
+        """
+        center, radius = input_box(x, eps, lower, upper)
+        self._bind_batch_statistics(x)
+        state = _Propagation(center=center, radius=radius)
+        self._interval_pass(state)
+        return [state.ibp_bounds[index] for index in self._activation_indices]
+
     # --------------------------------------------------------------- passes
     def _bind_batch_statistics(self, x: Tensor) -> None:
         if any(op.uses_batch_statistics for op in self.ops):
