@@ -24,24 +24,42 @@ def _randomise_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def _mlp() -> nn.Module:
-    return _randomise_batchnorm(nn.Sequential(
-        nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
-        nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5),
-    ))
+    return _randomise_batchnorm(
+        nn.Sequential(
+            nn.Linear(20, 32),
+            nn.ReLU(),
+            nn.Linear(32, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Linear(32, 24),
+            nn.ReLU(),
+            nn.Linear(24, 5),
+        )
+    )
 
 
 def _cnn() -> nn.Module:
     # auto_LiRPA implements AvgPool2d without padding options, so the pool here has none.
-    return _randomise_batchnorm(nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=1, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(6 * 2 * 2, 16), nn.ReLU(), nn.Linear(16, 3),
-    ))
+    return _randomise_batchnorm(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=1, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 2 * 2, 16),
+            nn.ReLU(),
+            nn.Linear(16, 3),
+        )
+    )
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
-@pytest.mark.parametrize(("factory", "sample_shape"), [(_mlp, (20,)), (_cnn, (1, 8, 8))],
-                         ids=["mlp", "cnn"])
+@pytest.mark.parametrize(
+    ("factory", "sample_shape"), [(_mlp, (20,)), (_cnn, (1, 8, 8))], ids=["mlp", "cnn"]
+)
 def test_margins_match_auto_lirpa(factory, sample_shape, method):
     torch.manual_seed(0)
     module = factory()
@@ -50,8 +68,16 @@ def test_margins_match_auto_lirpa(factory, sample_shape, method):
     # batch; one sample per call makes that choice per sample, as the native engine does.
     lirpa_batch = 1 if method == "crown" else 256
     ours = certify(module, X, 0.05, method=method, lower=0.0, upper=1.0).margins
-    theirs = certify(module, X, 0.05, method=method, lower=0.0, upper=1.0,
-                     backend="auto_lirpa", batch_size=lirpa_batch).margins
+    theirs = certify(
+        module,
+        X,
+        0.05,
+        method=method,
+        lower=0.0,
+        upper=1.0,
+        backend="auto_lirpa",
+        batch_size=lirpa_batch,
+    ).margins
     np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)
 
 

@@ -107,7 +107,7 @@ class BoundEngine:
         center, radius = input_box(x, eps, lower, upper)
         self._bind_batch_statistics(x)
         state = _Propagation(center=center, radius=radius)
-        out_center, _ = self._interval_pass(state)
+        out_center, _ = self._interval_pass(state, record_bounds=method != "ibp")
         n_classes = out_center.shape[1]
         spec = margin_specification(reference, n_classes, dtype=center.dtype)
         implementation = _METHOD_IMPLEMENTATIONS[method]
@@ -144,7 +144,7 @@ class BoundEngine:
         center, radius = input_box(x, eps, lower, upper)
         self._bind_batch_statistics(x)
         state = _Propagation(center=center, radius=radius)
-        self._interval_pass(state)
+        self._interval_pass(state, record_bounds=True)
         return [state.ibp_bounds[index] for index in self._activation_indices]
 
     # --------------------------------------------------------------- passes
@@ -154,11 +154,13 @@ class BoundEngine:
             for op in self.ops:
                 h = op.forward(h)
 
-    def _interval_pass(self, state: _Propagation) -> tuple[Tensor, Tensor]:
+    def _interval_pass(
+        self, state: _Propagation, record_bounds: bool = False
+    ) -> tuple[Tensor, Tensor]:
         center, radius = state.center, state.radius
         for index, op in enumerate(self.ops):
             state.input_shapes.append(center.shape[1:])
-            if op.is_activation:
+            if record_bounds and op.is_activation:
                 state.ibp_bounds[index] = (center - radius, center + radius)
             if index == self._tail_start:
                 state.tail_interval = (center, radius)

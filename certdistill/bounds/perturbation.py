@@ -28,6 +28,8 @@ def input_box(
         Both of the shape of ``x``. The box is ``center - radius <= x' <= center + radius``.
     """
     eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if lower is None and upper is None:
+        return x, eps.expand_as(x)
     box_lower, box_upper = x - eps, x + eps
     if lower is not None:
         box_lower = torch.maximum(box_lower, torch.as_tensor(lower, dtype=x.dtype, device=x.device))
