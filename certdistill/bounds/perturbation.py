@@ -27,6 +27,8 @@ def input_box(
     center, radius : Tensor
         Both of the shape of ``x``. The box is ``center - radius <= x' <= center + radius``.
     """
+    if isinstance(eps, int | float) and not eps >= 0:  # tensors are checked by callers
+        raise ValueError(f"eps must be non-negative, got {eps!r}.")
     eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if lower is None and upper is None:
         return x, eps.expand_as(x)

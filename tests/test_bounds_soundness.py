@@ -1,0 +1,715 @@
+"""Soundness of the bound engine against independent witnesses.
+
+A certified margin is a *lower* bound of ``z_ref - z_j`` over the ball, so it
+must never exceed the margin of any point of the ball. Three independent
+sources of such points are used, none sharing code with the engine:
+
+* sampling: random points and box corners, evaluated by a float64 copy;
+* attacks: targeted PGD (:func:`certdistill.attacks.min_margin_attack`);
+* exactness: the MILP oracle of ``tests/milp.py`` on tiny networks.
+
+Tolerances: float32 modules are checked with ``1e-5`` relative + absolute slack
+(the engine rounds in float32, witnesses are evaluated in float64); float64
+modules, used for the MILP comparisons, with ``1e-6`` absolute.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from milp import exact_min_margins
+from networks import (
+    POOLS,
+    float64_copy,
+    make_cnn,
+    make_linear_net,
+    make_mlp,
+    make_random_network,
+    random_inputs,
+    randomize_batchnorm,
+)
+from torch import nn
+
+from certdistill import UnsupportedLayerError, certified_radius, certify
+from certdistill.attacks import min_margin_attack
+from certdistill.bounds import margin_lower_bounds
+
+METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
+RTOL = ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def logits64(net64: nn.Module, points: np.ndarray) -> np.ndarray:
+    """Float64 logits of a float64 eval-mode network on a batch of points."""
+    with torch.no_grad():
+        return net64(torch.as_tensor(points, dtype=torch.float64)).numpy()
+
+
+def box(x: np.ndarray, eps, lower=None, upper=None) -> tuple[np.ndarray, np.ndarray]:
+    """``ball(x, eps) ∩ [lower, upper]`` in float64, ``x`` of shape ``(n, *shape)``."""
+    x = np.asarray(x, dtype=np.float64)
+    eps = np.broadcast_to(np.asarray(eps, dtype=np.float64), x.shape[1:])
+    lo, hi = x - eps, x + eps
+    if lower is not None:
+        lo = np.maximum(lo, np.asarray(lower, dtype=np.float64))
+    if upper is not None:
+        hi = np.minimum(hi, np.asarray(upper, dtype=np.float64))
+    return lo, hi
+
+
+def sample_box(
+    lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator, n_random: int, n_corners: int
+) -> np.ndarray:
+    """Points of the box: centers, uniform samples and corners; shape ``(k, n, *shape)``.
+
+    All corners are taken when there are at most ``n_corners`` of them, random
+    corners otherwise. Corners matter: for a net that is affine on the box the
+    worst point is a corner.
+    """
+    d = lo[0].size
+    u = rng.random((n_random, *lo.shape))
+    points = [(lo + hi)[None] / 2, lo + (hi - lo) * u]
+    if 2**d <= n_corners:
+        signs = np.array(list(itertools.product([0.0, 1.0], repeat=d)))
+        signs = np.broadcast_to(signs[:, None, :], (len(signs), lo.shape[0], d))
+    else:
+        signs = rng.integers(0, 2, size=(n_corners, lo.shape[0], d)).astype(np.float64)
+    signs = signs.reshape((-1, *lo.shape))
+    points.append(lo + (hi - lo) * signs)
+    return np.concatenate(points, axis=0)
+
+
+def sampled_min_margins(
+    net: nn.Module,
+    x: np.ndarray,
+    reference: np.ndarray,
+    eps,
+    *,
+    lower=None,
+    upper=None,
+    seed: int = 0,
+    n_random: int = 300,
+    n_corners: int = 256,
+) -> np.ndarray:
+    """Smallest float64 margin ``z_ref - z_j`` over sampled points, ``(n, C)``, +inf at ref."""
+    net64 = float64_copy(net)
+    lo, hi = box(x, eps, lower, upper)
+    pts = sample_box(lo, hi, np.random.default_rng(seed), n_random, n_corners)
+    k, n = pts.shape[:2]
+    z = logits64(net64, pts.reshape(k * n, *pts.shape[2:])).reshape(k, n, -1)
+    zr = np.take_along_axis(z, np.broadcast_to(reference[None, :, None], (k, n, 1)), axis=2)
+    worst = (zr - z).min(axis=0)
+    worst[np.arange(n), reference] = np.inf
+    return worst
+
+
+def assert_below(bounds, witness, *, atol=ATOL, rtol=RTOL, what="witness") -> None:
+    """Assert ``bounds <= witness`` elementwise up to tolerance, with a precise message."""
+    bounds = np.asarray(bounds, dtype=np.float64)
+    witness = np.asarray(witness, dtype=np.float64)
+    assert bounds.shape == witness.shape, (bounds.shape, witness.shape)
+    finite = np.isfinite(witness)
+    # The reference column is +inf in both; elsewhere the bound must be finite-or-below.
+    assert np.array_equal(np.isinf(witness) & (witness > 0), np.isinf(bounds) & (bounds > 0))
+    slack = atol + rtol * np.abs(np.where(finite, witness, 0.0))
+    bad = finite & ~(bounds <= witness + slack)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise AssertionError(
+            f"unsound bound at sample {i}, class {j}: bound {bounds[i, j]:.9g} > "
+            f"{what} {witness[i, j]:.9g} ({bad.sum()} violations)"
+        )
+
+
+def reference_of(net: nn.Module, x: np.ndarray) -> np.ndarray:
+    return logits64(float64_copy(net), x).argmax(1)
+
+
+# ---------------------------------------------------------------------- the networks
+
+NETWORKS = {
+    "mlp": lambda: (make_mlp(6, [12, 10], 4, seed=1, weight_scale=1.5), (6,)),
+    "mlp-bn-dropout-nested": lambda: (
+        make_mlp(5, [8, 8, 6], 3, seed=2, batchnorm=True, dropout=True, identity=True, nested=True),
+        (5,),
+    ),
+    "mlp-2d-inputs": lambda: (make_mlp(3, [16], 2, seed=3, weight_scale=2.0), (3,)),
+    "cnn-bn-avgpool": lambda: (make_cnn((2, 6, 6), (4, 3), 3, seed=4), (2, 6, 6)),
+    "cnn-stride2-nested-dropout": lambda: (
+        make_cnn(
+            (3, 7, 7), (4,), 5, seed=5, stride=2, padding=1, hidden=6, dropout=True, nested=True
+        ),
+        (3, 7, 7),
+    ),
+    "cnn-overlapping-padded-pool": lambda: (
+        make_cnn(
+            (2, 6, 6),
+            (3,),
+            3,
+            seed=8,
+            avgpool={"kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False},
+        ),
+        (2, 6, 6),
+    ),
+    "cnn-bn-without-affine": lambda: (
+        make_cnn(
+            (2, 5, 5),
+            (3,),
+            3,
+            seed=9,
+            bn_affine=False,
+            avgpool={"kernel_size": 2, "ceil_mode": True},
+        ),
+        (2, 5, 5),
+    ),
+    "cnn-k1-no-pool": lambda: (
+        make_cnn((1, 5, 5), (2, 2), 3, seed=6, kernel_size=1, padding=0, avgpool=False),
+        (1, 5, 5),
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(NETWORKS))
+def network(request):
+    net, shape = NETWORKS[request.param]()
+    return net, shape
+
+
+# ------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("domain", [False, True], ids=["no-domain", "unit-domain"])
+def test_sampled_points_never_beat_the_bound(network, method, domain):
+    net, shape = network
+    rng = np.random.default_rng(11)
+    x = random_inputs(rng, 4, shape, unit=domain)
+    kw = dict(lower=0.0, upper=1.0) if domain else {}
+    eps = 0.15 if len(shape) == 1 else 0.05
+    cert = certify(net, x, eps, method=method, **kw)
+    ref = cert.prediction
+    np.testing.assert_array_equal(ref, reference_of(net, x))
+    witness = sampled_min_margins(net, x, ref, eps, **kw)
+    assert_below(cert.margins, witness, what="sampled margin")
+    np.testing.assert_array_equal(cert.certified, (cert.margins > 0).all(axis=1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_feature_eps_and_domain_arrays(network, method):
+    net, shape = network
+    rng = np.random.default_rng(12)
+    x = random_inputs(rng, 3, shape, unit=True)
+    eps = (0.2 if len(shape) == 1 else 0.08) * rng.random(shape)
+    eps.flat[0] = 0.0  # a frozen feature
+    lower = np.zeros(shape)
+    upper = np.ones(shape)
+    upper.flat[-1] = x.reshape(3, -1)[:, -1].max()  # a tight upper edge on one feature
+    cert = certify(net, x, eps, method=method, lower=lower, upper=upper)
+    witness = sampled_min_margins(net, x, cert.prediction, eps, lower=lower, upper=upper)
+    assert_below(cert.margins, witness, what="sampled margin")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_channel_eps_on_a_cnn(method):
+    net = make_cnn((3, 5, 5), (3,), 4, seed=7)
+    rng = np.random.default_rng(13)
+    x = random_inputs(rng, 3, (3, 5, 5))
+    eps = np.array([0.1, 0.0, 0.03]).reshape(3, 1, 1)
+    cert = certify(net, torch.from_numpy(x), eps, method=method)
+    witness = sampled_min_margins(net, x, cert.prediction, eps)
+    assert_below(cert.margins, witness, what="sampled margin")
+
+
+# -------------------------------------------------------------------------- attacks
+
+
+@pytest.mark.parametrize("domain", [False, True], ids=["no-domain", "unit-domain"])
+def test_attack_never_beats_the_bound(network, domain):
+    net, shape = network
+    rng = np.random.default_rng(14)
+    x = random_inputs(rng, 4, shape, unit=domain)
+    kw = dict(lower=0.0, upper=1.0) if domain else {}
+    eps = 0.15 if len(shape) == 1 else 0.05
+    attacked = min_margin_attack(
+        float64_copy(net),
+        x,
+        reference_of(net, x),
+        eps,
+        steps=30,
+        restarts=3,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).numpy()
+    for method in METHODS:
+        cert = certify(net, x, eps, method=method, **kw)
+        assert_below(cert.margins, attacked, what=f"attacked margin ({method})")
+
+
+# ------------------------------------------------------------------------ exactness
+
+
+def _tiny_cases():
+    rng = np.random.default_rng(2024)
+    cases = []
+    for i in range(8):
+        net, shape, _ = make_random_network(
+            rng, kind="mlp" if i % 2 else "cnn", max_relus=28, dtype=torch.float64
+        )
+        cases.append(pytest.param(net, shape, id=f"tiny{i}-{'mlp' if i % 2 else 'cnn'}"))
+    return cases
+
+
+@pytest.mark.parametrize(("net", "shape"), _tiny_cases())
+@pytest.mark.parametrize("domain", [False, True], ids=["no-domain", "unit-domain"])
+def test_milp_optimum_is_never_below_the_bound(net, shape, domain):
+    rng = np.random.default_rng(15)
+    x = random_inputs(rng, 3, shape, unit=domain).astype(np.float64)
+    kw = dict(lower=0.0, upper=1.0) if domain else {}
+    eps = 0.3 if len(shape) == 1 else 0.15
+    ref = reference_of(net, x)
+    exact = exact_min_margins(net, x, ref, eps, **kw)
+    optimum = np.stack([r.optimum for r in exact])
+    witness = np.stack([r.witness_margin for r in exact])
+    # The oracle itself: its optimum is attained (up to solver tolerance) by its witness.
+    np.testing.assert_allclose(optimum, witness, atol=1e-6)
+    bounds = {}
+    for method in METHODS:
+        bounds[method] = certify(net, x, eps, method=method, **kw).margins
+        assert_below(bounds[method], witness, atol=1e-6, rtol=0, what=f"MILP optimum ({method})")
+    finite = np.isfinite(witness)
+    assert (bounds["alpha-crown"][finite] >= bounds["crown"][finite] - 1e-6).all()
+
+
+@pytest.mark.parametrize(("net", "shape"), _tiny_cases()[:4])
+@pytest.mark.parametrize("method", METHODS)
+def test_bounds_are_exact_when_every_relu_is_stable(net, shape, method):
+    # With a tiny eps no pre-activation changes sign, the net is affine on the ball and the
+    # linear relaxations (and IBP at eps = 0) lose nothing: catches sound-but-useless bounds.
+    rng = np.random.default_rng(16)
+    x = random_inputs(rng, 3, shape).astype(np.float64)
+    ref = reference_of(net, x)
+    cert0 = certify(net, x, 0.0, method=method)
+    z = logits64(net, x)
+    clean = z[np.arange(3), ref][:, None] - z
+    clean[np.arange(3), ref] = np.inf
+    np.testing.assert_allclose(cert0.margins, clean, atol=1e-9, rtol=1e-9)
+    if method == "ibp":
+        return
+    eps = 1e-6
+    exact = np.stack([r.witness_margin for r in exact_min_margins(net, x, ref, eps)])
+    np.testing.assert_allclose(certify(net, x, eps, method=method).margins, exact, atol=1e-6)
+
+
+def test_milp_oracle_matches_brute_force():
+    # Check the oracle on a case small enough to grid-search: 2 inputs, 14 ReLUs.
+    net = make_mlp(2, [8, 6], 3, seed=1, batchnorm=True, weight_scale=1.5, dtype=torch.float64)
+    x = np.array([[0.1, -0.3]])
+    eps = 0.5
+    res = exact_min_margins(net, x, np.array([0]), eps)[0]
+    g = np.linspace(-eps, eps, 401)
+    grid = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2) + x[0]
+    z = logits64(net, grid)
+    brute = (z[:, [0]] - z).min(0)
+    assert (res.optimum[1:] <= brute[1:] + 1e-9).all()
+    # The grid spacing bounds how far the grid can be above the optimum.
+    np.testing.assert_allclose(res.optimum[1:], brute[1:], atol=0.05)
+    np.testing.assert_allclose(res.optimum[1:], res.witness_margin[1:], atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["single", "mlp", "cnn"])
+@pytest.mark.parametrize("method", METHODS)
+def test_all_linear_net_is_exact(kind, method):
+    # Without ReLUs the margin is affine: min over the box is c.x0 + d - |c|.eps in closed form.
+    net, shape = make_linear_net(kind, seed=3, dtype=torch.float64)
+    rng = np.random.default_rng(17)
+    x = random_inputs(rng, 5, shape, unit=True).astype(np.float64)
+    eps = 0.1 * (1 + rng.random(shape))
+    lo, hi = box(x, eps, 0.0, 1.0)
+    d = int(np.prod(shape))
+    with torch.no_grad():
+        b = net(torch.zeros((1, *shape), dtype=torch.float64)).numpy()[0]
+        w = (net(torch.eye(d, dtype=torch.float64).reshape(d, *shape)).numpy() - b).T  # (C, d)
+    ref = reference_of(net, x)
+    c = w[ref][:, None, :] - w[None]  # (n, C, d)
+    mid, rad = ((lo + hi) / 2).reshape(5, -1), ((hi - lo) / 2).reshape(5, -1)
+    exact = (c * mid[:, None]).sum(2) + b[ref][:, None] - b - (np.abs(c) * rad[:, None]).sum(2)
+    exact[np.arange(5), ref] = np.inf
+    margins = certify(net, x, eps, method=method, lower=0.0, upper=1.0).margins
+    assert_below(margins, exact, atol=1e-9, rtol=1e-9, what="exact linear optimum")
+    # For IBP this needs the specification folded into the trailing affine layers (plain
+    # interval arithmetic through two affine layers gives |W2||W1| instead of |W2 W1|).
+    np.testing.assert_allclose(margins, exact, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: [nn.BatchNorm2d(2), nn.AvgPool2d(2), nn.Flatten(), nn.ReLU(), nn.Linear(8, 3)],
+        lambda: [nn.AvgPool2d(2), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)],
+        lambda: [nn.Flatten(), nn.BatchNorm1d(32), nn.ReLU(), nn.Identity(), nn.Linear(32, 3)],
+    ],
+    ids=["bn-pool-relu", "pool-bn-relu", "bn1d-relu"],
+)
+def test_ibp_is_exact_when_every_layer_before_the_last_keeps_boxes_exact(layers):
+    # Element-wise maps and non-overlapping pooling send a box onto a box, and the last
+    # Linear (with the margin folded in) is exact on a box, so IBP must equal the MILP
+    # optimum here. This checks the interval rules of BatchNorm, AvgPool2d and ReLU, which
+    # IBP's looseness hides elsewhere.
+    torch.manual_seed(33)
+    net = nn.Sequential(*layers()).double()
+    randomize_batchnorm(net, torch.Generator().manual_seed(1)).eval()
+    x = random_inputs(np.random.default_rng(34), 3, (2, 4, 4)).astype(np.float64)
+    ref = reference_of(net, x)
+    for kw in ({}, {"lower": -0.5, "upper": 0.8}):
+        xx = np.clip(x, kw.get("lower"), kw.get("upper"))
+        exact = np.stack([r.witness_margin for r in exact_min_margins(net, xx, ref, 0.4, **kw)])
+        margins = certify(net, xx, 0.4, method="ibp", y=ref, **kw).margins
+        np.testing.assert_allclose(margins, exact, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------ hypothesis: architectures
+
+
+@st.composite
+def problems(draw):
+    """A random architecture of supported layers, inputs, eps (scalar or array) and domain."""
+    seed = draw(st.integers(0, 2**16))
+    n_classes = draw(st.integers(2, 4))
+    if draw(st.booleans()):
+        d = draw(st.integers(1, 6))
+        widths = draw(st.lists(st.integers(1, 8), min_size=0, max_size=3))
+        net = make_mlp(
+            d,
+            widths,
+            n_classes,
+            seed=seed,
+            batchnorm=draw(st.booleans()),
+            dropout=draw(st.booleans()),
+            identity=draw(st.booleans()),
+            nested=draw(st.booleans()),
+            weight_scale=draw(st.sampled_from([0.5, 1.0, 2.0])),
+            bn_affine=draw(st.booleans()),
+        )
+        shape: tuple[int, ...] = (d,)
+    else:
+        shape = (draw(st.integers(1, 3)), draw(st.integers(2, 6)), draw(st.integers(2, 6)))
+        kernel = draw(st.integers(1, 3))
+        net = make_cnn(
+            shape,
+            draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)),
+            n_classes,
+            seed=seed,
+            kernel_size=kernel,
+            stride=draw(st.integers(1, 2)),
+            padding=draw(st.integers(0, 1)),
+            batchnorm=draw(st.booleans()),
+            avgpool=draw(st.sampled_from(POOLS)),
+            dropout=draw(st.booleans()),
+            hidden=draw(st.sampled_from([None, 3, 8])),
+            nested=draw(st.booleans()),
+            bn_affine=draw(st.booleans()),
+        )
+    if draw(st.booleans()):  # an extra level of nesting around everything
+        net = nn.Sequential(nn.Identity(), net).eval()
+    rng = np.random.default_rng(seed)
+    domain = draw(st.booleans())
+    x = random_inputs(rng, draw(st.integers(1, 3)), shape, unit=domain)
+    eps_kind = draw(st.sampled_from(["zero", "scalar", "array"]))
+    if eps_kind == "zero":
+        eps = 0.0
+    elif eps_kind == "scalar":
+        eps = draw(st.floats(1e-4, 0.5))
+    else:
+        eps = 0.3 * rng.random(shape)
+    kw = dict(lower=0.0, upper=1.0) if domain else {}
+    return net, x, eps, kw
+
+
+@settings(max_examples=200, deadline=10_000)
+@given(problems())
+def test_property_random_architectures_are_sound(problem):
+    net, x, eps, kw = problem
+    ref = reference_of(net, x)
+    witness = sampled_min_margins(net, x, ref, eps, n_random=100, n_corners=64, **kw)
+    bounds = {}
+    for method in METHODS:
+        cert = certify(net, x, eps, method=method, **kw)
+        np.testing.assert_array_equal(cert.prediction, ref)
+        assert cert.margins.shape == witness.shape
+        assert not np.isnan(cert.margins).any()
+        assert_below(cert.margins, witness, what=f"sampled margin ({method})")
+        bounds[method] = cert.margins
+    finite = np.isfinite(witness)
+    assert (bounds["alpha-crown"][finite] >= bounds["crown"][finite] - 1e-5).all()
+
+
+@settings(max_examples=60, deadline=20_000)
+@given(st.integers(0, 2**16), st.booleans(), st.floats(0.01, 0.4))
+def test_property_tiny_nets_against_milp(seed, domain, eps):
+    rng = np.random.default_rng(seed)
+    net, shape, _ = make_random_network(rng, max_relus=20, dtype=torch.float64)
+    x = random_inputs(rng, 2, shape, unit=domain).astype(np.float64)
+    kw = dict(lower=0.0, upper=1.0) if domain else {}
+    ref = reference_of(net, x)
+    witness = np.stack([r.witness_margin for r in exact_min_margins(net, x, ref, eps, **kw)])
+    crown = None
+    for method in METHODS:
+        margins = certify(net, x, eps, method=method, **kw).margins
+        assert_below(margins, witness, atol=1e-6, rtol=0, what=f"MILP optimum ({method})")
+        if method == "crown":
+            crown = margins
+        if method == "alpha-crown":
+            finite = np.isfinite(witness)
+            assert (margins[finite] >= crown[finite] - 1e-6).all()
+
+
+# --------------------------------------------------- margin_lower_bounds in train mode
+
+
+def _batch_stat_copy(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Eval-mode float64 copy whose BatchNorm running stats are the clean batch's statistics.
+
+    In train mode BatchNorm normalises with the batch mean and the *biased* batch
+    variance, so this copy computes, for every input, the function the bounds
+    of a train-mode module are about.
+    """
+    probe = copy.deepcopy(net).double().train()
+    stats = {}
+
+    def hook(name):
+        def fn(module, inputs, _out):
+            v = inputs[0].detach().double()
+            dims = [0] if v.dim() == 2 else [0, 2, 3]
+            stats[name] = (v.mean(dims), v.var(dims, unbiased=False))
+
+        return fn
+
+    handles = [
+        m.register_forward_hook(hook(name))
+        for name, m in probe.named_modules()
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        probe(x.double())
+    for h in handles:
+        h.remove()
+    frozen = copy.deepcopy(net).double().eval()
+    with torch.no_grad():
+        for name, m in frozen.named_modules():
+            if name in stats:
+                m.running_mean.copy_(stats[name][0])
+                m.running_var.copy_(stats[name][1])
+    return frozen
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (make_mlp(5, [8, 6], 3, seed=21, batchnorm=True, nested=True), (5,)),
+        lambda: (make_cnn((2, 5, 5), (3, 2), 3, seed=22), (2, 5, 5)),
+    ],
+    ids=["mlp-bn", "cnn-bn"],
+)
+def test_margin_lower_bounds_train_mode_uses_clean_batch_statistics(make, method):
+    net, shape = make()
+    net.train()
+    rng = np.random.default_rng(23)
+    x = torch.from_numpy(random_inputs(rng, 16, shape))
+    frozen = _batch_stat_copy(net, x)
+    with torch.no_grad():
+        # Oracle sanity: the frozen copy reproduces the train-mode forward on the clean batch.
+        torch.testing.assert_close(
+            frozen(x.double()), copy.deepcopy(net).double()(x.double()), atol=1e-9, rtol=1e-9
+        )
+        ref = frozen(x.double()).argmax(1)
+    eps = 0.05
+    bounds = margin_lower_bounds(net, x, eps, ref, method=method)
+    assert bounds.shape == (16, 3)
+    assert all(m.training for m in net.modules())  # the mode is the caller's business
+    witness = sampled_min_margins(frozen, x.numpy(), ref.numpy(), eps, n_random=200)
+    assert_below(bounds.detach().numpy(), witness, what="batch-statistics margin")
+
+    # The bounds depend on the batch statistics, not on the (random) running statistics.
+    eval_bounds = margin_lower_bounds(copy.deepcopy(net).eval(), x, eps, ref, method=method)
+    finite = torch.isfinite(bounds)
+    assert not torch.allclose(bounds[finite], eval_bounds[finite])
+
+    # Differentiable: gradients reach every parameter.
+    net.zero_grad(set_to_none=True)
+    bounds[finite].sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_margin_lower_bounds_in_eval_mode_matches_certify(network, method):
+    net, shape = network
+    rng = np.random.default_rng(24)
+    x = random_inputs(rng, 5, shape)
+    cert = certify(net, x, 0.05, method=method)
+    got = margin_lower_bounds(
+        net, torch.from_numpy(x), 0.05, torch.from_numpy(cert.prediction).long(), method=method
+    )
+    np.testing.assert_allclose(got.detach().numpy(), cert.margins, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ certified radius
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_certified_radius_is_certified_and_in_range(network, method):
+    net, shape = network
+    rng = np.random.default_rng(25)
+    x = random_inputs(rng, 6, shape, unit=True)
+    max_eps = 0.5
+    radius = certified_radius(
+        net, x, method=method, lower=0.0, upper=1.0, max_eps=max_eps, tol=1e-3
+    )
+    assert radius.shape == (6,)
+    assert ((radius >= 0) & (radius <= max_eps)).all()
+    pos = radius > 0
+    if pos.any():
+        for i in np.flatnonzero(pos):
+            cert = certify(net, x[i : i + 1], float(radius[i]), method=method, lower=0.0, upper=1.0)
+            assert cert.certified[0], (i, radius[i])
+            # Soundness of the radius: an attack at that radius finds no counterexample.
+            attacked = min_margin_attack(
+                float64_copy(net),
+                x[i : i + 1],
+                cert.prediction,
+                float(radius[i]),
+                steps=20,
+                restarts=2,
+                lower=0.0,
+                upper=1.0,
+                generator=torch.Generator().manual_seed(0),
+            )
+            assert (attacked.numpy() > -ATOL).all()
+
+
+def test_certified_radius_edge_cases():
+    # Logits independent of the input: certified at every radius, so radius == max_eps.
+    net = make_mlp(3, [4], 3, seed=26)
+    with torch.no_grad():
+        net[-1].weight.zero_()
+        net[-1].bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    x = random_inputs(np.random.default_rng(0), 4, (3,))
+    for method in METHODS:
+        r = certified_radius(net, x, method=method, max_eps=0.7, tol=1e-3)
+        np.testing.assert_allclose(r, 0.7, atol=1e-3)
+        # A wrong label has a negative clean margin: nothing is certified.
+        r = certified_radius(net, x, method=method, y=np.full(4, 2), max_eps=0.7)
+        np.testing.assert_array_equal(r, 0.0)
+
+
+# ------------------------------------------------------- unusual but valid layer configs
+
+
+class _DoubledReLU(nn.ReLU):
+    """A ReLU subclass whose forward is *not* a ReLU: must not be bounded as one."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x) - 0.5
+
+
+UNUSUAL = {
+    "conv-padding-same": lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)
+    ),
+    "conv-padding-reflect": lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 3),
+    ),
+    "conv-padding-circular": lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 3),
+    ),
+    "conv-asymmetric": lambda: nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(18, 3),
+    ),
+    "relu-inplace": lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(32, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)
+    ),
+    "relu-subclass": lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(32, 8), _DoubledReLU(), nn.Linear(8, 3)
+    ),
+    "flatten-first": lambda: nn.Sequential(
+        nn.Flatten(), nn.BatchNorm1d(32), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 3)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL))
+def test_unusual_layers_are_sound_or_rejected(name):
+    # The contract does not say whether these are supported; bounds that are silently wrong
+    # are the one outcome that is not acceptable.
+    torch.manual_seed(31)
+    net = UNUSUAL[name]()
+    randomize_batchnorm(net, torch.Generator().manual_seed(0)).eval()
+    x = random_inputs(np.random.default_rng(32), 3, (2, 4, 4))
+    for method in METHODS:
+        try:
+            cert = certify(net, x, 0.1, method=method)
+        except UnsupportedLayerError:
+            continue
+        witness = sampled_min_margins(net, x, cert.prediction, 0.1)
+        assert_below(cert.margins, witness, what=f"sampled margin ({method})")
+
+
+# --------------------------------------------------------------- state and gradients
+
+
+def test_certify_restores_modes_buffers_and_leaves_no_grads():
+    net = make_cnn((2, 5, 5), (3,), 3, seed=27, dropout=True, nested=True)
+    net.train()
+    net[0].eval()  # mixed: one nested block in eval mode, the rest training
+    modes = {name: m.training for name, m in net.named_modules()}
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    x = random_inputs(np.random.default_rng(28), 4, (2, 5, 5))
+    results = []
+    with torch.enable_grad():
+        for method in METHODS:
+            results.append(certify(net, x, 0.02, method=method))
+            assert {name: m.training for name, m in net.named_modules()} == modes, method
+            for name, b in net.named_buffers():
+                torch.testing.assert_close(b, buffers[name], rtol=0, atol=0)
+            assert all(p.grad is None for p in net.parameters()), method
+    # certify evaluates in eval mode: same result as the module put in eval mode.
+    eval_net = copy.deepcopy(net).eval()
+    for method, cert in zip(METHODS, results, strict=True):
+        again = certify(eval_net, x, 0.02, method=method)
+        np.testing.assert_allclose(cert.margins, again.margins, rtol=1e-6, atol=1e-6)
+        assert isinstance(cert.margins, np.ndarray) and isinstance(cert.certified, np.ndarray)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_certify_is_invariant_to_batching_and_input_type(method):
+    net = make_mlp(4, [8, 8], 3, seed=29, batchnorm=True)
+    x = random_inputs(np.random.default_rng(30), 11, (4,))
+    y = np.arange(11) % 3
+    full = certify(net, x, 0.1, method=method, y=y)
+    np.testing.assert_array_equal(full.prediction, y)
+    assert full.margins.shape == (11, 3)
+    assert np.isposinf(full.margins[np.arange(11), y]).all()
+    small = certify(
+        net, torch.from_numpy(x), 0.1, method=method, y=torch.from_numpy(y), batch_size=3
+    )
+    np.testing.assert_allclose(small.margins, full.margins, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(small.certified, full.certified)
