@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     lirpa_factory = None
     if not args.no_lirpa:
         try:
-            from certdistill.bounds.lirpa import LirpaBounds
+            from certdistill.bounds.lirpa import LirpaBounds, import_auto_lirpa
 
+            import_auto_lirpa()
             lirpa_factory = LirpaBounds
         except ImportError as error:
             print(f"(auto_LiRPA not importable, its columns are skipped: {error})\n")

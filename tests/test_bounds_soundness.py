@@ -713,3 +713,21 @@ def test_certify_is_invariant_to_batching_and_input_type(method):
     )
     np.testing.assert_allclose(small.margins, full.margins, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(small.certified, full.certified)
+
+
+def test_engine_follows_in_place_weight_updates_under_no_grad():
+    """A reused engine must not keep bounds of weights that changed since its last call."""
+    from certdistill.bounds import BoundEngine
+
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)).eval()
+    x = torch.rand(5, 1, 4, 4)
+    reference = torch.zeros(5, dtype=torch.long)
+    engine = BoundEngine(module)
+    with torch.no_grad():
+        engine.margin_lower_bounds(x, 0.1, reference, method="ibp")
+        module[0].weight.mul_(-2.0)
+        module[3].weight.add_(0.5)
+        reused = engine.margin_lower_bounds(x, 0.1, reference, method="ibp")
+        fresh = BoundEngine(module).margin_lower_bounds(x, 0.1, reference, method="ibp")
+    torch.testing.assert_close(reused, fresh)

@@ -64,6 +64,26 @@ class BoundOp:
         raise NotImplementedError
 
 
+class _AbsWeightCache:
+    """``|W|`` of one weight, reused while the weight is unchanged and no graph is needed.
+
+    Certification calls the interval step once per chunk with the same weights; training needs
+    ``|W|`` in the autograd graph and recomputes it.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight.abs()
+        key = (weight.data_ptr(), weight._version)
+        if key != self._key:
+            self._value, self._key = weight.detach().abs(), key
+        return self._value
+
+
 def _flat_sum(x: Tensor) -> Tensor:
     """Sum over every dimension after the first two: ``(n, S, ...) -> (n, S)``."""
     return x.flatten(2).sum(-1) if x.dim() > 2 else x
@@ -76,13 +96,15 @@ class LinearOp(BoundOp):
 
     def __init__(self, layer: nn.Linear):
         self.layer = layer
+        self.abs_weight = _AbsWeightCache()
 
     def forward(self, x):
         return self.layer(x)
 
     def interval(self, center, radius):
         weight = self.layer.weight
-        return F.linear(center, weight, self.layer.bias), F.linear(radius, weight.abs())
+        return (F.linear(center, weight, self.layer.bias),
+                F.linear(radius, self.abs_weight(weight)))
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         bias = self.layer.bias
@@ -98,6 +120,7 @@ class Conv2dOp(BoundOp):
     def __init__(self, layer: nn.Conv2d):
         self.layer = layer
         self.padding = _numeric_padding(layer)
+        self.abs_weight = _AbsWeightCache()
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.layer.stride, self.padding)
@@ -107,7 +130,8 @@ class Conv2dOp(BoundOp):
 
     def interval(self, center, radius):
         weight = self.layer.weight
-        return self._conv(center, weight, self.layer.bias), self._conv(radius, weight.abs(), None)
+        return (self._conv(center, weight, self.layer.bias),
+                self._conv(radius, self.abs_weight(weight), None))
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         n, specs = A.shape[:2]
