@@ -20,6 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from certdistill.bounds.ops import BoundOp, build_ops, numel
+from certdistill.bounds.patches import (
+    PatchGeometry,
+    concretize_patches,
+    identity_patches,
+    in_map_mask,
+)
 from certdistill.bounds.perturbation import input_box
 from certdistill.bounds.specification import margin_specification
 
@@ -54,6 +60,12 @@ class BoundEngine:
     module : torch.nn.Module
         The network. Its parameters are read at every call (no copy), so bounds stay
         differentiable with respect to them and follow training updates.
+    conv_mode : {"auto", "patches", "matrix"}, default="auto"
+        How CROWN computes pre-activation bounds of convolutional feature maps: with sparse
+        patches over each neuron's receptive field, or with dense backward matrices restricted
+        to unstable neurons. Both give the same bounds up to floating-point rounding. ``"auto"``
+        uses patches where receptive fields are small against the input map (large images),
+        where they are much faster.
 
     Raises
     ------
@@ -61,8 +73,13 @@ class BoundEngine:
         If the module contains a layer the engine cannot handle.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, conv_mode: str = "auto"):
+        if conv_mode not in ("auto", "patches", "matrix"):
+            raise ValueError(
+                f"conv_mode must be 'auto', 'patches' or 'matrix', got {conv_mode!r}."
+            )
         self.module = module
+        self.conv_mode = conv_mode
         self.ops: list[BoundOp] = build_ops(module)
         self._activation_indices = [i for i, op in enumerate(self.ops) if op.is_activation]
         last_activation = self._activation_indices[-1] if self._activation_indices else -1
@@ -217,7 +234,62 @@ class BoundEngine:
             if self._interval_is_exact(index):
                 state.bounds[index] = (ibp_lower, ibp_upper)
                 continue
-            state.bounds[index] = self._crown_bounds_of_node(state, index, ibp_lower, ibp_upper)
+            compute = (
+                self._patch_bounds_of_node
+                if self._patches_apply(state, index)
+                else self._crown_bounds_of_node
+            )
+            state.bounds[index] = compute(state, index, ibp_lower, ibp_upper)
+
+    def _patches_apply(self, state: _Propagation, index: int) -> bool:
+        if not (
+            self.conv_mode != "matrix"
+            and all(len(shape) == 3 for shape in state.input_shapes[: index + 1])
+            and all(op.supports_patches for op in self.ops[:index])
+        ):
+            return False
+        if self.conv_mode == "patches":
+            return True
+        # Patches pay off while a neuron's receptive field is small against the input map;
+        # dense rows (restricted to unstable neurons) are cheaper for small maps.
+        geometry = PatchGeometry()
+        for op in reversed(self.ops[:index]):
+            geometry = op.patch_geometry(geometry)
+        height, width = state.input_shapes[0][1:]
+        return 4 * geometry.kernel[0] * geometry.kernel[1] <= height * width
+
+    def _patch_bounds_of_node(
+        self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """CROWN bounds of a feature map, propagated as patches, intersected with IBP's."""
+        n, channels = ibp_lower.shape[:2]
+        dtype, device = ibp_lower.dtype, ibp_lower.device
+        lowers, uppers = [], []
+        group, first = 1, 0
+        while first < channels:
+            selected = torch.arange(first, min(channels, first + group), device=device)
+            coeffs = identity_patches(ibp_lower.shape[1:], selected, dtype, device)
+            geometry, bias, peak = PatchGeometry(), 0.0, 0
+            for op_index in range(index - 1, -1, -1):
+                coeffs, geometry, bias_term = self.ops[op_index].backward_patches(
+                    coeffs, geometry, state.bounds.get(op_index)
+                )
+                # Window positions outside the map stand for zero padding: drop them.
+                coeffs = coeffs * in_map_mask(state.input_shapes[op_index], geometry, dtype,
+                                              device)
+                if bias_term is not None:
+                    bias = bias + bias_term
+                peak = max(peak, coeffs[0, :2].numel())
+            bound = concretize_patches(coeffs, bias, state.center, state.radius, geometry)
+            k = len(selected)
+            lowers.append(bound[:, :k])
+            uppers.append(-bound[:, k:])
+            first += k
+            group = max(1, _BACKWARD_ELEMENT_BUDGET // max(1, n * peak))
+        shape = ibp_lower.shape
+        crown_lower = torch.cat(lowers, dim=1).view(shape)
+        crown_upper = torch.cat(uppers, dim=1).view(shape)
+        return torch.maximum(ibp_lower, crown_lower), torch.minimum(ibp_upper, crown_upper)
 
     def _crown_bounds_of_node(
         self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor

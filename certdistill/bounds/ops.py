@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certdistill.bounds.patches import PatchGeometry, unfold_map
 from certdistill.exceptions import UnsupportedLayerError
 
 
@@ -43,6 +44,8 @@ class BoundOp:
 
     mixes_features = False
     is_activation = False
+    #: True when ``backward_patches`` is implemented (layers acting locally on feature maps).
+    supports_patches = False
 
     @property
     def uses_batch_statistics(self) -> bool:
@@ -62,6 +65,28 @@ class BoundOp:
         alpha: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def patch_geometry(self, geometry: PatchGeometry) -> PatchGeometry:
+        """Geometry on the input map of patches with ``geometry`` on the output map."""
+        return geometry
+
+    def backward_patches(
+        self,
+        coeffs: Tensor,
+        geometry: PatchGeometry,
+        bounds: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, PatchGeometry, Tensor | None]:
+        """Backward step on patches (see :mod:`certdistill.bounds.patches`).
+
+        ``coeffs`` has shape ``(n, S, L, C, Kh, Kw)`` on this layer's output map; the step
+        returns the patches on its input map, their geometry there and a bias ``(n, S, L)``.
+        """
+        raise NotImplementedError
+
+
+def _window_sum(coeffs: Tensor) -> Tensor:
+    """Sum a patch over its channels and window: ``(n, S, L, C, Kh, Kw) -> (n, S, L)``."""
+    return coeffs.flatten(3).sum(-1)
 
 
 class _AbsWeightCache:
@@ -147,6 +172,20 @@ class Conv2dOp(BoundOp):
         bias_term = A.sum(dim=(3, 4)) @ bias if bias is not None else None
         return A_in, bias_term
 
+    supports_patches = True
+
+    def backward_patches(self, coeffs, geometry, bounds=None):
+        bias = self.layer.bias
+        bias_term = coeffs.sum(dim=(-2, -1)) @ bias if bias is not None else None
+        n, specs, locations = coeffs.shape[:3]
+        widened = F.conv_transpose2d(coeffs.reshape(-1, *coeffs.shape[3:]), self.layer.weight,
+                                     stride=self.layer.stride)
+        return (widened.view(n, specs, locations, *widened.shape[1:]),
+                self.patch_geometry(geometry), bias_term)
+
+    def patch_geometry(self, geometry):
+        return geometry.through(self.layer.kernel_size, self.layer.stride, self.padding)
+
 
 def _numeric_padding(layer: nn.Conv2d) -> tuple[int, int]:
     padding = layer.padding
@@ -219,6 +258,14 @@ class ElementwiseAffineOp(BoundOp):
         shift_v = self._channel_view(shift, ndim)
         return A * scale_v, _flat_sum(A * shift_v)
 
+    supports_patches = True
+
+    def backward_patches(self, coeffs, geometry, bounds=None):
+        # Positions outside the map were zeroed by the engine, so the shift sums correctly.
+        scale, shift = self.affine()
+        return (coeffs * scale.view(-1, 1, 1), geometry,
+                _window_sum(coeffs * shift.view(-1, 1, 1)))
+
 
 class AvgPool2dOp(BoundOp):
     """``nn.AvgPool2d``: a linear map with non-negative weights."""
@@ -230,6 +277,22 @@ class AvgPool2dOp(BoundOp):
         self.kernel_size = _pair(layer.kernel_size)
         self.stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
         self.padding = _pair(layer.padding)
+        # A depthwise convolution with a constant kernel, unless the divisor varies at borders.
+        self.supports_patches = not layer.ceil_mode and (
+            layer.count_include_pad or self.padding == (0, 0)
+        )
+
+    def backward_patches(self, coeffs, geometry, bounds=None):
+        n, specs, locations, channels = coeffs.shape[:4]
+        divisor = self.layer.divisor_override or (self.kernel_size[0] * self.kernel_size[1])
+        kernel = coeffs.new_full((channels, 1, *self.kernel_size), 1.0 / divisor)
+        widened = F.conv_transpose2d(coeffs.reshape(-1, *coeffs.shape[3:]), kernel,
+                                     stride=self.stride, groups=channels)
+        return (widened.view(n, specs, locations, *widened.shape[1:]),
+                self.patch_geometry(geometry), None)
+
+    def patch_geometry(self, geometry):
+        return geometry.through(self.kernel_size, self.stride, self.padding)
 
     def forward(self, x):
         return self.layer(x)
@@ -288,6 +351,11 @@ class IdentityOp(BoundOp):
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         return A, None
+
+    supports_patches = True
+
+    def backward_patches(self, coeffs, geometry, bounds=None):
+        return coeffs, geometry, None
 
 
 class ReLUOp(BoundOp):
@@ -349,6 +417,18 @@ class ReLUOp(BoundOp):
         positive, negative = A.clamp(min=0), A.clamp(max=0)
         A_in = positive * lower_slope + negative * upper_slope.unsqueeze(1)
         return A_in, _flat_sum(negative * upper_intercept.unsqueeze(1))
+
+    supports_patches = True
+
+    def backward_patches(self, coeffs, geometry, bounds=None):
+        lower, upper = bounds
+        lines = self.relaxation(lower, upper)
+        lower_slope, upper_slope, upper_intercept = (
+            unfold_map(line, geometry).unsqueeze(1) for line in lines
+        )
+        positive, negative = coeffs.clamp(min=0), coeffs.clamp(max=0)
+        return (positive * lower_slope + negative * upper_slope, geometry,
+                _window_sum(negative * upper_intercept))
 
 
 def _check_conv(layer: nn.Conv2d) -> None:
