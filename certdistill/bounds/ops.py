@@ -177,14 +177,27 @@ class Conv2dOp(BoundOp):
     def backward_patches(self, coeffs, geometry, bounds=None):
         bias = self.layer.bias
         bias_term = coeffs.sum(dim=(-2, -1)) @ bias if bias is not None else None
-        n, specs, locations = coeffs.shape[:3]
-        widened = F.conv_transpose2d(coeffs.reshape(-1, *coeffs.shape[3:]), self.layer.weight,
-                                     stride=self.layer.stride)
-        return (widened.view(n, specs, locations, *widened.shape[1:]),
-                self.patch_geometry(geometry), bias_term)
+        widened = _transpose_patches(coeffs, self.layer.weight, self.layer.stride)
+        return widened, self.patch_geometry(geometry), bias_term
 
     def patch_geometry(self, geometry):
         return geometry.through(self.layer.kernel_size, self.layer.stride, self.padding)
+
+
+def _transpose_patches(coeffs: Tensor, weight: Tensor, stride, groups: int = 1) -> Tensor:
+    """Transposed convolution of every patch: ``(n, S, L, C, Kh, Kw) -> (n, S, L, C', Kh', Kw')``.
+
+    A patch is tiny, so the transposed convolution is built once as a dense matrix (by applying
+    it to the basis of patch space) and applied to all patches in one matrix product, which is
+    much faster than ``conv_transpose2d`` over millions of tiny inputs.
+    """
+    n, specs, locations = coeffs.shape[:3]
+    patch_shape = coeffs.shape[3:]
+    size = math.prod(patch_shape)
+    basis = torch.eye(size, dtype=coeffs.dtype, device=coeffs.device).view(size, *patch_shape)
+    matrix = F.conv_transpose2d(basis, weight, stride=stride, groups=groups)
+    widened = coeffs.reshape(-1, size) @ matrix.view(size, -1)
+    return widened.view(n, specs, locations, *matrix.shape[1:])
 
 
 def _numeric_padding(layer: nn.Conv2d) -> tuple[int, int]:
@@ -283,13 +296,11 @@ class AvgPool2dOp(BoundOp):
         )
 
     def backward_patches(self, coeffs, geometry, bounds=None):
-        n, specs, locations, channels = coeffs.shape[:4]
+        channels = coeffs.shape[3]
         divisor = self.layer.divisor_override or (self.kernel_size[0] * self.kernel_size[1])
         kernel = coeffs.new_full((channels, 1, *self.kernel_size), 1.0 / divisor)
-        widened = F.conv_transpose2d(coeffs.reshape(-1, *coeffs.shape[3:]), kernel,
-                                     stride=self.stride, groups=channels)
-        return (widened.view(n, specs, locations, *widened.shape[1:]),
-                self.patch_geometry(geometry), None)
+        widened = _transpose_patches(coeffs, kernel, self.stride, groups=channels)
+        return widened, self.patch_geometry(geometry), None
 
     def patch_geometry(self, geometry):
         return geometry.through(self.kernel_size, self.stride, self.padding)
