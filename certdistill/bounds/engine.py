@@ -111,8 +111,10 @@ class BoundEngine:
         method : {"ibp", "crown-ibp", "crown", "alpha-crown"}
         lower, upper : float or Tensor, optional
             Input domain intersected with the ball.
-        alpha_steps, alpha_lr : int, float
-            Steps and Adam learning rate of the slope optimisation of ``alpha-crown``.
+        alpha_steps : int, default=20
+            Steps of the slope optimisation of ``alpha-crown``.
+        alpha_lr : float, default=0.1
+            Adam learning rate of the slope optimisation of ``alpha-crown``.
 
         Returns
         -------
@@ -205,6 +207,23 @@ class BoundEngine:
             if bias_term is not None:
                 bias = bias + bias_term
         return A, bias
+
+    def _backward_both_signs(
+        self, A: Tensor, state: _Propagation, end: int
+    ) -> tuple[Tensor, Tensor]:
+        """Backward pass of ``[A; -A]`` (lower and upper bounds) to the input.
+
+        The affine layers between ``end`` and the previous activation map ``A`` and ``-A`` to
+        exact negatives of each other, so they are propagated once and split afterwards.
+        """
+        previous = [i for i in self._activation_indices if i < end]
+        split = previous[-1] + 1 if previous else 0
+        A, bias = self._backward(A, state, end=end, start=split)
+        A, bias = torch.cat([A, -A], dim=1), torch.cat([bias, -bias], dim=1)
+        if split == 0:
+            return A, bias
+        A, more_bias = self._backward(A, state, end=split)
+        return A, bias + more_bias
 
     @staticmethod
     def _concretize(A: Tensor, bias: Tensor, center: Tensor, radius: Tensor) -> Tensor:
@@ -315,8 +334,7 @@ class BoundEngine:
         for first in range(0, n_unstable, group):
             neurons = order[:, first : first + group]
             rows = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
-            spec = torch.cat([rows, -rows], dim=1).view(n, -1, *shape)
-            A, bias = self._backward(spec, state, end=index)
+            A, bias = self._backward_both_signs(rows.view(n, -1, *shape), state, end=index)
             bound = self._concretize(A, bias, state.center, state.radius)
             k = neurons.shape[1]
             crown_lower, crown_upper = bound[:, :k], -bound[:, k:]

@@ -24,8 +24,11 @@ def input_box(
 
     Returns
     -------
-    center, radius : Tensor
-        Both of the shape of ``x``. The box is ``center - radius <= x' <= center + radius``.
+    center : Tensor
+        Centre of the box, of the shape of ``x``.
+    radius : Tensor
+        Half-width of the box, of the shape of ``x``: the box is
+        ``center - radius <= x' <= center + radius``.
     """
     if isinstance(eps, int | float) and not eps >= 0:  # tensors are checked by callers
         raise ValueError(f"eps must be non-negative, got {eps!r}.")
