@@ -73,7 +73,7 @@ def certify(
         Inputs, shaped as the module expects them.
     eps : float or array-like
         Radius of the ball: a scalar or an array broadcastable to one sample (per feature).
-    method : {"ibp", "crown-ibp", "crown", "alpha-crown"}, default="crown"
+    method : {"crown", "ibp", "crown-ibp", "alpha-crown"}, default="crown"
     y : array-like of shape (n,), optional
         Integer labels in ``[0, n_classes)``. When given, the certificate says the sample is
         robustly *correct*; otherwise that the clean prediction is robust.
@@ -127,12 +127,24 @@ def certified_radius(
 
     Parameters
     ----------
-    module, X, method, y, lower, upper, batch_size, backend
+    module : torch.nn.Module
+        As in :func:`certify`.
+    X : array-like or Tensor of shape (n, ...)
+        As in :func:`certify`.
+    method : {"crown", "ibp", "crown-ibp", "alpha-crown"}, default="crown"
+        As in :func:`certify`.
+    y : array-like of shape (n,), optional
+        As in :func:`certify`; with labels the radius is 0 for misclassified samples.
+    lower, upper : float or array-like, optional
         As in :func:`certify`.
     max_eps : float, default=1.0
         Upper end of the search interval; samples certified there get ``max_eps``.
     tol : float, default=1e-3
         Width of the final bisection interval.
+    batch_size : int, default=256
+        As in :func:`certify`.
+    backend : {"native", "auto_lirpa"}, default="native"
+        As in :func:`certify`.
 
     Returns
     -------
