@@ -36,6 +36,10 @@ METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 #: whose bounds are computed are split into groups to stay under it.
 _BACKWARD_ELEMENT_BUDGET = 2**26
 
+#: Largest ``n_classes**2 * width`` for which IBP bounds every class pair of the trailing affine
+#: map at once (memory independent of the batch size).
+_PAIRWISE_ELEMENT_BUDGET = 2**24
+
 
 @dataclass
 class _Propagation:
@@ -130,7 +134,8 @@ class BoundEngine:
         n_classes = out_center.shape[1]
         spec = margin_specification(reference, n_classes, dtype=center.dtype)
         implementation = _METHOD_IMPLEMENTATIONS[method]
-        margins = implementation(self, state, spec, alpha_steps=alpha_steps, alpha_lr=alpha_lr)
+        margins = implementation(self, state, spec, reference=reference,
+                                 alpha_steps=alpha_steps, alpha_lr=alpha_lr)
         ref_column = torch.nn.functional.one_hot(reference, n_classes).bool()
         return margins.masked_fill(ref_column, float("inf"))
 
@@ -347,12 +352,26 @@ class BoundEngine:
         return lower_flat.view(n, *shape), upper_flat.view(n, *shape)
 
     # -------------------------------------------------------------- methods
-    def _ibp(self, state: _Propagation, spec: Tensor, **_) -> Tensor:
+    def _ibp(self, state: _Propagation, spec: Tensor, *, reference: Tensor, **_) -> Tensor:
         # Fold the specification into the trailing affine layers: their exact composition is
         # tighter than interval arithmetic through each of them.
-        A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
         center, radius = state.tail_interval
-        return self._concretize(A, bias, center, radius)
+        n_classes = spec.shape[1]
+        tail_width = numel(center.shape[1:])
+        if n_classes * n_classes * tail_width > _PAIRWISE_ELEMENT_BUDGET:
+            A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
+            return self._concretize(A, bias, center, radius)
+        # The tail holds no activation, so its composite affine map is the same for every
+        # sample: bound all class pairs from it instead of building per-sample spec rows.
+        eye = torch.eye(n_classes, dtype=center.dtype, device=center.device).unsqueeze(0)
+        A, bias = self._backward(eye, state, end=len(self.ops), start=self._tail_start)
+        tail = A.reshape(n_classes, tail_width)
+        logits = center.flatten(1) @ tail.T + bias
+        pair_radius = (tail.unsqueeze(1) - tail.unsqueeze(0)).abs().view(-1, tail_width)
+        spread = (radius.flatten(1) @ pair_radius.T).view(-1, n_classes, n_classes)
+        rows = reference.view(-1, 1)
+        spread_of_reference = spread.gather(1, rows.unsqueeze(-1).expand(-1, 1, n_classes))
+        return logits.gather(1, rows) - logits - spread_of_reference.squeeze(1)
 
     def _crown_ibp(self, state: _Propagation, spec: Tensor, **_) -> Tensor:
         state.bounds = dict(state.ibp_bounds)
