@@ -2,11 +2,15 @@
 
 from certdistill.certify import Certificate, certified_radius, certify
 from certdistill.exceptions import UnsupportedLayerError
+from certdistill.scoring import CertifiedAccuracy
+from certdistill.teacher import CertifiedTeacher
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Certificate",
+    "CertifiedAccuracy",
+    "CertifiedTeacher",
     "UnsupportedLayerError",
     "certified_radius",
     "certify",

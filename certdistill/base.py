@@ -1,0 +1,707 @@
+"""Shared scikit-learn/skorch estimator base of the certified estimators.
+
+:class:`CertifiedNetBase` turns skorch's ``NeuralNetClassifier`` into a well-behaved
+scikit-learn classifier for certified training:
+
+* input validation with :func:`sklearn.utils.validation.validate_data` (float32, finite values,
+  ``n_features_in_`` and ``feature_names_in_``), labels of any type (``classes_``; ``predict``
+  returns the original labels);
+* reproducible fits from ``random_state`` (the torch random state is forked, so the global one is
+  left untouched);
+* ``input_shape`` to reshape flat rows for convolutional modules, ``lower``/``upper`` for the
+  input domain;
+* ``module=None`` builds a default network from the data (:func:`certdistill.models.make_mlp`
+  for flat features, :func:`certdistill.models.make_cnn` when ``input_shape`` is given);
+* an eps warm-up/ramp, a step learning-rate decay and gradient clipping as skorch callbacks;
+* :meth:`certify`, :meth:`certified_radius` and :meth:`certified_accuracy`.
+
+Subclasses define the training objective by overriding :meth:`CertifiedNetBase.training_loss`
+(``(x, y, training) -> (loss, clean logits)``); the training and validation steps call it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import validate_data
+from skorch import NeuralNetClassifier
+from skorch.callbacks import Callback, EpochScoring
+from skorch.dataset import unpack_data
+from skorch.exceptions import NotInitializedError
+from skorch.utils import to_tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from certdistill.losses import flatten_sequential
+from certdistill.models import make_cnn, make_mlp
+from certdistill.schedules import EpsSchedule, StepLR
+
+__all__ = ["CertifiedNetBase"]
+
+
+def _encoded_accuracy(net, X, y) -> float:
+    """Validation accuracy on encoded labels (skorch's datasets hold the encoded ``y``)."""
+    proba = net.predict_proba(X)
+    y = np.asarray(y).reshape(-1)
+    return float(np.mean(proba.argmax(axis=1) == y))
+
+
+def _reject_fit_params(estimator, fit_params) -> None:
+    if fit_params:
+        raise TypeError(
+            f"{type(estimator).__name__}.fit got unexpected keyword arguments "
+            f"{sorted(fit_params)}: sample_weight and extra forward arguments are not supported."
+        )
+
+
+@contextmanager
+def _batchnorm_eval_for_single_sample(module: nn.Module, n: int):
+    """BatchNorm cannot normalise a batch of one sample with its own statistics: use the running
+    statistics for that batch (it happens for the last batch of an epoch, or tiny data sets)."""
+    if n > 1:
+        yield
+        return
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.training]
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.train()
+
+
+class _GradClip(Callback):
+    """Clip the gradient norm to ``net.grad_clip`` (nothing when it is None)."""
+
+    def on_grad_computed(self, net, named_parameters, **kwargs):
+        if net.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for _, p in named_parameters], max_norm=float(net.grad_clip)
+            )
+
+
+class CertifiedNetBase(NeuralNetClassifier):
+    """Base of the certified estimators (a skorch ``NeuralNetClassifier``).
+
+    Parameters
+    ----------
+    module : torch.nn.Module, class or None, default=None
+        The network. ``None`` builds one from the data in ``fit``: an MLP
+        (:func:`certdistill.models.make_mlp`) for flat features, a small CNN
+        (:func:`certdistill.models.make_cnn`) when ``input_shape`` is given, both with the IBP
+        initialisation; ``module__*`` parameters are passed to the builder (e.g.
+        ``module__hidden_sizes=(256,)``). A custom module must be an ``nn.Sequential`` of supported
+        layers to be trained with certified losses and certified.
+    eps : float, default=0.1
+        L-infinity radius the estimator is evaluated (certified) at.
+    eps_train_ratio : float, default=1.0
+        Training radius as a multiple of ``eps`` (training slightly above the evaluation radius
+        often certifies more at ``eps``).
+    warmup : float, default=0.0
+        Fraction of ``max_epochs`` trained without perturbation before the eps ramp.
+    ramp : float, default=0.5
+        Fraction of ``max_epochs`` over which the training eps grows to ``eps * eps_train_ratio``.
+    input_shape : tuple of int or None, default=None
+        Shape of one sample as the module expects it, e.g. ``(1, 8, 8)``; rows of ``X`` (flat,
+        ``prod(input_shape)`` features) are reshaped to it. ``None`` feeds rows as they are.
+    lower, upper : float, array-like or None, default=None
+        Input domain (e.g. 0 and 1 for images) intersected with the perturbation ball in training
+        and certification; arrays have one value per feature. ``None`` means unbounded.
+    random_state : int, RandomState or None, default=None
+        Seeds weight initialisation, shuffling and random starts. An int gives identical weights
+        for identical data. The global torch random state is not changed.
+    lr_milestones : sequence of float, default=(0.7, 0.9)
+        Fractions of ``max_epochs`` after which the learning rate is multiplied by ``lr_gamma``.
+    lr_gamma : float, default=0.2
+        Learning-rate decay factor (1 disables the decay).
+    grad_clip : float or None, default=10.0
+        Maximum gradient norm (``None`` disables clipping).
+    criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, verbose, device
+        As in skorch; ``train_split=None`` trains on all the data (no internal validation).
+    **kwargs
+        Further skorch parameters (``module__*``, ``optimizer__*``, ``callbacks__*``, ...).
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        Class labels seen in ``fit``.
+    n_features_in_ : int
+        Number of features seen in ``fit``.
+    module_ : torch.nn.Module
+        The trained network.
+    history_ : skorch.History
+        Training history, including the schedule values (``eps``, ``lr`` ...).
+    """
+
+    def __init__(
+        self,
+        module=None,
+        *,
+        eps: float = 0.1,
+        eps_train_ratio: float = 1.0,
+        warmup: float = 0.0,
+        ramp: float = 0.5,
+        input_shape: Sequence[int] | None = None,
+        lower=None,
+        upper=None,
+        random_state=None,
+        lr_milestones: Sequence[float] = (0.7, 0.9),
+        lr_gamma: float = 0.2,
+        grad_clip: float | None = 10.0,
+        criterion=nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr: float = 1e-3,
+        max_epochs: int = 30,
+        batch_size: int = 128,
+        train_split=None,
+        verbose: int = 0,
+        **kwargs,
+    ):
+        super().__init__(
+            module,
+            criterion=criterion,
+            optimizer=optimizer,
+            lr=lr,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            train_split=train_split,
+            verbose=verbose,
+            **kwargs,
+        )
+        self.eps = eps
+        self.eps_train_ratio = eps_train_ratio
+        self.warmup = warmup
+        self.ramp = ramp
+        self.input_shape = input_shape
+        self.lower = lower
+        self.upper = upper
+        self.random_state = random_state
+        self.lr_milestones = lr_milestones
+        self.lr_gamma = lr_gamma
+        self.grad_clip = grad_clip
+
+    # ------------------------------------------------------------------ tags
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.poor_score = True
+        tags.input_tags.allow_nan = False
+        return tags
+
+    # ------------------------------------------------------------ callbacks
+    @property
+    def _default_callbacks(self):
+        # Callbacks read the hyperparameters from the net when training starts, so that building
+        # them (get_params does) never evaluates parameter values.
+        callbacks = [cb for cb in super()._default_callbacks if cb[0] != "valid_acc"]
+        print_log = callbacks.pop()
+        callbacks.append(
+            ("valid_acc", EpochScoring(_encoded_accuracy, name="valid_acc",
+                                       lower_is_better=False))
+        )
+        callbacks.append(("eps_schedule", EpsSchedule()))
+        callbacks += self._schedule_callbacks()
+        callbacks.append(("lr_schedule", StepLR()))
+        callbacks.append(("grad_clip", _GradClip()))
+        return callbacks + [print_log]
+
+    def _schedule_callbacks(self) -> list:
+        """Extra ``(name, callback)`` schedules of a subclass (none here)."""
+        return []
+
+    @property
+    def eps_train(self) -> float:
+        """Largest training radius, ``eps * eps_train_ratio`` (float or per-feature array)."""
+        return self._eps_value(self.eps) * float(self.eps_train_ratio)
+
+    @staticmethod
+    def _eps_value(eps):
+        if isinstance(eps, numbers.Real):
+            return float(eps)
+        return np.asarray(eps, dtype=np.float32)
+
+    # ------------------------------------------------------------ validation
+    def _check_params(self) -> None:
+        eps = np.asarray(self.eps, dtype=np.float64)
+        if not np.all(np.isfinite(eps)) or np.any(eps < 0):
+            raise ValueError(f"eps must be finite and non-negative, got {self.eps!r}")
+        ratio = self.eps_train_ratio
+        if not isinstance(ratio, numbers.Real) or not np.isfinite(ratio) or ratio < 0:
+            raise ValueError(f"eps_train_ratio must be a non-negative number, got {ratio!r}")
+        if self.input_shape is not None:
+            shape = tuple(self.input_shape)
+            if not shape or any(not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+                raise ValueError(
+                    f"input_shape must be a tuple of positive ints, got {self.input_shape!r}"
+                )
+
+    def _flatten_nd(self, X):
+        """Accept ``(n, *input_shape)`` arrays by flattening them to rows."""
+        if self.input_shape is not None and hasattr(X, "ndim") and hasattr(X, "reshape"):
+            if X.ndim == 1 + len(tuple(self.input_shape)) and X.ndim > 2:
+                return X.reshape(X.shape[0], -1)
+        return X
+
+    def _check_n_features(self, n_features: int) -> None:
+        if self.input_shape is not None:
+            expected = int(np.prod(tuple(self.input_shape)))
+            if n_features != expected:
+                raise ValueError(
+                    f"input_shape={tuple(self.input_shape)!r} needs {expected} features per row, "
+                    f"but X has {n_features} features."
+                )
+
+    def _validate_fit_data(self, X, y, *, reset: bool, classes=None):
+        """Validate ``X`` and ``y`` for training; return ``X`` as float32 and ``y`` encoded."""
+        self._check_params()
+        X = self._flatten_nd(X)
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None."
+            )
+        X, y = validate_data(self, X, y, reset=reset, dtype=np.float32)
+        self._check_n_features(X.shape[1])
+        check_classification_targets(y)
+        self._check_domain(X)
+        if reset:
+            if classes is not None:
+                encoder = LabelEncoder().fit(np.asarray(classes))
+            elif self.classes is not None:
+                encoder = LabelEncoder().fit(np.asarray(self.classes))
+            else:
+                encoder = LabelEncoder().fit(y)
+            self.classes_inferred_ = encoder.classes_
+        return X, self._encode_labels(y)
+
+    def _check_domain(self, X: np.ndarray) -> None:
+        for name, bound, bad in (("lower", self.lower, np.less), ("upper", self.upper, np.greater)):
+            if bound is None:
+                continue
+            try:
+                values = np.broadcast_to(np.asarray(bound, dtype=np.float32).reshape(-1)
+                                         if np.ndim(bound) else np.float32(bound), X.shape[1:])
+            except ValueError:
+                raise ValueError(
+                    f"{name} must be a number or have one value per feature "
+                    f"({X.shape[1]}), got shape {np.shape(bound)}"
+                ) from None
+            if np.any(bad(X, values)):
+                raise ValueError(
+                    f"X has values {'below' if name == 'lower' else 'above'} {name}={bound!r}: "
+                    "inputs must lie in the input domain [lower, upper] (clip or rescale them, "
+                    "e.g. MinMaxScaler(clip=True))."
+                )
+
+    def _encode_labels(self, y) -> np.ndarray:
+        classes = np.asarray(self.classes_)
+        y = np.asarray(y)
+        order = np.argsort(classes, kind="stable")
+        sorted_classes = classes[order]
+        try:
+            pos = np.searchsorted(sorted_classes, y)
+        except TypeError as exc:
+            raise ValueError(f"y has labels not seen in fit: {exc}") from None
+        pos_clipped = np.clip(pos, 0, len(classes) - 1)
+        unknown = (pos >= len(classes)) | (sorted_classes[pos_clipped] != y)
+        if np.any(unknown):
+            raise ValueError(
+                f"y contains labels not seen in fit: {np.unique(y[unknown])[:5]!r}; "
+                f"known classes: {classes!r}"
+            )
+        return order[pos_clipped].astype(np.int64)
+
+    def _validate_predict_data(self, X) -> np.ndarray:
+        self._check_fitted()
+        X = self._flatten_nd(X)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        return X
+
+    def _check_fitted(self) -> None:
+        try:
+            self.check_is_fitted()
+        except NotInitializedError as exc:
+            raise NotInitializedError(
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
+                "appropriate arguments before using this estimator."
+            ) from exc
+        if not hasattr(self, "n_features_in_"):
+            raise NotInitializedError(
+                f"This {type(self).__name__} instance was initialized but not fitted on data; "
+                "call 'fit' first."
+            )
+
+    def check_data(self, X, y):
+        """Data are validated in ``fit``/``partial_fit``; skorch's class inference is skipped."""
+        if y is None and not isinstance(X, Dataset):
+            raise ValueError("y is required")
+
+    # -------------------------------------------------------------- seeding
+    def _seed(self, offset: int = 0) -> int | None:
+        rs = self.random_state
+        if rs is None:
+            return None
+        if isinstance(rs, numbers.Integral):
+            return (int(rs) + offset) % (2**63)
+        return int(check_random_state(rs).randint(0, 2**31 - 1))
+
+    @contextmanager
+    def _rng(self, offset: int = 0):
+        seed = self._seed(offset)
+        if seed is None:
+            yield
+            return
+        use_cuda = str(self.device).startswith("cuda") and torch.cuda.is_available()
+        with torch.random.fork_rng(devices=None if use_cuda else []):
+            torch.manual_seed(seed)
+            yield
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, **fit_params):
+        """Validate the data, build the network and train it from scratch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs (flat rows; with ``input_shape``, arrays of shape
+            ``(n_samples, *input_shape)`` are accepted too).
+        y : array-like of shape (n_samples,)
+            Class labels of any type.
+        **fit_params : dict
+            Passed to skorch.
+
+        Returns
+        -------
+        self
+        """
+        _reject_fit_params(self, fit_params)
+        reset = not (self.warm_start and self.initialized_)
+        X, y_enc = self._validate_fit_data(X, y, reset=reset)
+        with self._rng():
+            super().fit(X, y_enc, **fit_params)
+        return self
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """Continue training on ``X``, ``y`` (initialising on the first call).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like of shape (n_samples,)
+            Class labels; they must be among ``classes_`` after the first call.
+        classes : array-like or None, default=None
+            All classes, needed on the first call when ``y`` does not contain every class.
+        **fit_params : dict
+            Passed to skorch.
+
+        Returns
+        -------
+        self
+        """
+        if "_routing_method" in fit_params:
+            # Called by fit(): the data were validated and encoded there.
+            return super().partial_fit(X, y, classes=classes, **fit_params)
+        _reject_fit_params(self, fit_params)
+        first = not (self.initialized_ and hasattr(self, "n_features_in_"))
+        X, y_enc = self._validate_fit_data(X, y, reset=first, classes=classes)
+        offset = 0 if first else len(self.history_)
+        with self._rng(offset):
+            if first:
+                self.initialize()
+            super().partial_fit(X, y_enc, **fit_params)
+        return self
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        """Set the schedule attributes to their final values (callbacks override them)."""
+        self.current_eps_ = self.eps_train
+        super().on_train_begin(net, X=X, y=y, **kwargs)
+
+    # --------------------------------------------------------------- module
+    def initialize_module(self):
+        """Build the default network from the data when ``module`` is None."""
+        if self.module is not None:
+            return super().initialize_module()
+        if not hasattr(self, "n_features_in_") or not hasattr(self, "classes_inferred_"):
+            raise NotInitializedError(
+                f"{type(self).__name__}(module=None) builds its network from the data: call fit "
+                "(or pass a module)."
+            )
+        kwargs = self.get_params_for("module")
+        self.module_ = self.build_default_module(
+            self.n_features_in_, len(self.classes_), **kwargs
+        )
+        return self
+
+    def build_default_module(self, n_features: int, n_classes: int, **kwargs) -> nn.Module:
+        """Default network: a CNN when ``input_shape`` is set, an MLP otherwise.
+
+        Parameters
+        ----------
+        n_features : int
+            Number of features of one (flat) sample.
+        n_classes : int
+            Number of classes.
+        **kwargs
+            ``module__*`` parameters, forwarded to :func:`certdistill.models.make_cnn` or
+            :func:`certdistill.models.make_mlp`.
+
+        Returns
+        -------
+        torch.nn.Module
+        """
+        if self.input_shape is not None and len(tuple(self.input_shape)) == 3:
+            return make_cnn(tuple(self.input_shape), n_classes, **kwargs)
+        return make_mlp(n_features, n_classes, **kwargs)
+
+    def _layers(self) -> list[nn.Module] | None:
+        """Leaf layers of ``module_`` when it is an ``nn.Sequential`` (fast IBP path), else None."""
+        return flatten_sequential(self.module_)
+
+    # ---------------------------------------------------------------- input
+    def _reshape(self, x: Tensor) -> Tensor:
+        if self.input_shape is not None:
+            return x.reshape(x.shape[0], *tuple(self.input_shape))
+        return x
+
+    def module_input(self, X) -> Tensor:
+        """Turn a batch (numpy or tensor of flat rows) into the module's input tensor.
+
+        Parameters
+        ----------
+        X : array-like or Tensor of shape (n, n_features)
+
+        Returns
+        -------
+        Tensor
+            Float tensor on ``device``, reshaped to ``(n, *input_shape)`` if set.
+        """
+        x = to_tensor(X, device=self.device)
+        if x.dtype != torch.float32 and x.is_floating_point():
+            x = x.float()
+        return self._reshape(x)
+
+    def _domain(self, bound, x: Tensor):
+        """``lower``/``upper`` as a scalar or a tensor shaped like one module input."""
+        if bound is None:
+            return None
+        if isinstance(bound, numbers.Real):
+            return float(bound)
+        t = torch.as_tensor(np.asarray(bound, dtype=np.float32), device=x.device)
+        if t.dim() == 0:
+            return float(t)
+        return t.reshape(x.shape[1:]) if t.numel() == x[0].numel() else t
+
+    def _domain_np(self, bound):
+        if bound is None or isinstance(bound, numbers.Real):
+            return bound
+        arr = np.asarray(bound, dtype=np.float32)
+        if arr.ndim == 0:
+            return float(arr)
+        if self.input_shape is not None and arr.size == int(np.prod(tuple(self.input_shape))):
+            return arr.reshape(tuple(self.input_shape))
+        return arr
+
+    def _eps_tensor(self, eps, x: Tensor):
+        if isinstance(eps, numbers.Real):
+            return float(eps)
+        t = torch.as_tensor(np.asarray(eps, dtype=np.float32), device=x.device)
+        if t.dim() == 0:
+            return float(t)
+        return t.reshape(x.shape[1:]) if t.numel() == x[0].numel() else t
+
+    def infer(self, x, **fit_params):
+        """Forward pass of one batch, reshaping flat rows to ``input_shape``."""
+        x = self.module_input(x)
+        return self.module_(x, **fit_params)
+
+    # --------------------------------------------------------------- steps
+    def training_loss(self, x: Tensor, y: Tensor, training: bool = True) -> tuple[Tensor, Tensor]:
+        """Loss of one batch; the hook that subclasses override.
+
+        Parameters
+        ----------
+        x : Tensor
+            Batch of module inputs (already reshaped to ``input_shape``), on ``device``.
+        y : LongTensor
+            Encoded labels.
+        training : bool, default=True
+            True in the training step (module in train mode, gradients on), False in the
+            validation step (eval mode, no gradients).
+
+        Returns
+        -------
+        loss : Tensor
+            Scalar loss.
+        logits : Tensor
+            Clean logits of the batch (used for the reported predictions).
+        """
+        logits = self.module_(x)
+        return self.get_loss(logits, y, X=x, training=training), logits
+
+    def train_step_single(self, batch, **fit_params):
+        """Forward, training loss and backward of one batch (no optimiser step)."""
+        self._set_training(True)
+        Xi, yi = unpack_data(batch)
+        x = self.module_input(Xi)
+        y = to_tensor(yi, device=self.device).long()
+        with _batchnorm_eval_for_single_sample(self.module_, x.shape[0]):
+            loss, logits = self.training_loss(x, y, training=True)
+        loss.backward()
+        return {"loss": loss, "y_pred": logits}
+
+    def validation_step(self, batch, **fit_params):
+        """Training loss of one batch in eval mode, without gradients."""
+        self._set_training(False)
+        Xi, yi = unpack_data(batch)
+        x = self.module_input(Xi)
+        y = to_tensor(yi, device=self.device).long()
+        with torch.no_grad():
+            loss, logits = self.training_loss(x, y, training=False)
+        return {"loss": loss, "y_pred": logits}
+
+    # ----------------------------------------------------------- prediction
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (softmax of the logits), columns in the order of ``classes_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        if isinstance(X, Dataset):  # skorch's internal scoring on its own datasets
+            return super().predict_proba(X)
+        X = self._validate_predict_data(X)
+        proba = super().predict_proba(X).astype(np.float64)
+        proba /= proba.sum(axis=1, keepdims=True)
+        return proba
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted class labels (of the type seen in ``fit``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        proba = self.predict_proba(X)
+        return np.asarray(self.classes_)[proba.argmax(axis=1)]
+
+    # -------------------------------------------------------- certification
+    def _certify_inputs(self, X, y):
+        X = self._validate_predict_data(X)
+        x = X.reshape(X.shape[0], *tuple(self.input_shape)) if self.input_shape else X
+        y_enc = None if y is None else self._encode_labels(np.asarray(y).reshape(-1))
+        return x, y_enc
+
+    def certify(self, X, eps=None, method="crown", *, y=None, batch_size: int = 256):
+        """Certify each sample's prediction (or label) in the L-infinity ball of radius eps.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Inputs.
+        eps : float, array-like or None, default=None
+            Radius; ``None`` uses the estimator's ``eps``.
+        method : str or sequence of str, default="crown"
+            Bound method (``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``). A sequence
+            of methods keeps, per sample and margin, the largest of their (all sound) lower
+            bounds; the certificate's ``method`` then joins their names with ``"+"``.
+        y : array-like of shape (n_samples,) or None, default=None
+            Labels (of the type seen in ``fit``): the certificate then says the sample is
+            robustly classified *correctly*.
+        batch_size : int, default=256
+            Samples bounded at once.
+
+        Returns
+        -------
+        certdistill.Certificate
+            ``prediction`` holds class indices into ``classes_`` (``classes_[prediction]`` are the
+            labels); ``margins`` columns follow ``classes_``.
+        """
+        from certdistill.certify import Certificate, certify
+
+        x, y_enc = self._certify_inputs(X, y)
+        eps = self.eps if eps is None else eps
+        eps = self._domain_np(eps)
+        methods = [method] if isinstance(method, str) else list(method)
+        if not methods:
+            raise ValueError("method must name at least one bound method")
+        certs = [
+            certify(
+                self.module_, x, eps, method=m, y=y_enc, lower=self._domain_np(self.lower),
+                upper=self._domain_np(self.upper), batch_size=batch_size,
+            )
+            for m in methods
+        ]
+        if len(certs) == 1:
+            return certs[0]
+        margins = np.maximum.reduce([c.margins for c in certs])
+        return Certificate(
+            prediction=certs[0].prediction,
+            margins=margins,
+            certified=np.all(margins > 0, axis=1),
+            eps=certs[0].eps,
+            method="+".join(methods),
+        )
+
+    def certified_radius(
+        self, X, *, y=None, method: str = "crown", max_eps: float = 1.0, tol: float = 1e-3
+    ) -> np.ndarray:
+        """Largest certified L-infinity radius of each sample (bisection on eps).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or None, default=None
+            Labels; with them the radius is 0 for misclassified samples.
+        method : str, default="crown"
+            Bound method.
+        max_eps : float, default=1.0
+            Upper end of the search.
+        tol : float, default=1e-3
+            Bisection tolerance.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        from certdistill.certify import certified_radius
+
+        x, y_enc = self._certify_inputs(X, y)
+        return certified_radius(
+            self.module_, x, method=method, y=y_enc, lower=self._domain_np(self.lower),
+            upper=self._domain_np(self.upper), max_eps=max_eps, tol=tol,
+        )
+
+    def certified_accuracy(self, X, y, eps=None, method="crown") -> float:
+        """Fraction of samples certified robustly correct at radius ``eps``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+            True labels.
+        eps : float or None, default=None
+            Radius; ``None`` uses the estimator's ``eps``.
+        method : str or sequence of str, default="crown"
+            Bound method(s), as in :meth:`certify`.
+
+        Returns
+        -------
+        float
+        """
+        return float(np.mean(self.certify(X, eps=eps, method=method, y=y).certified))

@@ -1,0 +1,270 @@
+"""Default networks, IBP initialisation, the fused IBP training pass, losses and schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certdistill.bounds import margin_lower_bounds
+from certdistill.exceptions import UnsupportedLayerError
+from certdistill.losses import (
+    certified_cross_entropy,
+    flatten_sequential,
+    ibp_forward,
+    input_interval,
+    shi_regularizer,
+    worst_case_logits,
+)
+from certdistill.models import ibp_init_, make_cnn, make_mlp
+from certdistill.schedules import EpsSchedule, KappaSchedule, LinearSchedule
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+# ----------------------------------------------------------------------------- builders
+def test_mlp_structure():
+    net = make_mlp(30, 3, (64, 32))
+    kinds = [type(m) for m in net]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU,
+                     nn.Linear]
+    assert net(torch.zeros(5, 30)).shape == (5, 3)
+    assert [type(m) for m in make_mlp(4, 2, (8,), batch_norm=False)] == [
+        nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_cnn_structure_digits():
+    net = make_cnn((1, 8, 8), 10)
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    assert [c.out_channels for c in convs] == [32, 64]
+    assert convs[1].stride == (2, 2)
+    assert [lin.out_features for lin in linears] == [256, 10]
+    assert linears[0].in_features == 64 * 4 * 4
+    assert all(isinstance(m, SUPPORTED) for m in net)
+    assert net(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_cnn_downsamples_large_images():
+    net = make_cnn((3, 28, 28), 4)
+    out = net(torch.zeros(2, 3, 28, 28))
+    assert out.shape == (2, 4)
+    assert sum(isinstance(m, nn.Conv2d) for m in net) == 3  # 28 -> 14 -> 7
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(input_shape=(8, 8)), dict(input_shape=(1, 8, 8), channels=()),
+     dict(input_shape=(1, 8, 8), hidden_sizes=(0,)), dict(input_shape=(1, 1, 1), channels=(4, 4))],
+)
+def test_cnn_rejects_bad_arguments(kwargs):
+    shape = kwargs.pop("input_shape")
+    with pytest.raises(ValueError):
+        make_cnn(shape, 2, **kwargs)
+
+
+def test_unknown_init_rejected():
+    with pytest.raises(ValueError, match="init"):
+        make_mlp(3, 2, (4,), init="xavier")
+
+
+def test_ibp_init_statistics():
+    torch.manual_seed(0)
+    net = make_mlp(400, 10, (300,))
+    first = net[0]
+    assert torch.all(first.bias == 0)
+    expected = math.sqrt(2 * math.pi) / 400
+    assert first.weight.std().item() == pytest.approx(expected, rel=0.02)
+    conv = make_cnn((2, 8, 8), 3)[0]
+    fan_in = 2 * 3 * 3
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 * math.pi) / fan_in, rel=0.2)
+    bn = net[1]
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_ibp_init_keeps_interval_width():
+    """The point of the IBP initialisation (Shi et al. 2021): E|w| = 2 / fan_in, so an affine
+    layer doubles the mean interval radius and the following ReLU halves it back (in
+    expectation), whatever the width, so bounds neither explode nor vanish with depth."""
+    torch.manual_seed(0)
+    for width in (64, 512):
+        layer = ibp_init_(nn.Linear(width, width))
+        radius = torch.full((8, width), 0.1)
+        ratio = F.linear(radius, layer.weight.abs()).mean().item() / 0.1
+        assert ratio == pytest.approx(2.0, rel=0.1)
+
+
+# ----------------------------------------------------------------------------- fused IBP
+def _random_batch(shape, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def _randomize(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            elif isinstance(m, nn.Linear | nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** .5)
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return net
+
+
+NETS = {
+    "mlp": (lambda: make_mlp(12, 5, (16, 16)), (12,)),
+    "cnn": (lambda: make_cnn((2, 6, 6), 5, channels=(4, 6), hidden_sizes=(12,)), (2, 6, 6)),
+    "pool": (lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                                   nn.Flatten(), nn.Dropout(0.0), nn.Identity(),
+                                   nn.Sequential(nn.Linear(12, 5))), (1, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_ibp_matches_engine_and_forward(name, training):
+    build, shape = NETS[name]
+    torch.manual_seed(0)
+    net = _randomize(build())
+    net.train(training)
+    x, y = _random_batch(shape)
+    out = ibp_forward(flatten_sequential(net), x, 0.05, y, lower=0.0, upper=1.0)
+    expected = margin_lower_bounds(net, x, 0.05, y, method="ibp", lower=0.0, upper=1.0)
+    torch.testing.assert_close(out.margins, expected, rtol=1e-4, atol=1e-4)
+    net_eval_copy = net
+    with torch.no_grad():
+        logits = net_eval_copy(x)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_ibp_updates_running_stats_once():
+    net = make_mlp(6, 3, (8,))
+    net.train()
+    x, y = _random_batch((6,))
+    reference = make_mlp(6, 3, (8,))
+    reference.load_state_dict(net.state_dict())
+    reference.train()
+    reference(x)
+    ibp_forward(flatten_sequential(net), x, 0.1, y % 3)
+    torch.testing.assert_close(net[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(net[1].running_var, reference[1].running_var)
+    assert int(net[1].num_batches_tracked) == 1
+
+
+def test_fused_ibp_sound_against_sampling():
+    torch.manual_seed(1)
+    net = _randomize(make_cnn((1, 5, 5), 5, channels=(3, 4), hidden_sizes=(8,))).eval()
+    x, y = _random_batch((1, 5, 5), n=8)
+    eps = 0.08
+    margins = ibp_forward(flatten_sequential(net), x, eps, y, lower=0.0, upper=1.0).margins
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    with torch.no_grad():
+        for _ in range(200):
+            z = net(lo + (hi - lo) * torch.rand_like(x))
+            true = z.gather(1, y[:, None]) - z
+            finite = torch.isfinite(margins)
+            assert torch.all(true[finite] >= margins[finite] - 1e-5)
+
+
+def test_fused_ibp_is_differentiable():
+    net = make_mlp(6, 3, (8,)).train()
+    x, y = _random_batch((6,), n=8)
+    y = y % 3
+    out = ibp_forward(flatten_sequential(net), x, 0.1, y, return_pre_activations=True)
+    loss = certified_cross_entropy(out.margins, y) + shi_regularizer(
+        out.pre_activations, out.input_radius)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert len(out.pre_activations) == 1
+
+
+def test_unsupported_layer_named():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedLayerError, match="Tanh"):
+        flatten_sequential(net)
+    assert flatten_sequential(nn.Linear(3, 2)) is None
+
+
+def test_input_interval_clips_to_domain():
+    x = torch.tensor([[0.0, 0.5, 1.0]])
+    center, radius = input_interval(x, 0.1, 0.0, 1.0)
+    torch.testing.assert_close(center - radius, torch.tensor([[0.0, 0.4, 0.9]]))
+    torch.testing.assert_close(center + radius, torch.tensor([[0.1, 0.6, 1.0]]))
+
+
+# ----------------------------------------------------------------------------- losses
+def test_certified_cross_entropy_formula():
+    margins = torch.tensor([[math.inf, 1.0, -0.5], [2.0, math.inf, 3.0]])
+    target = torch.tensor([0, 1])
+    zhat = worst_case_logits(margins)
+    torch.testing.assert_close(zhat, torch.tensor([[0.0, -1.0, 0.5], [-2.0, 0.0, -3.0]]))
+    expected = (math.log(1 + math.exp(-1.0) + math.exp(0.5))
+                + math.log(1 + math.exp(-2.0) + math.exp(-3.0))) / 2
+    assert certified_cross_entropy(margins, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_certified_loss_upper_bounds_clean_loss():
+    torch.manual_seed(0)
+    net = _randomize(make_mlp(8, 4, (16,))).eval()
+    x = torch.rand(32, 8)
+    y = torch.randint(0, 4, (32,))
+    out = ibp_forward(flatten_sequential(net), x, 0.05, y)
+    clean = F.cross_entropy(out.logits, y, reduction="none")
+    cert = F.cross_entropy(worst_case_logits(out.margins), y, reduction="none")
+    assert torch.all(cert >= clean - 1e-5)
+
+
+def test_shi_regularizer_zero_without_relus():
+    assert shi_regularizer([], torch.ones(2, 3)).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- schedules
+class _FakeNet:
+    eps_train = 0.2
+    warmup = 0.1
+    ramp = 0.5
+    kappa_start = 1.0
+    kappa_end = 0.0
+
+
+def test_eps_schedule_shape():
+    cb = EpsSchedule()
+    cb.resolve(_FakeNet())
+    ts = np.linspace(0, 1, 201)
+    values = np.array([cb.value_at(t) for t in ts])
+    assert np.all(values[ts < 0.1] == 0)
+    assert np.all(np.diff(values) >= -1e-12)
+    assert values[-1] == pytest.approx(0.2)
+    assert np.all(values[ts >= 0.6] == pytest.approx(0.2))
+    # continuity of the smooth schedule at the switch from polynomial to linear
+    mid = 0.1 + 0.25 * 0.5
+    assert cb.value_at(mid - 1e-6) == pytest.approx(cb.value_at(mid + 1e-6), abs=1e-6)
+    linear = EpsSchedule(eps=1.0, warmup=0.0, ramp=1.0, shape="linear")
+    linear.resolve(_FakeNet())
+    assert linear.value_at(0.3) == pytest.approx(0.3)
+
+
+def test_eps_schedule_rejects_bad_shape():
+    with pytest.raises(ValueError, match="shape"):
+        EpsSchedule(shape="cubic").resolve(_FakeNet())
+
+
+def test_linear_schedules():
+    kappa = KappaSchedule()
+    kappa.resolve(_FakeNet())
+    assert kappa.value_at(0.0) == 1.0
+    assert kappa.value_at(0.35) == pytest.approx(0.5)
+    assert kappa.value_at(0.9) == 0.0
+    custom = LinearSchedule("x_", "x", start=2.0, end=4.0, begin=0.0, stop=1.0)
+    custom.resolve(_FakeNet())
+    assert custom.value_at(0.25) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="window"):
+        LinearSchedule("x_", "x", 0, 1, begin=0.8, stop=0.2).resolve(_FakeNet())
