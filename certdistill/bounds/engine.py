@@ -56,6 +56,28 @@ class _Propagation:
     tail_interval: tuple[Tensor, Tensor] | None = None
 
 
+@dataclass
+class IntervalPass:
+    """Result of :meth:`BoundEngine.interval_pass` (the certified-training hot path).
+
+    Attributes
+    ----------
+    logits : Tensor of shape (n, n_classes)
+        Clean logits.
+    margins : Tensor of shape (n, n_classes)
+        IBP lower bounds of ``z_ref - z_j``; ``+inf`` in the reference column.
+    activation_bounds : list of (Tensor, Tensor)
+        ``(center, radius)`` of each activation's input (when requested).
+    input_radius : Tensor
+        Radius of the input box.
+    """
+
+    logits: Tensor
+    margins: Tensor
+    activation_bounds: list[tuple[Tensor, Tensor]]
+    input_radius: Tensor
+
+
 class BoundEngine:
     """Bound propagation over an ``nn.Sequential`` of supported layers.
 
@@ -152,6 +174,60 @@ class BoundEngine:
         self._bind_batch_statistics(x)
         out_center, out_radius = self._interval_pass(_Propagation(center=center, radius=radius))
         return out_center - out_radius, out_center + out_radius
+
+    def interval_pass(
+        self,
+        x: Tensor,
+        eps: float | Tensor,
+        reference: Tensor,
+        *,
+        lower: float | Tensor | None = None,
+        upper: float | Tensor | None = None,
+        record_activations: bool = False,
+    ) -> IntervalPass:
+        """Clean forward pass and IBP margin bounds in one sweep, for certified training.
+
+        Each layer runs in its current mode, as the module's own forward would: BatchNorm in
+        training mode normalises inputs and bounds with the clean batch statistics and updates
+        its running statistics once; Dropout in training mode applies one mask to inputs and
+        bounds. Differentiable with respect to the module's parameters.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, ...)
+            Clean inputs.
+        eps : float or Tensor
+            Radius of the ball, broadcastable to ``x``.
+        reference : LongTensor of shape (n,)
+            Class whose margins are bounded (the label when training).
+        lower, upper : float or Tensor, optional
+            Input domain intersected with the ball.
+        record_activations : bool, default=False
+            Keep the interval of each activation's input (for regularisers).
+
+        Returns
+        -------
+        IntervalPass
+        """
+        center, radius = input_box(x, eps, lower, upper)
+        state = _Propagation(center=center, radius=radius)
+        recorded = []
+        for index, op in enumerate(self.ops):
+            state.input_shapes.append(center.shape[1:])
+            if index == self._tail_start:
+                state.tail_interval = (center, radius)
+            if index >= self._tail_start:
+                x = op.forward(x, update_running_stats=True)
+                continue
+            if record_activations and op.is_activation:
+                recorded.append((center, radius))
+            x, center, radius = op.propagate(x, center, radius)
+        if state.tail_interval is None:
+            state.tail_interval = (center, radius)
+        margins = self._tail_margins(state, reference, x.shape[1])
+        ref_column = torch.nn.functional.one_hot(reference, margins.shape[1]).bool()
+        return IntervalPass(logits=x, margins=margins.masked_fill(ref_column, float("inf")),
+                            activation_bounds=recorded, input_radius=state.radius)
 
     def activation_interval_bounds(
         self,
@@ -353,12 +429,20 @@ class BoundEngine:
 
     # -------------------------------------------------------------- methods
     def _ibp(self, state: _Propagation, spec: Tensor, *, reference: Tensor, **_) -> Tensor:
-        # Fold the specification into the trailing affine layers: their exact composition is
-        # tighter than interval arithmetic through each of them.
+        return self._tail_margins(state, reference, spec.shape[1], spec)
+
+    def _tail_margins(
+        self, state: _Propagation, reference: Tensor, n_classes: int, spec: Tensor | None = None
+    ) -> Tensor:
+        """IBP margin bounds with the specification folded into the trailing affine layers.
+
+        Their exact composition is tighter than interval arithmetic through each of them.
+        """
         center, radius = state.tail_interval
-        n_classes = spec.shape[1]
         tail_width = numel(center.shape[1:])
         if n_classes * n_classes * tail_width > _PAIRWISE_ELEMENT_BUDGET:
+            if spec is None:
+                spec = margin_specification(reference, n_classes, dtype=center.dtype)
             A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
             return self._concretize(A, bias, center, radius)
         # The tail holds no activation, so its composite affine map is the same for every

@@ -51,8 +51,20 @@ class BoundOp:
     def uses_batch_statistics(self) -> bool:
         return False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, update_running_stats: bool = False) -> Tensor:
+        """Clean forward pass in the layer's current mode.
+
+        BatchNorm in training mode binds the statistics of ``x`` for the following bound steps
+        and, with ``update_running_stats``, updates its running statistics as the layer would.
+        """
         raise NotImplementedError
+
+    def propagate(
+        self, x: Tensor, center: Tensor, radius: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Training step: the clean forward (updating running statistics) and the interval."""
+        x = self.forward(x, update_running_stats=True)
+        return (x, *self.interval(center, radius))
 
     def interval(self, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -123,13 +135,18 @@ class LinearOp(BoundOp):
         self.layer = layer
         self.abs_weight = _AbsWeightCache()
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         return self.layer(x)
 
     def interval(self, center, radius):
         weight = self.layer.weight
         return (F.linear(center, weight, self.layer.bias),
                 F.linear(radius, self.abs_weight(weight)))
+
+    def propagate(self, x, center, radius):
+        # Clean inputs and centres share the map: one call on the stacked batch is faster.
+        x, center = self.forward(torch.cat([x, center])).split(x.shape[0])
+        return x, center, F.linear(radius, self.abs_weight(self.layer.weight))
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         bias = self.layer.bias
@@ -150,13 +167,17 @@ class Conv2dOp(BoundOp):
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.layer.stride, self.padding)
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         return self._conv(x, self.layer.weight, self.layer.bias)
 
     def interval(self, center, radius):
         weight = self.layer.weight
         return (self._conv(center, weight, self.layer.bias),
                 self._conv(radius, self.abs_weight(weight), None))
+
+    def propagate(self, x, center, radius):
+        x, center = self.forward(torch.cat([x, center])).split(x.shape[0])
+        return x, center, self._conv(radius, self.abs_weight(self.layer.weight), None)
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         n, specs = A.shape[:2]
@@ -249,15 +270,29 @@ class ElementwiseAffineOp(BoundOp):
             return self._batch_affine
         return self._affine_from(self.layer.running_mean, self.layer.running_var)
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         if self.uses_batch_statistics:
-            # Statistics of the clean batch, as in certified training (no running-stat update).
+            # Statistics of the clean batch, as in certified training.
             dims = [0, *range(2, x.dim())]
-            mean = x.mean(dim=dims)
-            var = x.var(dim=dims, unbiased=False)
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False)
             self._batch_affine = self._affine_from(mean, var)
+            if update_running_stats:
+                self._update_running_stats(mean, var, x.numel() // x.shape[1])
         scale, shift = self.affine()
         return x * self._channel_view(scale, x.dim()) + self._channel_view(shift, x.dim())
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        layer = self.layer
+        if not (layer.training and layer.track_running_stats and layer.running_mean is not None):
+            return
+        with torch.no_grad():
+            layer.num_batches_tracked += 1
+            momentum = layer.momentum
+            if momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(layer.num_batches_tracked)
+            unbiased = var * (count / max(count - 1, 1))
+            layer.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            layer.running_var.mul_(1 - momentum).add_(momentum * unbiased)
 
     def interval(self, center, radius):
         scale, shift = self.affine()
@@ -305,7 +340,7 @@ class AvgPool2dOp(BoundOp):
     def patch_geometry(self, geometry):
         return geometry.through(self.kernel_size, self.stride, self.padding)
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         return self.layer(x)
 
     def interval(self, center, radius):
@@ -338,7 +373,7 @@ class ReshapeOp(BoundOp):
     def __init__(self, layer: nn.Flatten | nn.Unflatten):
         self.layer = layer
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         return self.layer(x)
 
     def interval(self, center, radius):
@@ -349,16 +384,29 @@ class ReshapeOp(BoundOp):
 
 
 class IdentityOp(BoundOp):
-    """``nn.Identity`` and ``nn.Dropout`` (bounds describe the network at inference)."""
+    """``nn.Identity``."""
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         return x
 
     def interval(self, center, radius):
         return center, radius
+
+
+
+class DropoutOp(IdentityOp):
+    """``nn.Dropout``: identity for certification; one thinned network per training step."""
+
+    def propagate(self, x, center, radius):
+        layer = self.layer
+        if not (layer.training and layer.p > 0):
+            return x, center, radius
+        # The same mask on the inputs and the bounds: bounds of the thinned network.
+        keep = (torch.rand_like(x) >= layer.p).to(x.dtype) / (1 - layer.p)
+        return x * keep, center * keep, radius * keep
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         return A, None
@@ -383,7 +431,7 @@ class ReLUOp(BoundOp):
     def __init__(self, layer: nn.ReLU):
         self.layer = layer
 
-    def forward(self, x):
+    def forward(self, x, update_running_stats=False):
         return F.relu(x)
 
     def interval(self, center, radius):
@@ -470,7 +518,7 @@ OP_REGISTRY: dict[type[nn.Module], type[BoundOp] | callable] = {
     nn.BatchNorm2d: ElementwiseAffineOp,
     nn.AvgPool2d: _make_avgpool,
     nn.Identity: IdentityOp,
-    nn.Dropout: IdentityOp,
+    nn.Dropout: DropoutOp,
 }
 
 SUPPORTED_LAYERS_TEXT = (

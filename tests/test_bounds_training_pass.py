@@ -1,0 +1,91 @@
+"""The certified-training pass: clean logits and IBP margins in one sweep."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from certdistill.bounds import BoundEngine
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.0),
+        nn.Linear(32, 10), nn.BatchNorm1d(10),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_logits_and_running_stats_match_the_module_forward(training):
+    module = _cnn().train(training)
+    twin = copy.deepcopy(module)
+    x = torch.rand(16, 1, 16, 16)
+    y = torch.randint(0, 10, (16,))
+    result = BoundEngine(module).interval_pass(x, 0.05, y, lower=0.0, upper=1.0)
+    expected = twin(x)
+    torch.testing.assert_close(result.logits, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(module.modules(), twin.modules(), strict=True):
+        if isinstance(ours, nn.modules.batchnorm._BatchNorm):
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+            torch.testing.assert_close(ours.running_var, theirs.running_var)
+            assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+def test_margins_equal_the_ibp_method_in_eval_mode_and_are_sound():
+    module = _cnn().eval()
+    x = torch.rand(16, 1, 16, 16)
+    y = torch.randint(0, 10, (16,))
+    engine = BoundEngine(module)
+    with torch.no_grad():
+        result = engine.interval_pass(x, 0.05, y, lower=0.0, upper=1.0)
+        direct = engine.margin_lower_bounds(x, 0.05, y, method="ibp", lower=0.0, upper=1.0)
+        torch.testing.assert_close(result.margins, direct)
+        finite = torch.isfinite(result.margins)
+        for _ in range(20):
+            point = (x + (torch.rand_like(x) * 2 - 1) * 0.05).clamp(0, 1)
+            logits = module(point)
+            margins = logits.gather(1, y[:, None]) - logits
+            assert torch.all(margins[finite] >= result.margins[finite] - 1e-5)
+
+
+def test_train_mode_margins_bound_the_network_with_clean_batch_statistics():
+    module = _cnn().train()
+    x = torch.rand(32, 1, 16, 16)
+    y = torch.randint(0, 10, (32,))
+    frozen = copy.deepcopy(module)
+    result = BoundEngine(module).interval_pass(x, 0.05, y, lower=0.0, upper=1.0)
+    # The bounded network normalises with the clean batch's statistics: put them in an eval copy.
+    with torch.no_grad():
+        h = x
+        for layer in frozen:
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                dims = [0, *range(2, h.dim())]
+                var, mean = torch.var_mean(h, dim=dims, unbiased=False)
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                layer.eval()
+            h = layer(h)
+        frozen.eval()
+        finite = torch.isfinite(result.margins)
+        for _ in range(20):
+            point = (x + (torch.rand_like(x) * 2 - 1) * 0.05).clamp(0, 1)
+            logits = frozen(point)
+            margins = logits.gather(1, y[:, None]) - logits
+            assert torch.all(margins[finite] >= result.margins[finite] - 1e-4)
+
+
+def test_gradients_reach_every_parameter_and_activations_are_recorded():
+    module = _cnn().train()
+    x = torch.rand(8, 1, 16, 16)
+    y = torch.randint(0, 10, (8,))
+    result = BoundEngine(module).interval_pass(x, 0.05, y, record_activations=True)
+    assert len(result.activation_bounds) == 2
+    loss = result.logits.sum() + result.margins.masked_fill(torch.isinf(result.margins), 0).sum()
+    loss.backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, name
