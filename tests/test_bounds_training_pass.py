@@ -89,3 +89,17 @@ def test_gradients_reach_every_parameter_and_activations_are_recorded():
     loss.backward()
     for name, parameter in module.named_parameters():
         assert parameter.grad is not None, name
+
+
+def test_dropout_in_training_thins_inputs_and_bounds_alike():
+    torch.manual_seed(4)
+    module = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 5)).train()
+    x = torch.rand(64, 12)
+    y = torch.randint(0, 5, (64,))
+    result = BoundEngine(module).interval_pass(x, 0.02, y)
+    # The clean point lies in the ball and sees the same mask: its margins respect the bound.
+    clean_margins = result.logits.gather(1, y[:, None]) - result.logits
+    finite = torch.isfinite(result.margins)
+    assert torch.all(clean_margins[finite] >= result.margins[finite] - 1e-5)
+    # A thinned network differs from the full one on some sample.
+    assert not torch.allclose(result.logits, module.eval()(x))

@@ -395,6 +395,13 @@ class IdentityOp(BoundOp):
     def interval(self, center, radius):
         return center, radius
 
+    def backward(self, A, input_shape, bounds=None, alpha=None):
+        return A, None
+
+    supports_patches = True
+
+    def backward_patches(self, coeffs, geometry, bounds=None):
+        return coeffs, geometry, None
 
 
 class DropoutOp(IdentityOp):
@@ -407,14 +414,6 @@ class DropoutOp(IdentityOp):
         # The same mask on the inputs and the bounds: bounds of the thinned network.
         keep = (torch.rand_like(x) >= layer.p).to(x.dtype) / (1 - layer.p)
         return x * keep, center * keep, radius * keep
-
-    def backward(self, A, input_shape, bounds=None, alpha=None):
-        return A, None
-
-    supports_patches = True
-
-    def backward_patches(self, coeffs, geometry, bounds=None):
-        return coeffs, geometry, None
 
 
 class ReLUOp(BoundOp):
