@@ -93,7 +93,8 @@ def test_gradients_reach_every_parameter_and_activations_are_recorded():
 
 def test_dropout_in_training_thins_inputs_and_bounds_alike():
     torch.manual_seed(4)
-    module = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 5)).train()
+    module = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 16),
+                           nn.ReLU(), nn.Linear(16, 5)).train()
     x = torch.rand(64, 12)
     y = torch.randint(0, 5, (64,))
     result = BoundEngine(module).interval_pass(x, 0.02, y)

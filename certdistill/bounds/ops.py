@@ -405,7 +405,11 @@ class IdentityOp(BoundOp):
 
 
 class DropoutOp(IdentityOp):
-    """``nn.Dropout``: identity for certification; one thinned network per training step."""
+    """``nn.Dropout``: identity for certification; one thinned network per training step.
+
+    After the last activation the training pass folds the remaining affine layers into one
+    exact map, where Dropout stays the identity.
+    """
 
     def propagate(self, x, center, radius):
         layer = self.layer
