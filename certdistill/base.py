@@ -39,7 +39,6 @@ from skorch.utils import to_tensor
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from certdistill.losses import flatten_sequential
 from certdistill.models import make_cnn, make_mlp
 from certdistill.schedules import EpsSchedule, StepLR
 
@@ -461,9 +460,18 @@ class CertifiedNetBase(NeuralNetClassifier):
             return make_cnn(tuple(self.input_shape), n_classes, **kwargs)
         return make_mlp(n_features, n_classes, **kwargs)
 
-    def _layers(self) -> list[nn.Module] | None:
-        """Leaf layers of ``module_`` when it is an ``nn.Sequential`` (fast IBP path), else None."""
-        return flatten_sequential(self.module_)
+    def bound_engine(self):
+        """The bound engine over ``module_`` (cheap to build; rebuilt at every call so that it
+        always follows the current module).
+
+        Raises
+        ------
+        UnsupportedLayerError
+            If ``module_`` is not an ``nn.Sequential`` of layers the engine supports.
+        """
+        from certdistill.bounds import BoundEngine
+
+        return BoundEngine(self.module_)
 
     # ---------------------------------------------------------------- input
     def _reshape(self, x: Tensor) -> Tensor:

@@ -10,12 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certdistill.base import CertifiedNetBase
-from certdistill.losses import (
-    certified_cross_entropy,
-    ibp_forward,
-    shi_regularizer,
-    worst_case_logits,
-)
+from certdistill.losses import certified_cross_entropy, shi_regularizer, worst_case_logits
 from certdistill.schedules import AlphaSchedule, BetaSchedule, KappaSchedule
 
 __all__ = ["TRAINING_METHODS", "CertifiedTeacher"]
@@ -241,22 +236,11 @@ class CertifiedTeacher(CertifiedNetBase):
         if training and self.reg_lambda > 0 and eps_level < eps_max_level:
             reg_weight = float(self.reg_lambda) * (1.0 - eps_level / eps_max_level)
 
-        layers = self._layers()
-        if layers is not None:
-            out = ibp_forward(
-                layers, x, eps_x, y, lower=lower, upper=upper,
-                return_pre_activations=reg_weight > 0,
-            )
-            logits, margins_ibp = out.logits, out.margins
-        else:  # a non-Sequential module: the bound engine decides whether it can handle it
-            from certdistill.bounds import margin_lower_bounds
-
-            logits = self.module_(x)
-            margins_ibp = margin_lower_bounds(
-                self.module_, x, eps_x, y, method="ibp", lower=lower, upper=upper
-            )
-            out = None
-            reg_weight = 0.0
+        engine = self.bound_engine()
+        out = engine.interval_pass(
+            x, eps_x, y, lower=lower, upper=upper, record_activations=reg_weight > 0
+        )
+        logits, margins_ibp = out.logits, out.margins
 
         if self.method == "mtl-ibp":
             alpha = float(self._schedule_value("current_alpha_", self.alpha))
@@ -275,18 +259,16 @@ class CertifiedTeacher(CertifiedNetBase):
             if self.method == "crown-ibp":
                 beta = float(self._schedule_value("current_beta_", self.beta_end))
                 if beta > 0.0:
-                    from certdistill.bounds import margin_lower_bounds
-
-                    margins_crown = margin_lower_bounds(
-                        self.module_, x, eps_x, y, method="crown-ibp", lower=lower, upper=upper
+                    margins_crown = engine.margin_lower_bounds(
+                        x, eps_x, y, method="crown-ibp", lower=lower, upper=upper
                     )
                     zhat = (1.0 - beta) * zhat + beta * worst_case_logits(margins_crown)
             loss = (1.0 - kappa) * F.cross_entropy(zhat, y)
             if kappa > 0.0:
                 loss = loss + kappa * F.cross_entropy(logits, y)
 
-        if reg_weight > 0 and out is not None and out.pre_activations:
+        if reg_weight > 0 and out.activation_bounds:
             loss = loss + reg_weight * shi_regularizer(
-                out.pre_activations, out.input_radius, tol=float(self.reg_tol)
+                out.activation_bounds, out.input_radius, tol=float(self.reg_tol)
             )
         return loss, logits

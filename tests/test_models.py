@@ -10,16 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certdistill.bounds import margin_lower_bounds
-from certdistill.exceptions import UnsupportedLayerError
-from certdistill.losses import (
-    certified_cross_entropy,
-    flatten_sequential,
-    ibp_forward,
-    input_interval,
-    shi_regularizer,
-    worst_case_logits,
-)
+from certdistill.bounds import BoundEngine
+from certdistill.losses import certified_cross_entropy, shi_regularizer, worst_case_logits
 from certdistill.models import ibp_init_, make_cnn, make_mlp
 from certdistill.schedules import EpsSchedule, KappaSchedule, LinearSchedule
 
@@ -98,106 +90,28 @@ def test_ibp_init_keeps_interval_width():
         assert ratio == pytest.approx(2.0, rel=0.1)
 
 
-# ----------------------------------------------------------------------------- fused IBP
-def _random_batch(shape, n=16, seed=0):
+# ----------------------------------------------------------------------------- training pass
+def _random_batch(shape, n=16, n_classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand((n, *shape), generator=g), torch.randint(0, 5, (n,), generator=g)
+    return torch.rand((n, *shape), generator=g), torch.randint(0, n_classes, (n,), generator=g)
 
 
-def _randomize(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-            elif isinstance(m, nn.Linear | nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** .5)
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return net
-
-
-NETS = {
-    "mlp": (lambda: make_mlp(12, 5, (16, 16)), (12,)),
-    "cnn": (lambda: make_cnn((2, 6, 6), 5, channels=(4, 6), hidden_sizes=(12,)), (2, 6, 6)),
-    "pool": (lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                                   nn.Flatten(), nn.Dropout(0.0), nn.Identity(),
-                                   nn.Sequential(nn.Linear(12, 5))), (1, 4, 4)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(NETS))
 @pytest.mark.parametrize("training", [False, True])
-def test_fused_ibp_matches_engine_and_forward(name, training):
-    build, shape = NETS[name]
-    torch.manual_seed(0)
-    net = _randomize(build())
-    net.train(training)
-    x, y = _random_batch(shape)
-    out = ibp_forward(flatten_sequential(net), x, 0.05, y, lower=0.0, upper=1.0)
-    expected = margin_lower_bounds(net, x, 0.05, y, method="ibp", lower=0.0, upper=1.0)
-    torch.testing.assert_close(out.margins, expected, rtol=1e-4, atol=1e-4)
-    net_eval_copy = net
-    with torch.no_grad():
-        logits = net_eval_copy(x)
-    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
-
-
-def test_fused_ibp_updates_running_stats_once():
-    net = make_mlp(6, 3, (8,))
-    net.train()
-    x, y = _random_batch((6,))
-    reference = make_mlp(6, 3, (8,))
-    reference.load_state_dict(net.state_dict())
-    reference.train()
-    reference(x)
-    ibp_forward(flatten_sequential(net), x, 0.1, y % 3)
-    torch.testing.assert_close(net[1].running_mean, reference[1].running_mean)
-    torch.testing.assert_close(net[1].running_var, reference[1].running_var)
-    assert int(net[1].num_batches_tracked) == 1
-
-
-def test_fused_ibp_sound_against_sampling():
-    torch.manual_seed(1)
-    net = _randomize(make_cnn((1, 5, 5), 5, channels=(3, 4), hidden_sizes=(8,))).eval()
-    x, y = _random_batch((1, 5, 5), n=8)
-    eps = 0.08
-    margins = ibp_forward(flatten_sequential(net), x, eps, y, lower=0.0, upper=1.0).margins
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    with torch.no_grad():
-        for _ in range(200):
-            z = net(lo + (hi - lo) * torch.rand_like(x))
-            true = z.gather(1, y[:, None]) - z
-            finite = torch.isfinite(margins)
-            assert torch.all(true[finite] >= margins[finite] - 1e-5)
-
-
-def test_fused_ibp_is_differentiable():
-    net = make_mlp(6, 3, (8,)).train()
-    x, y = _random_batch((6,), n=8)
-    y = y % 3
-    out = ibp_forward(flatten_sequential(net), x, 0.1, y, return_pre_activations=True)
-    loss = certified_cross_entropy(out.margins, y) + shi_regularizer(
-        out.pre_activations, out.input_radius)
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
-    assert len(out.pre_activations) == 1
-
-
-def test_unsupported_layer_named():
-    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedLayerError, match="Tanh"):
-        flatten_sequential(net)
-    assert flatten_sequential(nn.Linear(3, 2)) is None
-
-
-def test_input_interval_clips_to_domain():
-    x = torch.tensor([[0.0, 0.5, 1.0]])
-    center, radius = input_interval(x, 0.1, 0.0, 1.0)
-    torch.testing.assert_close(center - radius, torch.tensor([[0.0, 0.4, 0.9]]))
-    torch.testing.assert_close(center + radius, torch.tensor([[0.1, 0.6, 1.0]]))
+def test_default_networks_run_through_the_training_pass(training):
+    """The default networks use only layers the engine's training pass supports."""
+    for net, shape in ((make_mlp(12, 5, (16, 16)), (12,)),
+                       (make_cnn((1, 8, 8), 5, channels=(4, 6), hidden_sizes=(12,)), (1, 8, 8))):
+        net.train(training)
+        x, y = _random_batch(shape)
+        out = BoundEngine(net).interval_pass(x, 0.05, y, lower=0.0, upper=1.0,
+                                             record_activations=True)
+        with torch.no_grad():
+            torch.testing.assert_close(out.logits, net(x), rtol=1e-4, atol=1e-5)
+        loss = certified_cross_entropy(out.margins, y) + shi_regularizer(
+            out.activation_bounds, out.input_radius)
+        loss.backward()
+        assert len(out.activation_bounds) == sum(isinstance(m, nn.ReLU) for m in net)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
 # ----------------------------------------------------------------------------- losses
@@ -213,10 +127,9 @@ def test_certified_cross_entropy_formula():
 
 def test_certified_loss_upper_bounds_clean_loss():
     torch.manual_seed(0)
-    net = _randomize(make_mlp(8, 4, (16,))).eval()
-    x = torch.rand(32, 8)
-    y = torch.randint(0, 4, (32,))
-    out = ibp_forward(flatten_sequential(net), x, 0.05, y)
+    net = make_mlp(8, 4, (16,)).eval()
+    x, y = _random_batch((8,), n=32, n_classes=4)
+    out = BoundEngine(net).interval_pass(x, 0.05, y)
     clean = F.cross_entropy(out.logits, y, reduction="none")
     cert = F.cross_entropy(worst_case_logits(out.margins), y, reduction="none")
     assert torch.all(cert >= clean - 1e-5)
