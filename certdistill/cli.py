@@ -8,10 +8,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
-
-from certdistill.bounds import METHODS, margin_lower_bounds
-from certdistill.certify import certify
 
 
 def _load_digits(seed: int):
@@ -23,43 +19,37 @@ def _load_digits(seed: int):
     return train_test_split(X, data.target, test_size=0.3, stratify=data.target, random_state=seed)
 
 
-def _train_ibp(X, y, eps: float, epochs: int, seed: int) -> nn.Module:
-    """A small IBP-trained MLP (stand-in until the estimators exist)."""
-    torch.manual_seed(seed)
-    module = nn.Sequential(nn.Linear(X.shape[1], 256), nn.ReLU(), nn.Linear(256, 256),
-                           nn.ReLU(), nn.Linear(256, 10))
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-    X_t, y_t = torch.as_tensor(X), torch.as_tensor(y, dtype=torch.long)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(epochs):
-        ramp = min(1.0, epoch / max(1, epochs // 2))
-        for batch in torch.randperm(len(X_t)).split(64):
-            x, target = X_t[batch], y_t[batch]
-            margins = margin_lower_bounds(module, x, eps * ramp, target, method="ibp",
-                                          lower=0.0, upper=1.0)
-            worst = -margins.masked_fill(torch.isinf(margins), 0.0)
-            loss = 0.5 * loss_fn(module(x), target) + 0.5 * loss_fn(worst, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return module.eval()
-
-
 def demo(args: argparse.Namespace) -> int:
+    from certdistill.attacks import pgd_attack
+    from certdistill.teacher import CertifiedTeacher
+
     X_train, X_test, y_train, y_test = _load_digits(args.seed)
-    print(f"digits: {len(X_train)} train / {len(X_test)} test samples, eps = {args.eps}")
+    print(f"digits: {len(X_train)} train / {len(X_test)} test samples, eps = {args.eps} "
+          "(pixels scaled to [0, 1])")
+    teacher = CertifiedTeacher(
+        eps=args.eps, method=args.method, input_shape=(1, 8, 8), lower=0.0, upper=1.0,
+        max_epochs=args.epochs, random_state=args.seed, device=args.device, verbose=1,
+    )
     start = time.perf_counter()
-    module = _train_ibp(X_train, y_train, args.eps, args.epochs, args.seed)
-    print(f"trained an IBP MLP 64-256-256-10 for {args.epochs} epochs "
-          f"in {time.perf_counter() - start:.1f} s")
+    teacher.fit(X_train, y_train)
+    fit_seconds = time.perf_counter() - start
+    n_parameters = sum(p.numel() for p in teacher.module_.parameters())
+    print(f"\ntrained the teacher (method {args.method}, {n_parameters:,} parameters) "
+          f"for {args.epochs} epochs in {fit_seconds:.1f} s")
+
+    clean = teacher.score(X_test, y_test)
+    x = teacher.module_input(X_test)
+    y = torch.as_tensor(y_test, device=x.device)
+    adversarial = pgd_attack(teacher.module_.eval(), x, y, args.eps, steps=20, restarts=2,
+                             lower=0.0, upper=1.0)
     with torch.no_grad():
-        clean = (module(torch.as_tensor(X_test)).argmax(1).numpy() == y_test).mean()
-    print(f"\nclean accuracy: {100 * clean:.1f} %\n")
-    print("| method | certified accuracy | samples / s |")
+        pgd = (teacher.module_(adversarial).argmax(1) == y).float().mean().item()
+    print(f"clean accuracy {100 * clean:.1f} %, PGD-20 accuracy {100 * pgd:.1f} %\n")
+    print("| certification method | certified accuracy | samples / s |")
     print("|---|---|---|")
-    for method in METHODS:
+    for method in ("ibp", "crown-ibp", "crown"):
         start = time.perf_counter()
-        cert = certify(module, X_test, args.eps, method=method, y=y_test, lower=0.0, upper=1.0)
+        cert = teacher.certify(X_test, method=method, y=y_test)
         elapsed = time.perf_counter() - start
         print(f"| {method} | {100 * cert.certified_fraction:.1f} % | {len(cert) / elapsed:,.0f} |")
     return 0
@@ -75,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.add_argument("--eps", type=float, default=0.1,
                              help="L-infinity radius on pixels scaled to [0, 1] (default 0.1)")
-    demo_parser.add_argument("--epochs", type=int, default=30, help="training epochs")
+    demo_parser.add_argument("--epochs", type=int, default=60, help="training epochs")
+    demo_parser.add_argument("--method", default="ibp", choices=["ibp", "crown-ibp", "mtl-ibp"],
+                             help="certified training method of the teacher (default ibp)")
+    demo_parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed")
     demo_parser.set_defaults(handler=demo)
     return parser
