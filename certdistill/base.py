@@ -124,10 +124,11 @@ class CertifiedNetBase(NeuralNetClassifier):
         Learning-rate decay factor (1 disables the decay).
     grad_clip : float or None, default=10.0
         Maximum gradient norm (``None`` disables clipping).
-    criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, verbose, device
+    criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose
         As in skorch; ``train_split=None`` trains on all the data (no internal validation).
     **kwargs
-        Further skorch parameters (``module__*``, ``optimizer__*``, ``callbacks__*``, ...).
+        Further skorch parameters (``device``, ``callbacks``, ``module__*``, ``optimizer__*``,
+        ``callbacks__*``, ...).
 
     Attributes
     ----------
