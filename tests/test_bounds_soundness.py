@@ -24,6 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from milp import exact_min_margins
+from milp import feasible_box as box
 from networks import (
     POOLS,
     float64_copy,
@@ -51,18 +52,6 @@ def logits64(net64: nn.Module, points: np.ndarray) -> np.ndarray:
     """Float64 logits of a float64 eval-mode network on a batch of points."""
     with torch.no_grad():
         return net64(torch.as_tensor(points, dtype=torch.float64)).numpy()
-
-
-def box(x: np.ndarray, eps, lower=None, upper=None) -> tuple[np.ndarray, np.ndarray]:
-    """``ball(x, eps) ∩ [lower, upper]`` in float64, ``x`` of shape ``(n, *shape)``."""
-    x = np.asarray(x, dtype=np.float64)
-    eps = np.broadcast_to(np.asarray(eps, dtype=np.float64), x.shape[1:])
-    lo, hi = x - eps, x + eps
-    if lower is not None:
-        lo = np.maximum(lo, np.asarray(lower, dtype=np.float64))
-    if upper is not None:
-        hi = np.minimum(hi, np.asarray(upper, dtype=np.float64))
-    return lo, hi
 
 
 def sample_box(
