@@ -3,6 +3,7 @@
 from certdistill.certify import Certificate, certified_radius, certify
 from certdistill.exceptions import UnsupportedLayerError
 from certdistill.scoring import CertifiedAccuracy
+from certdistill.student import DistilledStudent
 from certdistill.teacher import CertifiedTeacher
 
 __version__ = "0.1.0.dev0"
@@ -11,6 +12,7 @@ __all__ = [
     "Certificate",
     "CertifiedAccuracy",
     "CertifiedTeacher",
+    "DistilledStudent",
     "UnsupportedLayerError",
     "certified_radius",
     "certify",

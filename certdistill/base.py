@@ -24,6 +24,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from skorch.utils import to_tensor
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
 from certdistill.schedules import EpsSchedule, StepLR
 
@@ -86,6 +88,37 @@ class _GradClip(Callback):
             torch.nn.utils.clip_grad_norm_(
                 [p for _, p in named_parameters], max_norm=float(net.grad_clip)
             )
+
+
+@dataclass
+class IntervalTerms:
+    """IBP pieces of a certified loss for one batch (see :meth:`CertifiedNetBase.interval_terms`).
+
+    Attributes
+    ----------
+    logits : Tensor
+        Clean logits.
+    worst_logits : Tensor
+        Worst-case logits ``-m_j`` (0 for the label) from the IBP margin bounds ``m``; at eps 0,
+        the clean logits shifted so that the label's is 0.
+    margins : Tensor or None
+        IBP margin lower bounds (``None`` at eps 0).
+    eps : float or ndarray
+        Scheduled training eps of the batch.
+    eps_tensor, lower, upper : Tensor or None
+        The same eps and the input domain as tensors on the batch's device.
+    regularizer : Tensor
+        Warm-up regulariser of Shi et al. (2021), already weighted (0 when it does not apply).
+    """
+
+    logits: Tensor
+    worst_logits: Tensor
+    margins: Tensor | None
+    eps: object
+    eps_tensor: Tensor
+    lower: Tensor | None
+    upper: Tensor | None
+    regularizer: Tensor
 
 
 class CertifiedNetBase(NeuralNetClassifier):
@@ -460,6 +493,47 @@ class CertifiedNetBase(NeuralNetClassifier):
         if self.input_shape is not None and len(tuple(self.input_shape)) == 3:
             return make_cnn(tuple(self.input_shape), n_classes, **kwargs)
         return make_mlp(n_features, n_classes, **kwargs)
+
+    def interval_terms(self, x: Tensor, y: Tensor, training: bool = True) -> IntervalTerms:
+        """The IBP pieces of a certified training loss for one batch, at the scheduled eps.
+
+        Parameters
+        ----------
+        x : Tensor
+            Module inputs of the batch.
+        y : LongTensor
+            Encoded labels.
+        training : bool, default=True
+            Training step (the warm-up regulariser applies) or validation step.
+
+        Returns
+        -------
+        IntervalTerms
+        """
+        eps_max = self.eps_train
+        eps_t = getattr(self, "current_eps_", eps_max)
+        eps_level = float(np.mean(eps_t))
+        lower, upper = self._domain(self.lower, x), self._domain(self.upper, x)
+        eps_x = self._eps_tensor(eps_t, x)
+        if eps_level <= 0.0:
+            logits = self.module_(x)
+            return IntervalTerms(logits, logits - logits.gather(1, y[:, None]), None, eps_t,
+                                 eps_x, lower, upper, logits.new_zeros(()))
+        eps_max_level = float(np.mean(eps_max))
+        reg_lambda = float(getattr(self, "reg_lambda", 0.0))
+        reg_weight = 0.0
+        if training and reg_lambda > 0 and eps_level < eps_max_level:
+            reg_weight = reg_lambda * (1.0 - eps_level / eps_max_level)
+        out = self.bound_engine().interval_pass(
+            x, eps_x, y, lower=lower, upper=upper, record_activations=reg_weight > 0
+        )
+        regularizer = out.logits.new_zeros(())
+        if reg_weight > 0 and out.activation_bounds:
+            regularizer = reg_weight * shi_regularizer(
+                out.activation_bounds, out.input_radius, tol=float(getattr(self, "reg_tol", 0.5))
+            )
+        return IntervalTerms(out.logits, worst_case_logits(out.margins), out.margins, eps_t,
+                             eps_x, lower, upper, regularizer)
 
     def bound_engine(self):
         """The bound engine over ``module_`` (cheap to build; rebuilt at every call so that it

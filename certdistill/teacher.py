@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certdistill.base import CertifiedNetBase
-from certdistill.losses import certified_cross_entropy, shi_regularizer, worst_case_logits
+from certdistill.losses import worst_case_logits
 from certdistill.schedules import AlphaSchedule, BetaSchedule, KappaSchedule
 
 __all__ = ["TRAINING_METHODS", "CertifiedTeacher"]
@@ -222,53 +221,35 @@ class CertifiedTeacher(CertifiedNetBase):
         """
         if self.method not in TRAINING_METHODS:
             raise ValueError(f"method must be one of {TRAINING_METHODS}, got {self.method!r}")
-        eps_max = self.eps_train
-        eps_t = self._schedule_value("current_eps_", eps_max)
-        eps_level = float(np.mean(eps_t))
-        if eps_level <= 0.0:
-            logits = self.module_(x)
+        terms = self.interval_terms(x, y, training)
+        logits = terms.logits
+        if terms.margins is None:
             return F.cross_entropy(logits, y), logits
-
-        eps_x = self._eps_tensor(eps_t, x)
-        lower, upper = self._domain(self.lower, x), self._domain(self.upper, x)
-        eps_max_level = float(np.mean(eps_max))
-        reg_weight = 0.0
-        if training and self.reg_lambda > 0 and eps_level < eps_max_level:
-            reg_weight = float(self.reg_lambda) * (1.0 - eps_level / eps_max_level)
-
-        engine = self.bound_engine()
-        out = engine.interval_pass(
-            x, eps_x, y, lower=lower, upper=upper, record_activations=reg_weight > 0
-        )
-        logits, margins_ibp = out.logits, out.margins
 
         if self.method == "mtl-ibp":
             alpha = float(self._schedule_value("current_alpha_", self.alpha))
-            loss = alpha * certified_cross_entropy(margins_ibp, y)
+            loss = alpha * F.cross_entropy(terms.worst_logits, y)
             if alpha < 1.0:
                 from certdistill.attacks import pgd_attack
 
                 x_adv = pgd_attack(
-                    self.module_, x, y, eps_x, steps=int(self.pgd_steps),
-                    step_size=self.pgd_step_size, lower=lower, upper=upper, mode="current",
+                    self.module_, x, y, terms.eps_tensor, steps=int(self.pgd_steps),
+                    step_size=self.pgd_step_size, lower=terms.lower, upper=terms.upper,
+                    mode="current",
                 )
                 loss = loss + (1.0 - alpha) * F.cross_entropy(self.module_(x_adv), y)
         else:
             kappa = float(self._schedule_value("current_kappa_", self.kappa_end))
-            zhat = worst_case_logits(margins_ibp)
+            zhat = terms.worst_logits
             if self.method == "crown-ibp":
                 beta = float(self._schedule_value("current_beta_", self.beta_end))
                 if beta > 0.0:
-                    margins_crown = engine.margin_lower_bounds(
-                        x, eps_x, y, method="crown-ibp", lower=lower, upper=upper
+                    margins_crown = self.bound_engine().margin_lower_bounds(
+                        x, terms.eps_tensor, y, method="crown-ibp", lower=terms.lower,
+                        upper=terms.upper,
                     )
                     zhat = (1.0 - beta) * zhat + beta * worst_case_logits(margins_crown)
             loss = (1.0 - kappa) * F.cross_entropy(zhat, y)
             if kappa > 0.0:
                 loss = loss + kappa * F.cross_entropy(logits, y)
-
-        if reg_weight > 0 and out.activation_bounds:
-            loss = loss + reg_weight * shi_regularizer(
-                out.activation_bounds, out.input_radius, tol=float(self.reg_tol)
-            )
-        return loss, logits
+        return loss + terms.regularizer, logits
