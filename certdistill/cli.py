@@ -40,8 +40,9 @@ def demo(args: argparse.Namespace) -> int:
     clean = teacher.score(X_test, y_test)
     x = teacher.module_input(X_test)
     y = torch.as_tensor(y_test, device=x.device)
+    generator = torch.Generator(device=x.device).manual_seed(args.seed)
     adversarial = pgd_attack(teacher.module_.eval(), x, y, args.eps, steps=20, restarts=2,
-                             lower=0.0, upper=1.0)
+                             lower=0.0, upper=1.0, generator=generator)
     with torch.no_grad():
         pgd = (teacher.module_(adversarial).argmax(1) == y).float().mean().item()
     print(f"clean accuracy {100 * clean:.1f} %, PGD-20 accuracy {100 * pgd:.1f} %\n")
