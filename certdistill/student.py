@@ -13,6 +13,7 @@ from sklearn.frozen import FrozenEstimator
 from torch import Tensor, nn
 
 from certdistill.base import CertifiedNetBase
+from certdistill.certify import eval_mode
 from certdistill.losses import worst_case_logits
 from certdistill.schedules import KappaSchedule
 
@@ -282,24 +283,19 @@ class DistilledStudent(CertifiedNetBase):
         module = teacher.module_
         xt = teacher.module_input(x.detach().reshape(x.shape[0], -1))
         yt = y.to(xt.device)
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                logits = module(xt)
-                worst = None
-                if worst_case:
-                    if float(np.mean(eps)) <= 0.0:
-                        worst = _shifted_worst_case(logits, yt)
-                    else:
-                        margins = teacher.bound_engine().margin_lower_bounds(
-                            xt, self._eps_tensor(eps, xt), yt, method="ibp",
-                            lower=self._domain(self.lower, xt),
-                            upper=self._domain(self.upper, xt),
-                        )
-                        worst = worst_case_logits(margins)
-        finally:
-            module.train(was_training)
+        with eval_mode(module), torch.no_grad():
+            logits = module(xt)
+            worst = None
+            if worst_case:
+                if float(np.mean(eps)) <= 0.0:
+                    worst = _shifted_worst_case(logits, yt)
+                else:
+                    margins = teacher.bound_engine().margin_lower_bounds(
+                        xt, self._eps_tensor(eps, xt), yt, method="ibp",
+                        lower=self._domain(self.lower, xt),
+                        upper=self._domain(self.upper, xt),
+                    )
+                    worst = worst_case_logits(margins)
         return logits.to(x.device), None if worst is None else worst.to(x.device)
 
     # ----------------------------------------------------------------- loss
