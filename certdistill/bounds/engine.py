@@ -356,7 +356,7 @@ class BoundEngine:
         for op in reversed(self.ops[:index]):
             geometry = op.patch_geometry(geometry)
         height, width = state.input_shapes[0][1:]
-        return 4 * geometry.kernel[0] * geometry.kernel[1] <= height * width
+        return geometry.kernel[0] * geometry.kernel[1] <= height * width
 
     def _patch_bounds_of_node(
         self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor

@@ -301,18 +301,17 @@ class ElementwiseAffineOp(BoundOp):
 
     def backward(self, A, input_shape, bounds=None, alpha=None):
         scale, shift = self.affine()
-        ndim = A.dim() - 1  # the shape A would have with a single spec row
-        scale_v = self._channel_view(scale, ndim)
-        shift_v = self._channel_view(shift, ndim)
-        return A * scale_v, _flat_sum(A * shift_v)
+        scale_v = self._channel_view(scale, A.dim() - 1)  # a sample's shape, channels first
+        # Sum over positions first: no full-size product for the bias.
+        per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
+        return A * scale_v, per_channel @ shift
 
     supports_patches = True
 
     def backward_patches(self, coeffs, geometry, bounds=None):
         # Positions outside the map were zeroed by the engine, so the shift sums correctly.
         scale, shift = self.affine()
-        return (coeffs * scale.view(-1, 1, 1), geometry,
-                _window_sum(coeffs * shift.view(-1, 1, 1)))
+        return coeffs * scale.view(-1, 1, 1), geometry, coeffs.sum(dim=(-2, -1)) @ shift
 
 
 class AvgPool2dOp(BoundOp):
@@ -476,9 +475,11 @@ class ReLUOp(BoundOp):
         lower_slope, upper_slope, upper_intercept = self.relaxation(lower, upper, alpha)
         if alpha is None:
             lower_slope = lower_slope.unsqueeze(1)
-        positive, negative = A.clamp(min=0), A.clamp(max=0)
-        A_in = positive * lower_slope + negative * upper_slope.unsqueeze(1)
-        return A_in, _flat_sum(negative * upper_intercept.unsqueeze(1))
+        # Positive coefficients take the lower line, negative ones the upper line.
+        A_in = A * torch.where(A >= 0, lower_slope, upper_slope.unsqueeze(1))
+        negative = A.clamp(max=0).flatten(2)
+        bias = torch.einsum("nsd,nd->ns", negative, upper_intercept.flatten(1))
+        return A_in, bias
 
     supports_patches = True
 
@@ -488,9 +489,8 @@ class ReLUOp(BoundOp):
         lower_slope, upper_slope, upper_intercept = (
             unfold_map(line, geometry).unsqueeze(1) for line in lines
         )
-        positive, negative = coeffs.clamp(min=0), coeffs.clamp(max=0)
-        return (positive * lower_slope + negative * upper_slope, geometry,
-                _window_sum(negative * upper_intercept))
+        widened = coeffs * torch.where(coeffs >= 0, lower_slope, upper_slope)
+        return widened, geometry, _window_sum(coeffs.clamp(max=0) * upper_intercept)
 
 
 def _check_conv(layer: nn.Conv2d) -> None:
