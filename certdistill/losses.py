@@ -8,7 +8,9 @@ statistics). The functions here turn those pieces into losses:
 
 * :func:`certified_cross_entropy`: cross-entropy of the worst-case logits ``zhat_j = -m_j``,
   ``zhat_y = 0`` built from margin lower bounds ``m``;
-* :func:`shi_regularizer`: the bound-tightness and ReLU-balance regularisers of Shi et al. (2021).
+* :func:`shi_regularizer`: the bound-tightness and ReLU-balance regularisers of Shi et al. (2021);
+* :func:`distillation_kl` and :func:`margin_matching`: the distillation terms of
+  :class:`~certdistill.DistilledStudent`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch import Tensor
 
 __all__ = [
     "certified_cross_entropy",
+    "distillation_kl",
+    "margin_matching",
     "shi_regularizer",
     "worst_case_logits",
 ]
@@ -115,3 +119,49 @@ def shi_regularizer(
             loss_relu = loss_relu + term
     count = len(pre_activations)
     return (loss_tight + loss_relu) / count
+
+
+def distillation_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(t / T) || softmax(s / T))``, averaged over the batch.
+
+    The ``T^2`` factor keeps the gradient's scale independent of the temperature (Hinton et al.,
+    2015).
+
+    Parameters
+    ----------
+    teacher_logits, student_logits : Tensor of shape (n, C)
+    temperature : float
+
+    Returns
+    -------
+    Tensor
+        Scalar loss.
+    """
+    return temperature**2 * F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def margin_matching(teacher_worst: Tensor, student_worst: Tensor, temperature: float) -> Tensor:
+    """Huber distance between logit differences ``z_j - z_y``, scaled by ``1 / T``.
+
+    Applied to clean logits shifted by the label's logit, it matches clean margins; applied to
+    worst-case logits (``-m_j``), it matches margin bounds. Averaged over samples and classes.
+
+    Parameters
+    ----------
+    teacher_worst, student_worst : Tensor of shape (n, C)
+        Logit differences (0 in the label's column).
+    temperature : float
+        Scale of the differences (the Huber loss is quadratic below ``T`` and linear above).
+
+    Returns
+    -------
+    Tensor
+        Scalar loss.
+    """
+    return temperature * F.smooth_l1_loss(student_worst / temperature,
+                                          teacher_worst / temperature)

@@ -28,10 +28,12 @@ from skorch.callbacks import Callback
 __all__ = [
     "AlphaSchedule",
     "BetaSchedule",
+    "DistillWeightSchedule",
     "EpsSchedule",
     "KappaSchedule",
     "LinearSchedule",
     "StepLR",
+    "TemperatureSchedule",
 ]
 
 
@@ -280,3 +282,43 @@ class StepLR(Callback):
             for group in optimizer.param_groups:
                 group["lr"] = lr
         net.history.record("lr", lr)
+
+
+class DistillWeightSchedule(LinearSchedule):
+    """Weight ``lam`` of a student's distillation term.
+
+    Parameters
+    ----------
+    start, end : float or None, default=None
+        Values before ``begin`` and after ``stop`` (``None``: ``net.distill_weight`` and
+        ``net.distill_weight_end``, the latter defaulting to the former: a constant).
+    begin, stop : float or None, default=None
+        Fractions of the run where the change starts and ends (``None``: the eps ramp).
+    """
+
+    def __init__(self, start=None, end=None, begin=None, stop=None):
+        super().__init__("current_distill_weight_", "distill_weight", start, end, begin, stop)
+
+    def _default_values(self, net) -> tuple[float, float]:
+        end = net.distill_weight if net.distill_weight_end is None else net.distill_weight_end
+        return net.distill_weight, end
+
+
+class TemperatureSchedule(LinearSchedule):
+    """Distillation temperature ``T`` of a student.
+
+    Parameters
+    ----------
+    start, end : float or None, default=None
+        Values before ``begin`` and after ``stop`` (``None``: ``net.temperature`` and
+        ``net.temperature_end``, the latter defaulting to the former: a constant).
+    begin, stop : float or None, default=None
+        Fractions of the run where the change starts and ends (``None``: the eps ramp).
+    """
+
+    def __init__(self, start=None, end=None, begin=None, stop=None):
+        super().__init__("current_temperature_", "temperature", start, end, begin, stop)
+
+    def _default_values(self, net) -> tuple[float, float]:
+        end = net.temperature if net.temperature_end is None else net.temperature_end
+        return net.temperature, end

@@ -13,52 +13,53 @@ from sklearn.frozen import FrozenEstimator
 from torch import Tensor, nn
 
 from certdistill.base import CertifiedNetBase
-from certdistill.certify import eval_mode
-from certdistill.losses import worst_case_logits
-from certdistill.schedules import KappaSchedule
+from certdistill.losses import distillation_kl, margin_matching
+from certdistill.schedules import DistillWeightSchedule, KappaSchedule, TemperatureSchedule
+from certdistill.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
 
 __all__ = ["DISTILLATION_LOSSES", "DistilledStudent"]
 
 #: Distillation losses of :class:`DistilledStudent`.
-DISTILLATION_LOSSES = ("baseline", "soft-certified")
+DISTILLATION_LOSSES = ("baseline", "soft-certified", "margin", "adversarial", "selective")
 
 
 def _is_fitted(net) -> bool:
     return bool(getattr(net, "initialized_", False)) and hasattr(net, "n_features_in_")
 
 
-def _kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
-    """``KL(softmax(t / T) || softmax(s / T))``, averaged over the batch."""
-    return F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-
-
-def _shifted_worst_case(logits: Tensor, y: Tensor) -> Tensor:
-    """Worst-case logits at radius 0: ``z_j - z_y`` (0 in the reference column)."""
-    return logits - logits.gather(1, y[:, None])
-
-
 class DistilledStudent(CertifiedNetBase):
     """Certifiably robust student trained by IBP and distillation from a certified teacher.
 
     The student is trained as :class:`~certdistill.CertifiedTeacher` with ``method="ibp"`` (same
-    eps warm-up and ramp, kappa schedule, Shi et al. regularisers, learning-rate decay), with a
-    distillation term from the teacher. The teacher's outputs are computed in eval mode without
-    gradients: its clean logits ``t(x)`` and its worst-case logits ``that(x, eps)`` from its IBP
-    margin bounds at the student's current training radius (``that_j = -m_j``, ``that_y = 0``).
-    With the student's clean logits ``s`` and worst-case logits ``shat`` (one interval pass), the
-    certified term is ``L_cert = kappa CE(s, y) + (1 - kappa) CE(shat, y)`` and ``loss`` selects:
+    eps warm-up and ramp, kappa schedule, Shi et al. regularisers, learning-rate decay), with
+    guidance from the teacher. The teacher's outputs are computed in eval mode without gradients
+    and cached per training sample while the radius does not change
+    (:class:`~certdistill.teacher_outputs.TeacherOutputs`): its clean logits ``t(x)`` and its
+    worst-case logits ``that(x, eps)`` at the student's current training radius, minus its margin
+    lower bounds (``that_j = -m_j``, ``that_y = 0``, bound method ``teacher_bounds``) or, for an
+    adversarially trained teacher, its logits at a PGD point. With the student's clean logits
+    ``s`` and worst-case logits ``shat`` (one interval pass), the certified term is
+    ``L_cert = kappa CE(s, y) + (1 - kappa) CE(shat, y)`` and ``loss`` selects:
 
     * ``"baseline"``: ``(1 - lam) L_cert + lam T^2 [KL(softmax(t/T) || softmax(s/T))
       + mu KL(softmax(that/T) || softmax(shat/T))]``;
     * ``"soft-certified"``: ``L_cert`` with the soft target ``(1 - lam) onehot(y) +
-      lam softmax(t/T)`` in place of the label,
+      lam softmax(t/T)`` in place of the label;
+    * ``"margin"``: ``(1 - lam) L_cert + lam [H(s - s_y, t - t_y) + mu H(shat, that)]``, margin
+      matching with the Huber distance ``H`` at scale ``T``
+      (:func:`~certdistill.losses.margin_matching`);
+    * ``"adversarial"``: ``(1 - lam) L_cert + lam T^2 KL(softmax(t(x')/T) || softmax(s(x')/T))``
+      at the student's own PGD point ``x'`` (``pgd_steps`` steps): logit-level adversarial
+      distillation in place of the adversarial term of expressive losses;
+    * ``"selective"``: ``L_cert`` in which a sample the teacher cannot certify at the current
+      radius gets the weight ``1 - lam`` on its certified term and ``lam`` on its clean term:
+      the small student does not spend capacity on points that even the teacher cannot make
+      robust,
 
-    where ``lam = distill_weight``, ``mu = worst_case_weight`` and ``T = temperature``.
+    where ``lam = distill_weight``, ``mu = worst_case_weight`` and ``T = temperature``; ``lam`` and
+    ``T`` can move linearly to ``distill_weight_end`` and ``temperature_end`` over the eps ramp.
+    With ``lam = 0`` every loss is plain IBP training. ``benchmarks/bench_distill.py`` compares
+    them with students trained alone (see the README for the measured table).
 
     Parameters
     ----------
@@ -75,12 +76,24 @@ class DistilledStudent(CertifiedNetBase):
     temperature : float, default=4.0
         Distillation temperature ``T`` (> 0).
     distill_weight : float, default=0.5
-        Weight ``lam`` of the distillation term (``"baseline"``) or of the teacher's distribution
-        in the target (``"soft-certified"``), in [0, 1].
+        Weight ``lam`` of the teacher's guidance (see above), in [0, 1].
     worst_case_weight : float, default=1.0
-        Weight ``mu`` of the worst-case KL term of ``"baseline"`` (>= 0).
-    loss : {"baseline", "soft-certified"}, default="baseline"
+        Weight ``mu`` of the worst-case term of ``"baseline"`` and ``"margin"`` (>= 0).
+    loss : {"baseline", "soft-certified", "margin", "adversarial", "selective"}, \
+default="baseline"
         Distillation loss.
+    teacher_bounds : {"ibp", "crown-ibp", "best", "crown", "pgd"}, default="ibp"
+        How the teacher's worst-case logits are computed: a bound method (``"best"``: the tighter
+        of IBP and CROWN-IBP per margin; ``"crown"`` is exact-er but slow on CNNs), or ``"pgd"``
+        for an adversarially trained teacher (e.g. ``CertifiedTeacher(method="mtl-ibp",
+        alpha=0.0)``), whose bounds are vacuous.
+    distill_weight_end, temperature_end : float or None, default=None
+        Values of ``lam`` and ``T`` at the end of the eps ramp (``None``: constant).
+    pgd_steps : int, default=1
+        Attack steps of the ``"adversarial"`` loss.
+    cache_teacher : bool, default=True
+        Keep the teacher's outputs per training sample (clean logits for the whole fit,
+        worst-case logits while the radius does not change); the cache is dropped after ``fit``.
     eps_train_ratio : float, default=1.5
         Training radius as a multiple of ``eps``.
     warmup : float, default=0.05
@@ -140,6 +153,11 @@ class DistilledStudent(CertifiedNetBase):
         distill_weight: float = 0.5,
         worst_case_weight: float = 1.0,
         loss: str = "baseline",
+        teacher_bounds: str = "ibp",
+        distill_weight_end: float | None = None,
+        temperature_end: float | None = None,
+        pgd_steps: int = 1,
+        cache_teacher: bool = True,
         eps_train_ratio: float = 1.5,
         warmup: float = 0.05,
         ramp: float = 0.5,
@@ -190,6 +208,11 @@ class DistilledStudent(CertifiedNetBase):
         self.distill_weight = distill_weight
         self.worst_case_weight = worst_case_weight
         self.loss = loss
+        self.teacher_bounds = teacher_bounds
+        self.distill_weight_end = distill_weight_end
+        self.temperature_end = temperature_end
+        self.pgd_steps = pgd_steps
+        self.cache_teacher = cache_teacher
         self.kappa_start = kappa_start
         self.kappa_end = kappa_end
         self.reg_lambda = reg_lambda
@@ -200,24 +223,49 @@ class DistilledStudent(CertifiedNetBase):
         super()._check_params()
         if self.loss not in DISTILLATION_LOSSES:
             raise ValueError(f"loss must be one of {DISTILLATION_LOSSES}, got {self.loss!r}")
-        for name in ("kappa_start", "kappa_end", "distill_weight"):
+        if self.teacher_bounds not in TEACHER_BOUNDS:
+            raise ValueError(
+                f"teacher_bounds must be one of {TEACHER_BOUNDS}, got {self.teacher_bounds!r}"
+            )
+        for name in ("kappa_start", "kappa_end", "distill_weight", "distill_weight_end"):
             value = getattr(self, name)
-            if not (0.0 <= float(value) <= 1.0):
+            if value is not None and not (0.0 <= float(value) <= 1.0):
                 raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        if not float(self.temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        for name in ("temperature", "temperature_end"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if int(self.pgd_steps) < 1:
+            raise ValueError(f"pgd_steps must be >= 1, got {self.pgd_steps!r}")
         if float(self.worst_case_weight) < 0:
             raise ValueError(f"worst_case_weight must be >= 0, got {self.worst_case_weight!r}")
         if float(self.reg_lambda) < 0:
             raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda!r}")
 
     def _schedule_callbacks(self) -> list:
-        return [("kappa_schedule", KappaSchedule())]
+        return [
+            ("kappa_schedule", KappaSchedule()),
+            ("distill_weight_schedule", DistillWeightSchedule()),
+            ("temperature_schedule", TemperatureSchedule()),
+        ]
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
-        """Final schedule values, used when a schedule callback is removed."""
+        """Final schedule values (used when a schedule callback is removed); a fresh cache of
+        teacher outputs."""
         self.current_kappa_ = float(self.kappa_end)
+        self.current_distill_weight_ = float(
+            self.distill_weight if self.distill_weight_end is None else self.distill_weight_end
+        )
+        self.current_temperature_ = float(
+            self.temperature if self.temperature_end is None else self.temperature_end
+        )
+        self.teacher_outputs_ = None
         super().on_train_begin(net, X=X, y=y, **kwargs)
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        """Drop the cached teacher outputs (they would bloat a pickled student)."""
+        self.teacher_outputs_ = None
+        super().on_train_end(net, X=X, y=y, **kwargs)
 
     # --------------------------------------------------------------- teacher
     def _validate_fit_data(self, X, y, *, reset: bool, classes=None):
@@ -258,15 +306,27 @@ class DistilledStudent(CertifiedNetBase):
             )
         return teacher
 
+    # ----------------------------------------------------------------- loss
+    def _teacher_outputs(self) -> TeacherOutputs:
+        outputs = getattr(self, "teacher_outputs_", None)
+        if outputs is None or outputs.teacher is not self.teacher_:
+            outputs = TeacherOutputs(
+                self.teacher_, self.teacher_bounds, lower=self.lower, upper=self.upper,
+                cache=bool(self.cache_teacher),
+            )
+            self.teacher_outputs_ = outputs
+        return outputs
+
     def teacher_logits(self, x: Tensor, y: Tensor, eps, *, worst_case: bool = True):
-        """Clean and worst-case logits of ``teacher_``, without gradients.
+        """Clean and worst-case logits of ``teacher_`` (no gradients; cached, see
+        :class:`~certdistill.teacher_outputs.TeacherOutputs`).
 
         Parameters
         ----------
         x : Tensor
-            Student module inputs of the batch (flattened and reshaped to the teacher's input).
+            Student module inputs of the batch.
         y : LongTensor
-            Encoded labels (reference class of the margins).
+            Encoded labels (reference class of the worst case).
         eps : float or ndarray
             Radius of the ball (0 gives ``t - t_y``).
         worst_case : bool, default=True
@@ -277,28 +337,10 @@ class DistilledStudent(CertifiedNetBase):
         logits : Tensor
             Clean teacher logits ``t(x)``, on ``x``'s device.
         worst : Tensor or None
-            Worst-case logits from the teacher's IBP margin bounds (0 in the reference column).
+            Worst-case logits from ``teacher_bounds`` (0 in the label's column).
         """
-        teacher = self.teacher_
-        module = teacher.module_
-        xt = teacher.module_input(x.detach().reshape(x.shape[0], -1))
-        yt = y.to(xt.device)
-        with eval_mode(module), torch.no_grad():
-            logits = module(xt)
-            worst = None
-            if worst_case:
-                if float(np.mean(eps)) <= 0.0:
-                    worst = _shifted_worst_case(logits, yt)
-                else:
-                    margins = teacher.bound_engine().margin_lower_bounds(
-                        xt, self._eps_tensor(eps, xt), yt, method="ibp",
-                        lower=self._domain(self.lower, xt),
-                        upper=self._domain(self.upper, xt),
-                    )
-                    worst = worst_case_logits(margins)
-        return logits.to(x.device), None if worst is None else worst.to(x.device)
+        return self._teacher_outputs()(x, y, eps, worst_case=worst_case)
 
-    # ----------------------------------------------------------------- loss
     def training_loss(self, x: Tensor, y: Tensor, training: bool = True) -> tuple[Tensor, Tensor]:
         """Distillation loss of one batch (see the class docstring).
 
@@ -320,25 +362,61 @@ class DistilledStudent(CertifiedNetBase):
         """
         if self.loss not in DISTILLATION_LOSSES:
             raise ValueError(f"loss must be one of {DISTILLATION_LOSSES}, got {self.loss!r}")
-        lam = float(self.distill_weight)
-        temp = float(self.temperature)
+        lam = float(getattr(self, "current_distill_weight_", self.distill_weight))
+        temp = float(getattr(self, "current_temperature_", self.temperature))
         kappa = float(getattr(self, "current_kappa_", self.kappa_end))
         terms = self.interval_terms(x, y, training)
         logits, worst = terms.logits, terms.worst_logits
+        needs_worst = self.loss in ("baseline", "margin", "selective")
+        t, that = self.teacher_logits(x, y, terms.eps, worst_case=needs_worst and lam > 0)
 
-        baseline = self.loss == "baseline"
-        t, that = self.teacher_logits(x, y, terms.eps, worst_case=baseline and lam > 0)
-        if baseline:
-            target = y
-        else:
+        target, weights = y, None
+        if self.loss == "soft-certified":
             target = (1.0 - lam) * F.one_hot(y, logits.shape[1]).to(logits.dtype)
             target = target + lam * F.softmax(t / temp, dim=1)
+        elif self.loss == "selective" and lam > 0.0:
+            teacher_certified = (that.scatter(1, y[:, None], -1.0) < 0).all(1)
+            weights = 1.0 - lam * (~teacher_certified).to(logits.dtype)
+        loss = _certified_loss(logits, worst, target, kappa, weights)
+        if lam > 0.0 and self.loss in ("baseline", "margin", "adversarial"):
+            loss = (1.0 - lam) * loss + lam * self._distillation_term(x, y, terms, t, that, temp)
+        return loss + terms.regularizer, logits
+
+    def _distillation_term(self, x, y, terms, t, that, temp: float) -> Tensor:
+        mu = float(self.worst_case_weight)
+        logits, worst = terms.logits, terms.worst_logits
+        if self.loss == "baseline":
+            term = distillation_kl(t, logits, temp)
+            if mu > 0.0:
+                term = term + mu * distillation_kl(that, worst, temp)
+            return term
+        if self.loss == "margin":
+            shifted = logits - logits.gather(1, y[:, None])
+            term = margin_matching(t - t.gather(1, y[:, None]), shifted, temp)
+            if mu > 0.0:
+                term = term + mu * margin_matching(that, worst, temp)
+            return term
+        # "adversarial": the teacher's logits at the student's own PGD point
+        if terms.margins is None:
+            return distillation_kl(t, logits, temp)
+        from certdistill.attacks import pgd_attack
+
+        x_adv = pgd_attack(self.module_, x, y, terms.eps_tensor, steps=int(self.pgd_steps),
+                           lower=terms.lower, upper=terms.upper, mode="current")
+        t_adv, _ = self._teacher_outputs()(x_adv, y, 0.0, worst_case=False, cache=False)
+        return distillation_kl(t_adv, self.module_(x_adv), temp)
+
+
+def _certified_loss(logits: Tensor, worst: Tensor, target: Tensor, kappa: float,
+                    weights: Tensor | None) -> Tensor:
+    """``kappa CE(s, target) + (1 - kappa) CE(shat, target)``; with per-sample ``weights`` in
+    [0, 1], a sample's certified term is ``w CE(shat) + (1 - w) CE(s)``."""
+    if weights is None:
         loss = (1.0 - kappa) * F.cross_entropy(worst, target)
         if kappa > 0.0:
             loss = loss + kappa * F.cross_entropy(logits, target)
-        if baseline and lam > 0.0:
-            kd = _kl(t, logits, temp)
-            if float(self.worst_case_weight) > 0.0:
-                kd = kd + float(self.worst_case_weight) * _kl(that, worst, temp)
-            loss = (1.0 - lam) * loss + lam * temp**2 * kd
-        return loss + terms.regularizer, logits
+        return loss
+    clean = F.cross_entropy(logits, target, reduction="none")
+    certified = weights * F.cross_entropy(worst, target, reduction="none")
+    certified = certified + (1.0 - weights) * clean
+    return ((1.0 - kappa) * certified + kappa * clean).mean()

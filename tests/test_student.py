@@ -15,6 +15,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from certdistill import CertifiedTeacher, DistilledStudent
 from certdistill.scoring import CertifiedAccuracy
+from certdistill.student import DISTILLATION_LOSSES
 
 TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
                random_state=0, module__hidden_sizes=(32,))
@@ -44,7 +45,7 @@ def _same(a, b):
     return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("loss", ["baseline", "soft-certified"])
+@pytest.mark.parametrize("loss", DISTILLATION_LOSSES)
 def test_fit_with_fitted_teacher(small, teacher, loss):
     X, y = small
     before = _weights(teacher)
@@ -117,6 +118,67 @@ def test_bad_teacher_and_params(small, teacher):
         DistilledStudent(teacher, loss="nope", **STUDENT).fit(X, y)
     with pytest.raises(ValueError, match="temperature"):
         DistilledStudent(teacher, temperature=0.0, **STUDENT).fit(X, y)
+    bad = [("teacher_bounds", "exact"), ("temperature_end", -1.0), ("distill_weight_end", 1.5),
+           ("distill_weight", -0.1), ("pgd_steps", 0), ("worst_case_weight", -1.0)]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=name):
+            DistilledStudent(teacher, **{name: value}, **STUDENT).fit(X, y)
+
+
+def test_distillation_schedules_are_recorded(small, teacher):
+    X, y = small
+    student = DistilledStudent(teacher, distill_weight=1.0, distill_weight_end=0.0,
+                               temperature=8.0, temperature_end=2.0, warmup=0.0, ramp=0.5,
+                               **{**STUDENT, "max_epochs": 4}).fit(X, y)
+    lam = student.history[:, "distill_weight"]
+    temp = student.history[:, "temperature"]
+    assert lam[0] > lam[-1] == 0.0 and temp[0] > temp[-1] == 2.0
+    assert all(np.diff(lam) <= 0)
+    constant = DistilledStudent(teacher, distill_weight=0.3, **STUDENT).fit(X, y)
+    assert set(constant.history[:, "distill_weight"]) == {0.3}
+
+
+def _count_teacher_bounds(monkeypatch, teacher) -> list:
+    """Record every margin_lower_bounds call (the student's own IBP uses interval_pass)."""
+    engine_type = type(teacher.bound_engine())
+    original = engine_type.margin_lower_bounds
+    calls = []
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("method"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_type, "margin_lower_bounds", counting)
+    return calls
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_teacher_bounds_are_cached_while_eps_is_constant(small, teacher, monkeypatch, cache):
+    X, y = small
+    calls = _count_teacher_bounds(monkeypatch, teacher)
+    # no warm-up and no ramp: every batch has the same eps, 3 batches per epoch, 4 epochs
+    student = DistilledStudent(teacher, warmup=0.0, ramp=0.0, batch_size=100,
+                               cache_teacher=cache, **{**STUDENT, "max_epochs": 4}).fit(X, y)
+    assert len(calls) == (3 if cache else 12)
+    assert student.teacher_outputs_ is None  # dropped after fit: not pickled with the student
+
+
+def test_cached_training_equals_uncached(small, teacher):
+    X, y = small
+    params = dict(warmup=0.0, ramp=0.2, batch_size=100, **{**STUDENT, "max_epochs": 4})
+    cached = DistilledStudent(teacher, **params).fit(X, y)
+    uncached = DistilledStudent(teacher, cache_teacher=False, **params).fit(X, y)
+    np.testing.assert_allclose(cached.predict_proba(X), uncached.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("bounds", ["crown-ibp", "best", "pgd"])
+def test_teacher_bound_choices(small, teacher, monkeypatch, bounds):
+    X, y = small
+    calls = _count_teacher_bounds(monkeypatch, teacher)
+    student = DistilledStudent(teacher, teacher_bounds=bounds, **STUDENT).fit(X, y)
+    expected = {"crown-ibp": {"crown-ibp"}, "best": {"ibp", "crown-ibp"}, "pgd": set()}[bounds]
+    assert set(calls) == expected
+    assert np.isfinite(student.history[:, "train_loss"]).all()
 
 
 def test_params_round_trip(teacher):
@@ -155,7 +217,7 @@ def test_joblib_round_trip(small, teacher, tmp_path):
     np.testing.assert_array_equal(loaded.teacher_.predict_proba(X), teacher.predict_proba(X))
 
 
-@pytest.mark.parametrize("loss", ["baseline", "soft-certified"])
+@pytest.mark.parametrize("loss", DISTILLATION_LOSSES)
 def test_no_distillation_is_ibp_training(small, teacher, loss):
     """With distill_weight=0 the student trains exactly as an IBP CertifiedTeacher."""
     X, y = small
