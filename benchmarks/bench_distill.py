@@ -25,8 +25,10 @@ processes with one torch thread each.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -127,20 +129,27 @@ def _mean_std(values) -> str:
 
 def report(rows: list[dict], name: str, seeds) -> None:
     print(f"\n### {name} (mean ± std over seeds {', '.join(map(str, seeds))})\n")
-    print("| student | clean % | certified % | certified gain vs best alone | fit s |")
+    print("| student | clean % | certified % | certified gain vs best alone (per-seed range) "
+          "| fit s |")
     print("|---|---|---|---|---|")
-    by_config = {c: [r for r in rows if r["data"] == name and r["config"] == c] for c in CONFIGS}
+    by_config = {c: {r["seed"]: r for r in rows if r["data"] == name and r["config"] == c}
+                 for c in CONFIGS}
     by_config = {c: rs for c, rs in by_config.items() if rs}
-    alone = {c: np.mean([r["certified"] for r in rs]) for c, rs in by_config.items()
+    alone = {c: np.mean([r["certified"] for r in rs.values()]) for c, rs in by_config.items()
              if CONFIGS[c][0] == "alone"}
     best_alone = max(alone, key=alone.get) if alone else None
     for config, rs in by_config.items():
-        cert = np.mean([r["certified"] for r in rs])
-        gain = "" if best_alone is None else f"{100 * (cert - alone[best_alone]):+.1f}"
+        gain = ""
+        if best_alone is not None:
+            # paired by seed: both students saw the same split and initialisation seed
+            diffs = 100 * np.array([rs[seed]["certified"] - by_config[best_alone][seed]["certified"]
+                                    for seed in rs if seed in by_config[best_alone]])
+            gain = f"{diffs.mean():+.1f} ({diffs.min():+.1f} to {diffs.max():+.1f})"
         label = f"{config} (best alone)" if config == best_alone else config
-        print(f"| {label} | {_mean_std([r['clean'] for r in rs])} | "
-              f"{_mean_std([r['certified'] for r in rs])} | {gain} | "
-              f"{np.median([r['fit_s'] for r in rs]):.0f} |")
+        values = list(rs.values())
+        print(f"| {label} | {_mean_std([r['clean'] for r in values])} | "
+              f"{_mean_std([r['certified'] for r in values])} | {gain} | "
+              f"{np.median([r['fit_s'] for r in values]):.0f} |")
 
 
 def size_and_speed(teachers: dict, epochs: int, hidden: tuple, repeats: int) -> None:
@@ -178,6 +187,7 @@ def main(argv=None) -> None:
                         help="student hidden layer sizes")
     parser.add_argument("--jobs", type=int, default=2, help="parallel fits (1 thread each)")
     parser.add_argument("--repeats", type=int, default=5, help="certify timing repeats")
+    parser.add_argument("--json", default=None, help="also write every run's row to this file")
     args = parser.parse_args(argv)
     hidden = tuple(args.hidden)
 
@@ -195,6 +205,8 @@ def main(argv=None) -> None:
     rows = pool(delayed(fit_student)(name, seed, config, teachers[name, seed], args.epochs,
                                      hidden)
                 for name in args.data for seed in args.seeds for config in args.configs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     for name in args.data:
         report(rows, name, args.seeds)
     torch.set_num_threads(1)

@@ -457,6 +457,35 @@ class CertifiedNetBase(NeuralNetClassifier):
         self.current_eps_ = self.eps_train
         super().on_train_begin(net, X=X, y=y, **kwargs)
 
+    # --------------------------------------------------------------- device
+    def set_params(self, **kwargs):
+        """Set parameters; changing ``device`` of a fitted estimator also moves its networks.
+
+        skorch stores ``device`` as a plain attribute, which would leave the fitted module on
+        its old device; here the module, the criterion, the optimiser state and, for a student,
+        the teacher follow.
+
+        Returns
+        -------
+        self
+        """
+        super().set_params(**kwargs)
+        if "device" in kwargs and getattr(self, "initialized_", False):
+            self._move_to(self.device)
+        return self
+
+    def _move_to(self, device) -> None:
+        for name in self._modules + self._criteria:
+            component = getattr(self, name + "_", None)
+            if isinstance(component, nn.Module):
+                component.to(device)
+        for name in self._optimizers:
+            optimizer = getattr(self, name + "_", None)
+            for state in getattr(optimizer, "state", {}).values():
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and value.dim() > 0:
+                        state[key] = value.to(device)
+
     # --------------------------------------------------------------- module
     def initialize_module(self):
         """Build the default network from the data when ``module`` is None."""

@@ -187,7 +187,7 @@ def test_params_round_trip(teacher):
     assert params["teacher"] is teacher
     assert params["temperature"] == 2.0 and params["distill_weight"] == 0.3
     cloned = clone(student)
-    assert cloned.temperature == 2.0 and cloned.loss == "baseline"
+    assert cloned.temperature == 2.0 and cloned.loss == "selective"
 
 
 @pytest.mark.parametrize("n_jobs", [1, 2])

@@ -357,3 +357,16 @@ def test_joblib_round_trip_in_fresh_process(fitted, small, tmp_path):
     np.testing.assert_array_equal(out["margins"], cert.margins)
     np.testing.assert_array_equal(out["certified"], cert.certified)
     np.testing.assert_array_equal(out["prediction"], cert.prediction)
+
+
+def test_set_params_device_moves_a_fitted_network():
+    """skorch keeps ``device`` as a plain attribute; a fitted estimator must follow it."""
+    X, y = load_digits(return_X_y=True)
+    net = CertifiedTeacher(method="ibp", max_epochs=1, module__hidden_sizes=(8,),
+                           random_state=0).fit(X[:100] / 16, y[:100])
+    net.set_params(device="meta")  # a device without data: no GPU needed to see the move
+    assert {p.device.type for p in net.module_.parameters()} == {"meta"}
+    states = [v for s in net.optimizer_.state.values() for v in s.values()
+              if isinstance(v, torch.Tensor) and v.dim() > 0]
+    assert states and {v.device.type for v in states} == {"meta"}
+    assert net.device == "meta"

@@ -1,0 +1,246 @@
+"""The command line: demo, train -> distill -> certify -> report, one-line errors, help."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from certdistill.cli import CLIError, _demo, build_parser, main
+
+N_TRAIN, N_TEST = 200, 60
+TINY_MLP = ["--hidden-sizes", "16", "--epochs", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    return X[:N_TRAIN], y[:N_TRAIN], X[N_TRAIN:N_TRAIN + N_TEST], y[N_TRAIN:N_TRAIN + N_TEST]
+
+
+def _write_csv(path, X, labels, label_column="label"):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f"pixel{i}" for i in range(X.shape[1])] + [label_column])
+        writer.writerows([*map(float, row), label] for row, label in zip(X, labels, strict=True))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits):
+    """Train/test data as .npz (images of shape (n, 1, 8, 8) and flat rows) and .csv."""
+    X_train, y_train, X_test, y_test = digits
+    folder = tmp_path_factory.mktemp("data")
+    np.savez(folder / "train.npz", X=X_train.reshape(-1, 1, 8, 8), y=y_train)
+    np.savez(folder / "test.npz", X=X_test, y=y_test)
+    _write_csv(folder / "train.csv", X_train, [f"digit{v}" for v in y_train], "class")
+    _write_csv(folder / "test.csv", X_test, [f"digit{v}" for v in y_test], "class")
+    np.savez(folder / "nan.npz", X=np.where(np.arange(64) == 3, np.nan, X_test), y=y_test)
+    np.savez(folder / "few_features.npz", X=X_test[:, :10], y=y_test)
+    np.savez(folder / "unknown_label.npz", X=X_test, y=y_test + 100)
+    joblib.dump({"not": "a model"}, folder / "dict.joblib")
+    (folder / "garbage.joblib").write_bytes(b"not a pickle")
+    (folder / "data.txt").write_text("1,2,3\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(files):
+    """A teacher trained and a student distilled by the command line (tiny, MLPs)."""
+    teacher, student = files / "teacher.joblib", files / "student.joblib"
+    assert main(["train", str(files / "train.npz"), "--method", "ibp", "--lower", "0",
+                 "--upper", "1", "--input-shape", "1,8,8", "--channels", "4",
+                 "--output", str(teacher), *TINY_MLP]) == 0
+    assert main(["distill", str(files / "train.npz"), "--teacher", str(teacher),
+                 "--output", str(student), *TINY_MLP]) == 0
+    return teacher, student
+
+
+# ------------------------------------------------------------------------------------ demo
+def test_demo_writes_table_plot_and_models(tmp_path, monkeypatch, capsys, digits):
+    X_train, y_train, X_test, y_test = digits
+    monkeypatch.setattr(_demo, "load_demo_data", lambda seed: (X_train, X_test, y_train, y_test))
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--student-epochs", "2", "--eps", "0.05",
+                 "--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4  # header and one row per model
+    assert "crown-ibp" in printed.lower() and str(out / "certified_accuracy.png") in printed
+    assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["model"] for row in table] == list(_demo.MODEL_LABELS.values())
+    assert all(0 <= float(row["certified_accuracy"]) <= float(row["clean_accuracy"])
+               for row in table)
+    assert len(json.loads((out / "results.json").read_text())) == 3
+    for key in _demo.MODEL_LABELS:
+        model = joblib.load(out / f"{key}.joblib")
+        assert model.callbacks is None  # the progress bar is not saved with the model
+        assert model.predict(X_test[:3]).shape == (3,)
+
+
+def test_demo_models_are_built_in_one_place():
+    models = _demo.build_demo_models(0.1, 3, 4, 0, "cpu")
+    assert list(models) == list(_demo.MODEL_LABELS)
+    assert models["student"].teacher is models["teacher"]
+    assert models["student"].max_epochs == models["student_alone"].max_epochs == 4
+
+
+# ------------------------------------------------------------------------- round trips
+def test_train_distill_certify_report_npz(fitted, files, tmp_path, capsys):
+    teacher, student = fitted
+    assert joblib.load(teacher).input_shape == (1, 8, 8)
+    assert joblib.load(student).teacher_.input_shape == (1, 8, 8)
+    assert joblib.load(student).lower == 0.0  # the student inherits the teacher's domain
+
+    results = tmp_path / "certificates.csv"
+    assert main(["certify", str(student), str(files / "test.npz"), "--method", "ibp",
+                 "--radius", "--output", str(results)]) == 0
+    assert "certified accuracy at eps 0.1 by ibp" in capsys.readouterr().out
+    with open(results) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == N_TEST
+    assert list(rows[0]) == ["index", "label", "prediction", "certified", "margin",
+                             "certified_radius"]
+    for row in rows:
+        assert (row["certified"] == "True") == (float(row["margin"]) > 0)
+
+    as_json = tmp_path / "certificates.json"
+    assert main(["certify", str(teacher), str(files / "test.npz"), "--eps", "0.02",
+                 "--output", str(as_json)]) == 0
+    summary = json.loads(as_json.read_text())
+    assert summary["eps"] == 0.02 and summary["method"] == "ibp+crown-ibp"
+    assert len(summary["samples"]) == N_TEST
+
+    capsys.readouterr()
+    for suffix in (".md", ".csv", ".json"):
+        table = tmp_path / f"report{suffix}"
+        assert main(["report", str(teacher), str(student), "--data", str(files / "test.npz"),
+                     "--eps", "0.05", "0.1", "--pgd-steps", "3", "--output", str(table)]) == 0
+        assert table.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert sum(line.startswith("| teacher |") for line in printed.splitlines()) == 2 * 3
+    records = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["model"], r["eps"]) for r in records] == [
+        ("teacher", 0.05), ("teacher", 0.1), ("student", 0.05), ("student", 0.1)]
+    assert all(r["certified_accuracy"] <= r["pgd_accuracy"] <= r["clean_accuracy"]
+               for r in records)
+
+
+def test_train_certify_csv_with_string_labels(files, tmp_path, capsys):
+    model = tmp_path / "model.joblib"
+    assert main(["train", str(files / "train.csv"), "--label-column", "class", "--eps", "0.05",
+                 "--lower", "0", "--upper", "1", "--output", str(model), *TINY_MLP]) == 0
+    results = tmp_path / "results.json"
+    assert main(["certify", str(model), str(files / "test.csv"), "--label-column", "class",
+                 "--output", str(results)]) == 0
+    samples = json.loads(results.read_text())["samples"]
+    assert {s["label"] for s in samples} <= {f"digit{d}" for d in range(10)}
+    assert all(s["prediction"].startswith("digit") for s in samples)
+    assert "clean accuracy" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------- errors
+ERRORS = {
+    "missing file": (["train", "{d}/missing.npz"], "does not exist"),
+    "wrong extension": (["train", "{d}/data.txt"], "unsupported extension '.txt'"),
+    "missing key": (["train", "{d}/train.npz", "--x-key", "images"], "no array 'images'"),
+    "missing column": (["train", "{d}/train.csv"], "no column 'label'"),
+    "nan": (["train", "{d}/nan.npz"], "NaN"),
+    "negative eps": (["train", "{d}/train.npz", "--eps", "-0.1"], "non-negative"),
+    "negative report eps": (["report", "{d}/teacher.joblib", "--data", "{d}/test.npz",
+                             "--eps", "0.1", "-1"], "non-negative"),
+    "bad output": (["train", "{d}/train.npz", "--output", "{d}/model.csv"],
+                   "unsupported extension '.csv'"),
+    "wrong features": (["certify", "{d}/teacher.joblib", "{d}/few_features.npz"],
+                       "10 features per sample"),
+    "unknown label": (["certify", "{d}/teacher.joblib", "{d}/unknown_label.npz"],
+                      "not trained on"),
+    "not a model": (["certify", "{d}/dict.joblib", "{d}/test.npz"], "not a certdistill model"),
+    "garbage joblib": (["report", "{d}/garbage.joblib", "--data", "{d}/test.npz"],
+                       "cannot read model"),
+    "missing teacher": (["distill", "{d}/train.npz", "--teacher", "{d}/none.joblib"],
+                        "does not exist"),
+    "radius with two methods": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--radius",
+                                 "--method", "ibp", "crown"], "one --method"),
+    "unknown method": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--method", "milp"],
+                       "invalid choice"),
+    "bad input shape": (["train", "{d}/test.npz", "--input-shape", "1,7,7", "--epochs", "1"],
+                        "49 features"),
+    "no command": ([], "required"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_one_line_without_traceback(case, files, fitted, capsys):
+    argv, expected = ERRORS[case]
+    status = main([arg.format(d=files) for arg in argv])
+    err = capsys.readouterr().err
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("certdistill: error: ") and expected in lines[0]
+    assert "Traceback" not in err
+
+
+def test_interrupted_fit_saves_nothing(files, tmp_path, monkeypatch, capsys):
+    from certdistill.cli import _progress
+
+    def interrupt(self, net, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_progress.FitProgress, "on_epoch_end", interrupt)
+    model = tmp_path / "model.joblib"
+    assert main(["train", str(files / "train.npz"), "--output", str(model), *TINY_MLP]) == 130
+    assert not model.exists()
+    assert capsys.readouterr().err.strip().endswith("certdistill: interrupted")
+
+
+def _run(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "certdistill", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_subprocess_error_and_help(files):
+    result = _run("certify", str(files / "dict.joblib"), str(files / "test.npz"))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("certdistill: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    result = _run("demo", "--help")
+    assert result.returncode == 0 and "--student-epochs" in result.stdout
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(CLIError, match="not a certdistill model"):
+        main(["certify", str(files / "dict.joblib"), str(files / "test.npz"), "--debug"])
+
+
+# ---------------------------------------------------------------------------------- help
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "distill", "certify", "report"])
+def test_help_explains_every_option(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"usage: certdistill {command}" in capsys.readouterr().out
+    for action in _subparsers()[command]._actions:
+        assert action.help and action.help.strip(), action.dest
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("demo", "train", "distill", "certify", "report"))
