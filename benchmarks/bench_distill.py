@@ -94,12 +94,21 @@ def evaluate(model, X, y, eps, methods=CERTIFY_METHODS) -> tuple[float, float]:
     return clean, certified
 
 
-def fit_student(name: str, seed: int, config: str, teacher, epochs: int, hidden: tuple):
+def student_network(name: str, hidden: tuple, channels: tuple | None) -> dict:
+    """Parameters of the student's network: an MLP, or a CNN on digits when ``channels``."""
+    network = {"module__hidden_sizes": hidden}
+    if channels and name == "digits":
+        network.update(input_shape=(1, 8, 8), module__channels=channels)
+    return network
+
+
+def fit_student(name: str, seed: int, config: str, teacher, epochs: int, hidden: tuple,
+                channels: tuple | None = None):
     _threads()
     X_train, X_test, y_train, y_test, eps = load(name, seed)
     kind, params = CONFIGS[config]
     common = {"eps": eps, "lower": 0.0, "upper": 1.0, "random_state": seed,
-              "max_epochs": epochs, "module__hidden_sizes": hidden}
+              "max_epochs": epochs, **student_network(name, hidden, channels)}
     if kind == "alone":
         model = CertifiedTeacher(**common, **params)
     else:
@@ -152,7 +161,7 @@ def report(rows: list[dict], name: str, seeds) -> None:
               f"{np.median([r['fit_s'] for r in values]):.0f} |")
 
 
-def size_and_speed(teachers: dict, epochs: int, hidden: tuple, repeats: int) -> None:
+def size_and_speed(teachers: dict, hidden: tuple, channels: tuple | None, repeats: int) -> None:
     print("\n### Student size and certify throughput relative to its teacher (first seed, first "
           f"{SPEED_SAMPLES} test samples, {torch.get_num_threads()} torch thread(s), median of "
           f"{repeats})\n")
@@ -164,7 +173,8 @@ def size_and_speed(teachers: dict, epochs: int, hidden: tuple, repeats: int) -> 
             continue
         X_train, X_test, y_train, _, eps = load(name, seed)
         student = DistilledStudent(teacher, eps=eps, lower=0.0, upper=1.0, random_state=seed,
-                                   max_epochs=2, module__hidden_sizes=hidden).fit(X_train, y_train)
+                                   max_epochs=2, **student_network(name, hidden, channels))
+        student.fit(X_train, y_train)
         n_teacher = sum(p.numel() for p in teacher.module_.parameters())
         n_student = sum(p.numel() for p in student.module_.parameters())
         X_speed = X_test[:SPEED_SAMPLES]
@@ -185,11 +195,15 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-epochs", type=int, default=60)
     parser.add_argument("--hidden", type=int, nargs="+", default=[32],
                         help="student hidden layer sizes")
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
+                        help="make the digits student a CNN with these convolution channels "
+                             "(e.g. 4 8 with --hidden 16: about as many parameters as the MLP)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel fits (1 thread each)")
     parser.add_argument("--repeats", type=int, default=5, help="certify timing repeats")
     parser.add_argument("--json", default=None, help="also write every run's row to this file")
     args = parser.parse_args(argv)
     hidden = tuple(args.hidden)
+    channels = tuple(args.channels) if args.channels else None
 
     start = time.perf_counter()
     pool = Parallel(n_jobs=args.jobs)
@@ -203,14 +217,14 @@ def main(argv=None) -> None:
         print(f"  {name} seed {seed}: {100 * clean:.1f} / {100 * certified:.1f}, {seconds:.0f} s",
               flush=True)
     rows = pool(delayed(fit_student)(name, seed, config, teachers[name, seed], args.epochs,
-                                     hidden)
+                                     hidden, channels)
                 for name in args.data for seed in args.seeds for config in args.configs)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     for name in args.data:
         report(rows, name, args.seeds)
     torch.set_num_threads(1)
-    size_and_speed(teachers, args.epochs, hidden, args.repeats)
+    size_and_speed(teachers, hidden, channels, args.repeats)
     print(f"\nTotal {time.perf_counter() - start:.0f} s. Reproduce: python "
           "benchmarks/bench_distill.py " + " ".join(sys.argv[1:] if argv is None else argv))
 

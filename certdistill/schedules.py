@@ -117,6 +117,7 @@ class EpsSchedule(_ProgressCallback):
         self.shape = shape
 
     def resolve(self, net) -> None:
+        """Read the parameters left at None from the net and validate them."""
         if self.shape not in ("smooth", "linear"):
             raise ValueError(f"shape must be 'smooth' or 'linear', got {self.shape!r}")
         self.eps_ = net.eps_train if self.eps is None else self.eps

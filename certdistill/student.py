@@ -19,8 +19,8 @@ from certdistill.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
 
 __all__ = ["DISTILLATION_LOSSES", "DistilledStudent"]
 
-#: Distillation losses of :class:`DistilledStudent`.
 DISTILLATION_LOSSES = ("baseline", "soft-certified", "margin", "adversarial", "selective")
+"""Distillation losses of :class:`DistilledStudent` (its ``loss`` parameter)."""
 
 
 def _is_fitted(net) -> bool:

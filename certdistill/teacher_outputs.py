@@ -21,10 +21,10 @@ from certdistill.losses import worst_case_logits
 
 __all__ = ["TEACHER_BOUNDS", "TeacherOutputs"]
 
-#: Ways of computing the teacher's worst-case logits: a bound method of the engine (a certified
-#: teacher; ``"best"`` is the larger of the IBP and CROWN-IBP margin bounds, both sound) or a PGD
-#: attack on the teacher (an adversarially trained teacher, whose bounds are vacuous).
 TEACHER_BOUNDS = ("ibp", "crown-ibp", "best", "crown", "pgd")
+"""Ways of computing the teacher's worst-case logits: a bound method of the engine (a certified
+teacher; ``"best"`` is the larger of the IBP and CROWN-IBP margin bounds, both sound) or a PGD
+attack on the teacher (an adversarially trained teacher, whose bounds are vacuous)."""
 
 
 def _radius_key(eps) -> object:
