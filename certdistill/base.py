@@ -462,8 +462,8 @@ class CertifiedNetBase(NeuralNetClassifier):
         """Set parameters; changing ``device`` of a fitted estimator also moves its networks.
 
         skorch stores ``device`` as a plain attribute, which would leave the fitted module on
-        its old device; here the module, the criterion, the optimiser state and, for a student,
-        the teacher follow.
+        its old device; here the module, the criterion and the optimiser state follow. A
+        student's teacher stays where it is (its outputs are moved to the student's device).
 
         Returns
         -------

@@ -74,7 +74,7 @@ class DistilledStudent(CertifiedNetBase):
     eps : float, default=0.1
         Radius the student is evaluated and certified at.
     temperature : float, default=4.0
-        Distillation temperature ``T`` (> 0).
+        Distillation temperature ``T`` (> 0), used by every loss but ``"selective"``.
     distill_weight : float, default=1.0
         Weight ``lam`` of the teacher's guidance (see above), in [0, 1]. The benchmark's settings
         of the other losses: ``"baseline"`` 0.5, ``"soft-certified"`` 0.3, ``"margin"`` 0.2,
@@ -88,7 +88,7 @@ default="selective"
         run-to-run spread (see the README).
     teacher_bounds : {"ibp", "crown-ibp", "best", "crown", "pgd"}, default="ibp"
         How the teacher's worst-case logits are computed: a bound method (``"best"``: the tighter
-        of IBP and CROWN-IBP per margin; ``"crown"`` is exact-er but slow on CNNs), or ``"pgd"``
+        of IBP and CROWN-IBP per margin; ``"crown"`` is tighter but slow on CNNs), or ``"pgd"``
         for an adversarially trained teacher (e.g. ``CertifiedTeacher(method="mtl-ibp",
         alpha=0.0)``), whose bounds are vacuous.
     distill_weight_end, temperature_end : float or None, default=None
