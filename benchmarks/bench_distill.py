@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -76,13 +77,18 @@ def _threads() -> None:
     torch.set_num_threads(1)
 
 
-def fit_teacher(name: str, seed: int, epochs: int):
+#: An adversarially trained teacher: MTL-IBP with alpha = 0 is PGD training (no certified term).
+ADVERSARIAL_TEACHER = {"method": "mtl-ibp", "alpha": 0.0, "pgd_steps": 5}
+
+
+def fit_teacher(name: str, seed: int, epochs: int, adversarial: bool = False):
     _threads()
     X_train, _, y_train, _, eps = load(name, seed)
     shape = {"input_shape": (1, 8, 8)} if name == "digits" else {
         "module__hidden_sizes": (256, 256)}
-    teacher = CertifiedTeacher(eps=eps, method="ibp", lower=0.0, upper=1.0, max_epochs=epochs,
-                               random_state=seed, **shape)
+    training = ADVERSARIAL_TEACHER if adversarial else {"method": "ibp"}
+    teacher = CertifiedTeacher(eps=eps, lower=0.0, upper=1.0, max_epochs=epochs,
+                               random_state=seed, **training, **shape)
     start = time.perf_counter()
     teacher.fit(X_train, y_train)
     return (name, seed), teacher, time.perf_counter() - start
@@ -103,7 +109,7 @@ def student_network(name: str, hidden: tuple, channels: tuple | None) -> dict:
 
 
 def fit_student(name: str, seed: int, config: str, teacher, epochs: int, hidden: tuple,
-                channels: tuple | None = None):
+                channels: tuple | None = None, teacher_bounds: str = "ibp"):
     _threads()
     X_train, X_test, y_train, y_test, eps = load(name, seed)
     kind, params = CONFIGS[config]
@@ -112,7 +118,7 @@ def fit_student(name: str, seed: int, config: str, teacher, epochs: int, hidden:
     if kind == "alone":
         model = CertifiedTeacher(**common, **params)
     else:
-        model = DistilledStudent(teacher, **common, **params)
+        model = DistilledStudent(teacher, teacher_bounds=teacher_bounds, **common, **params)
     start = time.perf_counter()
     model.fit(X_train, y_train)
     seconds = time.perf_counter() - start
@@ -198,6 +204,9 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=None,
                         help="make the digits student a CNN with these convolution channels "
                              "(e.g. 4 8 with --hidden 16: about as many parameters as the MLP)")
+    parser.add_argument("--adversarial-teacher", action="store_true",
+                        help="PGD-trained teachers (MTL-IBP with alpha 0, 5 steps); students see "
+                             "their worst case through a PGD attack (teacher_bounds='pgd')")
     parser.add_argument("--jobs", type=int, default=2, help="parallel fits (1 thread each)")
     parser.add_argument("--repeats", type=int, default=5, help="certify timing repeats")
     parser.add_argument("--json", default=None, help="also write every run's row to this file")
@@ -207,7 +216,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     pool = Parallel(n_jobs=args.jobs)
-    fitted = pool(delayed(fit_teacher)(name, seed, args.teacher_epochs)
+    fitted = pool(delayed(fit_teacher)(name, seed, args.teacher_epochs, args.adversarial_teacher)
                   for name in args.data for seed in args.seeds)
     teachers = {key: teacher for key, teacher, _ in fitted}
     print("teachers (clean / certified by IBP or CROWN-IBP %, fit s):")
@@ -217,7 +226,8 @@ def main(argv=None) -> None:
         print(f"  {name} seed {seed}: {100 * clean:.1f} / {100 * certified:.1f}, {seconds:.0f} s",
               flush=True)
     rows = pool(delayed(fit_student)(name, seed, config, teachers[name, seed], args.epochs,
-                                     hidden, channels)
+                                     hidden, channels,
+                                     "pgd" if args.adversarial_teacher else "ibp")
                 for name in args.data for seed in args.seeds for config in args.configs)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -225,8 +235,9 @@ def main(argv=None) -> None:
         report(rows, name, args.seeds)
     torch.set_num_threads(1)
     size_and_speed(teachers, hidden, channels, args.repeats)
-    print(f"\nTotal {time.perf_counter() - start:.0f} s. Reproduce: python "
-          "benchmarks/bench_distill.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = shlex.join(["python", "benchmarks/bench_distill.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    print(f"\nTotal {time.perf_counter() - start:.0f} s. Reproduce: {command}")
 
 
 if __name__ == "__main__":
