@@ -1,4 +1,4 @@
-"""Certification throughput: native engine vs plain forward vs auto_LiRPA, measured side by side.
+"""Certification throughput of the public ``certify()``: native vs plain forward vs auto_LiRPA.
 
 Run::
 
@@ -11,8 +11,11 @@ Networks (randomly initialised, seed 0; inputs uniform in [0, 1], domain [0, 1])
 * CNN: Conv 1->16 4x4/2 pad 1, ReLU, Conv 16->32 4x4/2 pad 1, ReLU, Flatten, Linear 1568->100,
   ReLU, Linear 100->10.
 
-Each cell is the median over repeats of one call bounding ``batch_size`` samples (the first call
-is a warm-up and not timed). auto_LiRPA columns appear when it is importable.
+Each cell is the median over repeats of one public ``certdistill.certify(module, X, eps,
+method=..., lower=0, upper=1)`` call on ``batch_size`` samples, validation and the reference
+prediction included (the first call is a warm-up and not timed); auto_LiRPA runs through the same
+call with ``backend="auto_lirpa"``, so both pay the same validation. auto_LiRPA columns appear
+when it is importable.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from certdistill.bounds import METHODS, BoundEngine
+from certdistill import certify
+from certdistill.bounds import METHODS, Perturbation, engine_for
 
 
 def build_networks() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
@@ -63,21 +67,19 @@ def time_call(fn, device: torch.device, repeats: int, budget_s: float) -> float:
     return statistics.median(times)
 
 
-def unstable_fraction(engine: BoundEngine, x, eps) -> float:
+def unstable_fraction(module: nn.Module, x, eps) -> float:
     """Fraction of ReLU inputs whose IBP interval contains zero (drives CROWN's cost)."""
-    bounds = engine.activation_interval_bounds(x, eps, lower=0.0, upper=1.0)
+    perturbation = Perturbation.create(eps, x.shape[1:], lower=0.0, upper=1.0, device=x.device)
+    with torch.no_grad():
+        bounds = engine_for(module).activation_interval_bounds(x, perturbation)
     unstable = sum(int(((low < 0) & (up > 0)).sum()) for low, up in bounds)
     return unstable / max(1, sum(low.numel() for low, _ in bounds))
 
 
-def bound_call(bounder, x, eps: float, reference, method: str):
-    """A no-argument call bounding the margins of ``x`` with ``bounder`` (engine or adapter)."""
-
-    def call():
-        with torch.no_grad():
-            bounder.margin_lower_bounds(x, eps, reference, method=method, lower=0.0, upper=1.0)
-
-    return call
+def certify_call(module: nn.Module, x, eps: float, method: str, backend: str):
+    """A no-argument call of the public ``certify`` on ``x``."""
+    return partial(certify, module, x, eps, method=method, lower=0.0, upper=1.0,
+                   batch_size=x.shape[0], backend=backend)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    lirpa_factory = None
+    lirpa = False
     if not args.no_lirpa:
         try:
-            from certdistill.bounds.lirpa import LirpaBounds, import_auto_lirpa
+            from certdistill.bounds.lirpa import import_auto_lirpa
 
             import_auto_lirpa()
-            lirpa_factory = LirpaBounds
+            lirpa = True
         except ImportError as error:
             print(f"(auto_LiRPA not importable, its columns are skipped: {error})\n")
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# command: python {' '.join(sys.argv)}\n")
     header = "| network | method | native samples/s | x plain forward |"
     rule = "|---|---|---|---|"
-    if lirpa_factory is not None:
+    if lirpa:
         header += " auto_LiRPA samples/s | native / auto_LiRPA |"
         rule += "---|---|"
     rows = [header, rule]
@@ -121,22 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         module = module.to(device)
         x = torch.rand(args.batch_size, *shape, device=device)
         with torch.no_grad():
-            reference = module(x).argmax(1)
-        engine = BoundEngine(module)
-        lirpa = lirpa_factory(module) if lirpa_factory is not None else None
-        with torch.no_grad():
             forward_s = time_call(partial(module, x), device, args.repeats * 4, args.budget)
         forward_rate = args.batch_size / forward_s
         rows.append(f"| {name} | plain forward | {forward_rate:,.0f} | 1.0 |"
-                    + (" | |" if lirpa is not None else ""))
-        fraction = unstable_fraction(engine, x, args.eps)
+                    + (" | |" if lirpa else ""))
+        fraction = unstable_fraction(module, x, args.eps)
         for method in args.methods:
-            native = bound_call(engine, x, args.eps, reference, method)
+            native = certify_call(module, x, args.eps, method, "native")
             native_rate = args.batch_size / time_call(native, device, args.repeats, args.budget)
             row = (f"| {name} | {method} | {native_rate:,.1f} | "
                    f"{forward_rate / native_rate:,.1f}x slower |")
-            if lirpa is not None:
-                theirs = bound_call(lirpa, x, args.eps, reference, method)
+            if lirpa:
+                theirs = certify_call(module, x, args.eps, method, "auto_lirpa")
                 lirpa_rate = args.batch_size / time_call(theirs, device, args.repeats,
                                                          args.budget)
                 row += f" {lirpa_rate:,.1f} | {native_rate / lirpa_rate:.2f} |"

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from certdistill.bounds.perturbation import Perturbation
+
 __all__ = ["min_margin_attack", "pgd_attack"]
 
 _LOSSES = ("ce", "margin")
@@ -49,28 +51,22 @@ def _prepare_input(module: nn.Module, x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
 
 
-def _feasible_box(x: torch.Tensor, eps, lower, upper) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the elementwise bounds of ``ball(x, eps)`` intersected with ``[lower, upper]``."""
-    eps_t = _as_tensor(eps, like=x)
-    if not bool(torch.isfinite(eps_t).all()) or bool((eps_t < 0).any()):
-        raise ValueError("eps must be finite and non-negative.")
-    try:
-        eps_t = torch.broadcast_to(eps_t, x.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"eps of shape {tuple(eps_t.shape)} is not broadcastable to x of shape "
-            f"{tuple(x.shape)}."
-        ) from err
-    lo = x - eps_t
-    hi = x + eps_t
-    if lower is not None:
-        lo = torch.maximum(lo, _as_tensor(lower, like=x).expand_as(x))
-    if upper is not None:
-        hi = torch.minimum(hi, _as_tensor(upper, like=x).expand_as(x))
+def _perturbation(x: torch.Tensor, eps, lower, upper) -> Perturbation:
+    """The perturbation of an attack: given, or validated from eps and the domain."""
+    if isinstance(eps, Perturbation):
+        if lower is not None or upper is not None:
+            raise ValueError("give the domain inside the Perturbation, not as lower/upper.")
+        return eps.to(device=x.device, dtype=x.dtype)
+    return Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
+                               device=x.device)
+
+
+def _feasible_box(x: torch.Tensor, perturbation: Perturbation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the elementwise bounds of the perturbation set around ``x``."""
+    lo, hi = perturbation.bounds(x)
     if bool((lo > hi).any()):
         raise ValueError(
-            "The ball around x does not meet the domain [lower, upper]; "
-            "is x outside the domain or lower > upper?"
+            "The ball around x does not meet the domain [lower, upper]; is x outside the domain?"
         )
     return lo, hi
 
@@ -141,9 +137,10 @@ def pgd_attack(
         Clean inputs, shape ``(n, *input_shape)``.
     y : torch.Tensor or numpy.ndarray
         Integer labels, shape ``(n,)``.
-    eps : float, numpy.ndarray or torch.Tensor
-        Radius of the ball, non-negative; a tensor must broadcast to ``x``
-        (e.g. one radius per feature).
+    eps : float, numpy.ndarray, torch.Tensor or Perturbation
+        Radius of the ball, non-negative, broadcastable to one sample (e.g. one radius per
+        feature); or a whole :class:`~certdistill.bounds.Perturbation` (then ``lower`` and
+        ``upper`` must be None).
     steps : int, default=10
         Number of signed-gradient steps per restart.
     step_size : float or torch.Tensor, optional
@@ -183,9 +180,10 @@ def pgd_attack(
     y = y.to(device=x.device, dtype=torch.long).reshape(-1)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y has {y.shape[0]} labels for {x.shape[0]} inputs.")
-    lo, hi = _feasible_box(x, eps, lower, upper)
+    perturbation = _perturbation(x, eps, lower, upper)
+    lo, hi = _feasible_box(x, perturbation)
     if step_size is None:
-        step = 2.5 * _as_tensor(eps, like=x) / max(steps, 1)
+        step = 2.5 * perturbation.eps / max(steps, 1)
     else:
         step = _as_tensor(step_size, like=x)
 
@@ -243,8 +241,8 @@ def min_margin_attack(
         Clean inputs, shape ``(n, *input_shape)``.
     reference : torch.Tensor or numpy.ndarray
         Reference class per sample, shape ``(n,)``.
-    eps : float, numpy.ndarray or torch.Tensor
-        Radius of the L-infinity ball, broadcastable to one sample (or to ``x``).
+    eps : float, numpy.ndarray, torch.Tensor or Perturbation
+        Radius of the L-infinity ball, broadcastable to one sample, or a whole perturbation.
     steps : int, default=50
         Signed-gradient steps per restart.
     restarts : int, default=5
@@ -271,8 +269,9 @@ def min_margin_attack(
     )
     if ref.shape[0] != n:
         raise ValueError(f"reference has {ref.shape[0]} entries for {n} inputs.")
-    lo, hi = _feasible_box(x, eps, lower, upper)
-    step = 2.5 * _as_tensor(eps, like=x) / max(steps, 1)
+    perturbation = _perturbation(x, eps, lower, upper)
+    lo, hi = _feasible_box(x, perturbation)
+    step = 2.5 * perturbation.eps / max(steps, 1)
 
     with _attack_mode(module, "eval"):
         with torch.no_grad():

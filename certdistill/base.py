@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -40,11 +41,77 @@ from skorch.utils import to_tensor
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from certdistill.bounds import Perturbation, check_method, engine_for
+from certdistill.certify import DEFAULT_METHOD, Certificate, _Problem
 from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
 from certdistill.schedules import EpsSchedule, StepLR
 
-__all__ = ["CertifiedNetBase"]
+__all__ = ["CertifiedNetBase", "Choice", "Range"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric hyperparameter's allowed values, for a class's ``_parameter_ranges`` table.
+
+    Attributes
+    ----------
+    low, high : float or None
+        Bounds (``None``: unbounded on that side).
+    low_open, high_open : bool
+        Exclude the bound itself.
+    integer : bool
+        Only integers.
+    optional : bool
+        ``None`` is allowed too.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def check(self, name: str, value) -> None:
+        """Raise ``ValueError`` naming ``name`` when ``value`` is not allowed."""
+        if value is None and self.optional:
+            return
+        kind = numbers.Integral if self.integer else numbers.Real
+        ok = isinstance(value, kind) and not isinstance(value, bool) and np.isfinite(value)
+        if ok and self.low is not None:
+            ok = value > self.low if self.low_open else value >= self.low
+        if ok and self.high is not None:
+            ok = value < self.high if self.high_open else value <= self.high
+        if not ok:
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}.")
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        text = kind + (" " + " and ".join(parts) if parts else "")
+        return text + (" or None" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A hyperparameter taking one of a fixed set of values."""
+
+    options: tuple
+
+    def check(self, name: str, value) -> None:
+        """Raise ``ValueError`` naming ``name`` when ``value`` is not one of the options."""
+        if not any(value == option for option in self.options):
+            raise ValueError(f"{name} must be one of {self.options}, got {value!r}.")
+
+
+UNIT = Range(0.0, 1.0)
+NON_NEGATIVE = Range(0.0)
+POSITIVE = Range(0.0, low_open=True)
 
 
 def _encoded_accuracy(net, X, y) -> float:
@@ -103,22 +170,21 @@ class IntervalTerms:
         the clean logits shifted so that the label's is 0.
     margins : Tensor or None
         IBP margin lower bounds (``None`` at eps 0).
-    eps : float or ndarray
-        Scheduled training eps of the batch.
-    eps_tensor, lower, upper : Tensor or None
-        The same eps and the input domain as tensors on the batch's device.
+    perturbation : Perturbation
+        The scheduled training perturbation of the batch.
     regularizer : Tensor
         Warm-up regulariser of Shi et al. (2021), already weighted (0 when it does not apply).
+    interval_pass : IntervalPass or None
+        The engine's sweep (``None`` at eps 0); with ``keep_state`` it can be bounded again by
+        CROWN-IBP without a second sweep.
     """
 
     logits: Tensor
     worst_logits: Tensor
     margins: Tensor | None
-    eps: object
-    eps_tensor: Tensor
-    lower: Tensor | None
-    upper: Tensor | None
+    perturbation: Perturbation
     regularizer: Tensor
+    interval_pass: object = None
 
 
 class CertifiedNetBase(NeuralNetClassifier):
@@ -133,15 +199,23 @@ class CertifiedNetBase(NeuralNetClassifier):
         initialisation; ``module__*`` parameters are passed to the builder (e.g.
         ``module__hidden_sizes=(256,)``). A custom module must be an ``nn.Sequential`` of supported
         layers to be trained with certified losses and certified.
-    eps : float, default=0.1
-        L-infinity radius the estimator is evaluated (certified) at.
-    eps_train_ratio : float, default=1.0
-        Training radius as a multiple of ``eps`` (training slightly above the evaluation radius
-        often certifies more at ``eps``).
-    warmup : float, default=0.0
-        Fraction of ``max_epochs`` trained without perturbation before the eps ramp.
+    eps : float or array-like, default=0.1
+        L-infinity radius the estimator is evaluated (certified) at: a scalar or one value per
+        feature. Validated once in ``fit`` (see :class:`~certdistill.bounds.Perturbation`).
+    eps_train_ratio : float, default=1.5
+        Training radius as a multiple of ``eps`` (on digits at eps = 0.1, 1.3 to 1.5 certified
+        about two points more than 1.0).
+    warmup : float, default=0.05
+        Fraction of ``max_epochs`` of clean training before the eps ramp.
     ramp : float, default=0.5
         Fraction of ``max_epochs`` over which the training eps grows to ``eps * eps_train_ratio``.
+    kappa_start, kappa_end : float, default=(1.0, 0.0)
+        Weight of the clean cross-entropy in the certified loss, interpolated over the ramp.
+    reg_lambda : float, default=0.5
+        Weight of the Shi et al. (2021) warm-up regularisers (0 disables them), applied as
+        ``reg_lambda * (1 - eps_t / eps_train)`` while eps ramps.
+    reg_tol : float, default=0.5
+        Tolerance of the Shi et al. regularisers.
     input_shape : tuple of int or None, default=None
         Shape of one sample as the module expects it, e.g. ``(1, 8, 8)``; rows of ``X`` (flat,
         ``prod(input_shape)`` features) are reshaped to it. ``None`` feeds rows as they are.
@@ -158,7 +232,8 @@ class CertifiedNetBase(NeuralNetClassifier):
     grad_clip : float or None, default=10.0
         Maximum gradient norm (``None`` disables clipping).
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose
-        As in skorch; ``train_split=None`` trains on all the data (no internal validation).
+        As in skorch (defaults: cross-entropy, Adam, 5e-3, 60 epochs, batch 128, no internal
+        validation split, silent).
     **kwargs
         Further skorch parameters (``device``, ``callbacks``, ``module__*``, ``optimizer__*``,
         ``callbacks__*``, ...).
@@ -173,16 +248,35 @@ class CertifiedNetBase(NeuralNetClassifier):
         The trained network.
     history_ : skorch.History
         Training history, including the schedule values (``eps``, ``lr`` ...).
+    perturbation_ : Perturbation
+        The validated perturbation at ``eps`` (with ``lower``/``upper``), for one sample.
     """
+
+    #: Allowed values of hyperparameters, checked once in ``fit``; subclasses add their own.
+    _parameter_ranges: ClassVar[dict] = {
+        "eps_train_ratio": NON_NEGATIVE,
+        "warmup": NON_NEGATIVE,
+        "ramp": NON_NEGATIVE,
+        "kappa_start": UNIT,
+        "kappa_end": UNIT,
+        "reg_lambda": NON_NEGATIVE,
+        "reg_tol": POSITIVE,
+        "lr_gamma": POSITIVE,
+        "grad_clip": Range(0.0, low_open=True, optional=True),
+    }
 
     def __init__(
         self,
         module=None,
         *,
         eps: float = 0.1,
-        eps_train_ratio: float = 1.0,
-        warmup: float = 0.0,
+        eps_train_ratio: float = 1.5,
+        warmup: float = 0.05,
         ramp: float = 0.5,
+        kappa_start: float = 1.0,
+        kappa_end: float = 0.0,
+        reg_lambda: float = 0.5,
+        reg_tol: float = 0.5,
         input_shape: Sequence[int] | None = None,
         lower=None,
         upper=None,
@@ -192,8 +286,8 @@ class CertifiedNetBase(NeuralNetClassifier):
         grad_clip: float | None = 10.0,
         criterion=nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam,
-        lr: float = 1e-3,
-        max_epochs: int = 30,
+        lr: float = 5e-3,
+        max_epochs: int = 60,
         batch_size: int = 128,
         train_split=None,
         verbose: int = 0,
@@ -214,6 +308,10 @@ class CertifiedNetBase(NeuralNetClassifier):
         self.eps_train_ratio = eps_train_ratio
         self.warmup = warmup
         self.ramp = ramp
+        self.kappa_start = kappa_start
+        self.kappa_end = kappa_end
+        self.reg_lambda = reg_lambda
+        self.reg_tol = reg_tol
         self.input_shape = input_shape
         self.lower = lower
         self.upper = upper
@@ -251,30 +349,35 @@ class CertifiedNetBase(NeuralNetClassifier):
         return []
 
     @property
-    def eps_train(self) -> float:
+    def eps_train(self) -> float | np.ndarray:
         """Largest training radius, ``eps * eps_train_ratio`` (float or per-feature array)."""
-        return self._eps_value(self.eps) * float(self.eps_train_ratio)
+        return self.perturbation_.scaled(self.eps_train_ratio).eps_value
 
-    @staticmethod
-    def _eps_value(eps):
-        if isinstance(eps, numbers.Real):
-            return float(eps)
-        return np.asarray(eps, dtype=np.float32)
+    def training_perturbation(self) -> Perturbation:
+        """The perturbation at the largest training radius, on ``device``."""
+        return self.perturbation_.scaled(self.eps_train_ratio).to(device=self.device)
 
     # ------------------------------------------------------------ validation
+    @classmethod
+    def _all_parameter_ranges(cls) -> dict:
+        ranges = {}
+        for klass in reversed(cls.__mro__):
+            ranges.update(vars(klass).get("_parameter_ranges", {}))
+        return ranges
+
     def _check_params(self) -> None:
-        eps = np.asarray(self.eps, dtype=np.float64)
-        if not np.all(np.isfinite(eps)) or np.any(eps < 0):
-            raise ValueError(f"eps must be finite and non-negative, got {self.eps!r}")
-        ratio = self.eps_train_ratio
-        if not isinstance(ratio, numbers.Real) or not np.isfinite(ratio) or ratio < 0:
-            raise ValueError(f"eps_train_ratio must be a non-negative number, got {ratio!r}")
+        """Check every hyperparameter of the class's range tables (once, in ``fit``)."""
+        for name, allowed in self._all_parameter_ranges().items():
+            allowed.check(name, getattr(self, name))
         if self.input_shape is not None:
             shape = tuple(self.input_shape)
             if not shape or any(not isinstance(s, numbers.Integral) or s < 1 for s in shape):
                 raise ValueError(
                     f"input_shape must be a tuple of positive ints, got {self.input_shape!r}"
                 )
+
+    def _sample_shape(self, n_features: int) -> tuple[int, ...]:
+        return tuple(self.input_shape) if self.input_shape is not None else (int(n_features),)
 
     def _flatten_nd(self, X):
         """Accept ``(n, *input_shape)`` arrays by flattening them to rows."""
@@ -303,6 +406,8 @@ class CertifiedNetBase(NeuralNetClassifier):
         X, y = validate_data(self, X, y, reset=reset, dtype=np.float32)
         self._check_n_features(X.shape[1])
         check_classification_targets(y)
+        self.perturbation_ = Perturbation.create(self.eps, self._sample_shape(X.shape[1]),
+                                                 lower=self.lower, upper=self.upper)
         self._check_domain(X)
         if reset:
             if classes is not None:
@@ -315,23 +420,14 @@ class CertifiedNetBase(NeuralNetClassifier):
         return X, self._encode_labels(y)
 
     def _check_domain(self, X: np.ndarray) -> None:
-        for name, bound, bad in (("lower", self.lower, np.less), ("upper", self.upper, np.greater)):
-            if bound is None:
-                continue
-            try:
-                values = np.broadcast_to(np.asarray(bound, dtype=np.float32).reshape(-1)
-                                         if np.ndim(bound) else np.float32(bound), X.shape[1:])
-            except ValueError:
-                raise ValueError(
-                    f"{name} must be a number or have one value per feature "
-                    f"({X.shape[1]}), got shape {np.shape(bound)}"
-                ) from None
-            if np.any(bad(X, values)):
-                raise ValueError(
-                    f"X has values {'below' if name == 'lower' else 'above'} {name}={bound!r}: "
-                    "inputs must lie in the input domain [lower, upper] (clip or rescale them, "
-                    "e.g. MinMaxScaler(clip=True))."
-                )
+        x = torch.from_numpy(np.ascontiguousarray(X)).reshape(X.shape[0],
+                                                                *self.perturbation_.sample_shape)
+        problem = self.perturbation_.outside_domain(x)
+        if problem is not None:
+            raise ValueError(
+                f"{problem} (lower={self.lower!r}, upper={self.upper!r}; clip or rescale the "
+                "inputs, e.g. MinMaxScaler(clip=True))."
+            )
 
     def _encode_labels(self, y) -> np.ndarray:
         classes = np.asarray(self.classes_)
@@ -454,7 +550,8 @@ class CertifiedNetBase(NeuralNetClassifier):
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         """Set the schedule attributes to their final values (callbacks override them)."""
-        self.current_eps_ = self.eps_train
+        self.current_perturbation_ = self.training_perturbation()
+        self.current_eps_ = self.current_perturbation_.eps_value
         super().on_train_begin(net, X=X, y=y, **kwargs)
 
     # --------------------------------------------------------------- device
@@ -523,7 +620,9 @@ class CertifiedNetBase(NeuralNetClassifier):
             return make_cnn(tuple(self.input_shape), n_classes, **kwargs)
         return make_mlp(n_features, n_classes, **kwargs)
 
-    def interval_terms(self, x: Tensor, y: Tensor, training: bool = True) -> IntervalTerms:
+    def interval_terms(
+        self, x: Tensor, y: Tensor, training: bool = True, *, keep_state: bool = False
+    ) -> IntervalTerms:
         """The IBP pieces of a certified training loss for one batch, at the scheduled eps.
 
         Parameters
@@ -534,48 +633,48 @@ class CertifiedNetBase(NeuralNetClassifier):
             Encoded labels.
         training : bool, default=True
             Training step (the warm-up regulariser applies) or validation step.
+        keep_state : bool, default=False
+            Keep the sweep's state so that CROWN-IBP can bound the same network again
+            (:meth:`~certdistill.bounds.BoundEngine.crown_ibp_margins`).
 
         Returns
         -------
         IntervalTerms
         """
-        eps_max = self.eps_train
-        eps_t = getattr(self, "current_eps_", eps_max)
-        eps_level = float(np.mean(eps_t))
-        lower, upper = self._domain(self.lower, x), self._domain(self.upper, x)
-        eps_x = self._eps_tensor(eps_t, x)
+        perturbation = getattr(self, "current_perturbation_", None)
+        if perturbation is None:
+            perturbation = self.training_perturbation()
+        eps_level = perturbation.level
         if eps_level <= 0.0:
             logits = self.module_(x)
-            return IntervalTerms(logits, logits - logits.gather(1, y[:, None]), None, eps_t,
-                                 eps_x, lower, upper, logits.new_zeros(()))
-        eps_max_level = float(np.mean(eps_max))
-        reg_lambda = float(getattr(self, "reg_lambda", 0.0))
+            return IntervalTerms(logits, logits - logits.gather(1, y[:, None]), None,
+                                 perturbation, logits.new_zeros(()))
+        eps_max_level = float(np.mean(self.eps_train))
+        reg_lambda = float(self.reg_lambda)
         reg_weight = 0.0
         if training and reg_lambda > 0 and eps_level < eps_max_level:
             reg_weight = reg_lambda * (1.0 - eps_level / eps_max_level)
         out = self.bound_engine().interval_pass(
-            x, eps_x, y, lower=lower, upper=upper, record_activations=reg_weight > 0
+            x, perturbation, y, record_activations=reg_weight > 0, keep_state=keep_state
         )
         regularizer = out.logits.new_zeros(())
         if reg_weight > 0 and out.activation_bounds:
             regularizer = reg_weight * shi_regularizer(
-                out.activation_bounds, out.input_radius, tol=float(getattr(self, "reg_tol", 0.5))
+                out.activation_bounds, out.input_radius, tol=float(self.reg_tol)
             )
-        return IntervalTerms(out.logits, worst_case_logits(out.margins), out.margins, eps_t,
-                             eps_x, lower, upper, regularizer)
+        return IntervalTerms(out.logits, worst_case_logits(out.margins), out.margins,
+                             perturbation, regularizer, out)
 
     def bound_engine(self):
-        """The bound engine over ``module_`` (cheap to build; rebuilt at every call so that it
-        always follows the current module).
+        """The bound engine over ``module_`` (built once per module, see
+        :func:`~certdistill.bounds.engine_for`).
 
         Raises
         ------
         UnsupportedLayerError
             If ``module_`` is not an ``nn.Sequential`` of layers the engine supports.
         """
-        from certdistill.bounds import BoundEngine
-
-        return BoundEngine(self.module_)
+        return engine_for(self.module_)
 
     # ---------------------------------------------------------------- input
     def _reshape(self, x: Tensor) -> Tensor:
@@ -599,35 +698,6 @@ class CertifiedNetBase(NeuralNetClassifier):
         if x.dtype != torch.float32 and x.is_floating_point():
             x = x.float()
         return self._reshape(x)
-
-    def _domain(self, bound, x: Tensor):
-        """``lower``/``upper`` as a scalar or a tensor shaped like one module input."""
-        if bound is None:
-            return None
-        if isinstance(bound, numbers.Real):
-            return float(bound)
-        t = torch.as_tensor(np.asarray(bound, dtype=np.float32), device=x.device)
-        if t.dim() == 0:
-            return float(t)
-        return t.reshape(x.shape[1:]) if t.numel() == x[0].numel() else t
-
-    def _domain_np(self, bound):
-        if bound is None or isinstance(bound, numbers.Real):
-            return bound
-        arr = np.asarray(bound, dtype=np.float32)
-        if arr.ndim == 0:
-            return float(arr)
-        if self.input_shape is not None and arr.size == int(np.prod(tuple(self.input_shape))):
-            return arr.reshape(tuple(self.input_shape))
-        return arr
-
-    def _eps_tensor(self, eps, x: Tensor):
-        if isinstance(eps, numbers.Real):
-            return float(eps)
-        t = torch.as_tensor(np.asarray(eps, dtype=np.float32), device=x.device)
-        if t.dim() == 0:
-            return float(t)
-        return t.reshape(x.shape[1:]) if t.numel() == x[0].numel() else t
 
     def infer(self, x, **fit_params):
         """Forward pass of one batch, reshaping flat rows to ``input_shape``."""
@@ -713,13 +783,17 @@ class CertifiedNetBase(NeuralNetClassifier):
         return np.asarray(self.classes_)[proba.argmax(axis=1)]
 
     # -------------------------------------------------------- certification
-    def _certify_inputs(self, X, y):
+    def _certification_problem(self, X, y, eps, batch_size: int = 256) -> _Problem:
         X = self._validate_predict_data(X)
-        x = X.reshape(X.shape[0], *tuple(self.input_shape)) if self.input_shape else X
-        y_enc = None if y is None else self._encode_labels(np.asarray(y).reshape(-1))
-        return x, y_enc
+        x = self.module_input(X)
+        labels = None if y is None else self._encode_labels(np.asarray(y).reshape(-1))
+        perturbation = self.perturbation_ if eps is None else self.perturbation_.with_eps(eps)
+        return _Problem.create(self.module_, x, perturbation, y=labels, batch_size=batch_size)
 
-    def certify(self, X, eps=None, method="crown", *, y=None, batch_size: int = 256):
+    def certify(
+        self, X, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *, y=None,
+        batch_size: int = 256,
+    ) -> Certificate:
         """Certify each sample's prediction (or label) in the L-infinity ball of radius eps.
 
         Parameters
@@ -728,10 +802,10 @@ class CertifiedNetBase(NeuralNetClassifier):
             Inputs.
         eps : float, array-like or None, default=None
             Radius; ``None`` uses the estimator's ``eps``.
-        method : str or sequence of str, default="crown"
-            Bound method (``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``). A sequence
-            of methods keeps, per sample and margin, the largest of their (all sound) lower
-            bounds; the certificate's ``method`` then joins their names with ``"+"``.
+        method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
+            Bound method (``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``), or a
+            cascade of them: each runs only on the samples the previous ones left open, and per
+            margin the largest of the (all sound) bounds is kept.
         y : array-like of shape (n_samples,) or None, default=None
             Labels (of the type seen in ``fit``): the certificate then says the sample is
             robustly classified *correctly*.
@@ -744,34 +818,12 @@ class CertifiedNetBase(NeuralNetClassifier):
             ``prediction`` holds class indices into ``classes_`` (``classes_[prediction]`` are the
             labels); ``margins`` columns follow ``classes_``.
         """
-        from certdistill.certify import Certificate, certify
-
-        x, y_enc = self._certify_inputs(X, y)
-        eps = self.eps if eps is None else eps
-        eps = self._domain_np(eps)
-        methods = [method] if isinstance(method, str) else list(method)
-        if not methods:
-            raise ValueError("method must name at least one bound method")
-        certs = [
-            certify(
-                self.module_, x, eps, method=m, y=y_enc, lower=self._domain_np(self.lower),
-                upper=self._domain_np(self.upper), batch_size=batch_size,
-            )
-            for m in methods
-        ]
-        if len(certs) == 1:
-            return certs[0]
-        margins = np.maximum.reduce([c.margins for c in certs])
-        return Certificate(
-            prediction=certs[0].prediction,
-            margins=margins,
-            certified=np.all(margins > 0, axis=1),
-            eps=certs[0].eps,
-            method="+".join(methods),
-        )
+        methods = check_method(method)
+        return self._certification_problem(X, y, eps, batch_size).certify(methods)
 
     def certified_radius(
-        self, X, *, y=None, method: str = "crown", max_eps: float = 1.0, tol: float = 1e-3
+        self, X, *, y=None, method: str | Sequence[str] = DEFAULT_METHOD, max_eps: float = 1.0,
+        tol: float = 1e-3,
     ) -> np.ndarray:
         """Largest certified L-infinity radius of each sample (bisection on eps).
 
@@ -780,8 +832,8 @@ class CertifiedNetBase(NeuralNetClassifier):
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or None, default=None
             Labels; with them the radius is 0 for misclassified samples.
-        method : str, default="crown"
-            Bound method.
+        method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
+            Bound method(s), as in :meth:`certify`.
         max_eps : float, default=1.0
             Upper end of the search.
         tol : float, default=1e-3
@@ -791,15 +843,17 @@ class CertifiedNetBase(NeuralNetClassifier):
         -------
         ndarray of shape (n_samples,)
         """
-        from certdistill.certify import certified_radius
+        if not (np.isfinite(max_eps) and max_eps > 0):
+            raise ValueError(f"max_eps must be a positive finite number, got {max_eps!r}.")
+        if not (np.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
+        methods = check_method(method)
+        problem = self._certification_problem(X, y, 0.0)
+        return problem.radius(methods, max_eps=float(max_eps), tol=float(tol))
 
-        x, y_enc = self._certify_inputs(X, y)
-        return certified_radius(
-            self.module_, x, method=method, y=y_enc, lower=self._domain_np(self.lower),
-            upper=self._domain_np(self.upper), max_eps=max_eps, tol=tol,
-        )
-
-    def certified_accuracy(self, X, y, eps=None, method="crown") -> float:
+    def certified_accuracy(
+        self, X, y, eps=None, method: str | Sequence[str] = DEFAULT_METHOD
+    ) -> float:
         """Fraction of samples certified robustly correct at radius ``eps``.
 
         Parameters
@@ -809,7 +863,7 @@ class CertifiedNetBase(NeuralNetClassifier):
             True labels.
         eps : float or None, default=None
             Radius; ``None`` uses the estimator's ``eps``.
-        method : str or sequence of str, default="crown"
+        method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
             Bound method(s), as in :meth:`certify`.
 
         Returns

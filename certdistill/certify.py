@@ -1,9 +1,17 @@
-"""Certification of trained networks: per-sample certificates and certified radii."""
+"""Certification of trained networks: per-sample certificates and certified radii.
+
+A certification is a cascade of bound methods, cheapest first: every sample is bounded by the
+first method, and each later method runs only on the samples still open (not yet certified, and
+not already refuted by a wrong clean prediction). Per margin, the largest of the (all sound)
+lower bounds computed for a sample is kept. The clean logits, hence the reference class when no
+label is given, come from the first method's own forward sweep.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -11,9 +19,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from certdistill.bounds import METHODS, BoundEngine
+from certdistill.bounds import Perturbation, check_method, engine_for
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_METHOD",
+    "STATUSES",
+    "Certificate",
+    "certified_radius",
+    "certify",
+    "eval_mode",
+]
 
 BACKENDS = ("native", "auto_lirpa")
+
+#: The default cascade: IBP on every sample, CROWN-IBP and CROWN on the samples still open.
+DEFAULT_METHOD: tuple[str, ...] = ("ibp", "crown-ibp", "crown")
+
+#: Per-sample outcomes of a certification.
+STATUSES = ("certified", "falsified", "unknown")
+
+#: ``decided_by`` of a sample refuted by its clean prediction (wrong against the label).
+CLEAN_PREDICTION = "clean-prediction"
 
 
 @dataclass(frozen=True)
@@ -26,13 +53,24 @@ class Certificate:
         Reference class of each sample: the given label, or the clean prediction.
     margins : ndarray of shape (n, n_classes)
         Lower bound of ``z_ref - z_j`` over the perturbation set; ``+inf`` where ``j == ref``.
+        With several methods, per margin the largest of the bounds computed for the sample.
     certified : ndarray of shape (n,)
         True where every margin is positive: the reference class provably wins everywhere in the
         ball (with labels given: the sample is robustly classified correctly).
     eps : float or ndarray
         Radius of the ball the certificate holds for.
     method : str
-        Bound method used.
+        Bound method(s) used, joined by ``"+"`` for a cascade.
+    status : ndarray of shape (n,)
+        ``"certified"``, ``"falsified"`` (a concrete input in the ball and the domain at which the
+        module's decision differs from the reference; with labels, a wrong clean prediction) or
+        ``"unknown"`` (the bounds could not decide).
+    decided_by : ndarray of shape (n,)
+        Which stage settled the sample: the bound method that certified it,
+        ``"clean-prediction"`` for a wrong clean prediction, ``""`` where unknown.
+    counterexample : ndarray of shape (n, *sample_shape)
+        An input in the ball and the domain at which the decision differs from the reference,
+        where ``status == "falsified"``; NaN elsewhere.
     """
 
     prediction: np.ndarray
@@ -40,6 +78,9 @@ class Certificate:
     certified: np.ndarray
     eps: float | np.ndarray
     method: str
+    status: np.ndarray
+    decided_by: np.ndarray
+    counterexample: np.ndarray
 
     def __len__(self) -> int:
         return len(self.prediction)
@@ -49,13 +90,18 @@ class Certificate:
         """Fraction of certified samples (certified accuracy when labels were given)."""
         return float(np.mean(self.certified)) if len(self.certified) else float("nan")
 
+    @property
+    def decided_fraction(self) -> float:
+        """Fraction of samples certified or falsified (not unknown)."""
+        return float(np.mean(self.status != "unknown")) if len(self.status) else float("nan")
+
 
 def certify(
     module: nn.Module,
     X,
     eps,
     *,
-    method: str = "crown",
+    method: str | Sequence[str] = DEFAULT_METHOD,
     y=None,
     lower=None,
     upper=None,
@@ -71,9 +117,12 @@ def certify(
         It is evaluated in eval mode; its train/eval state is restored afterwards.
     X : array-like or Tensor of shape (n, ...)
         Inputs, shaped as the module expects them.
-    eps : float or array-like
-        Radius of the ball: a scalar or an array broadcastable to one sample (per feature).
-    method : {"crown", "ibp", "crown-ibp", "alpha-crown"}, default="crown"
+    eps : float, array-like or Perturbation
+        Radius of the ball: a scalar or an array broadcastable to one sample (per feature); or a
+        :class:`~certdistill.bounds.Perturbation` (then ``lower`` and ``upper`` must be None).
+    method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
+        Bound method (``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``), or a cascade of
+        them tried in order, each on the samples the previous ones left open.
     y : array-like of shape (n,), optional
         Integer labels in ``[0, n_classes)``. When given, the certificate says the sample is
         robustly *correct*; otherwise that the clean prediction is robust.
@@ -91,30 +140,22 @@ def certify(
     ------
     ValueError
         For NaN or infinite inputs, a negative or non-finite eps, a shape that does not fit the
-        module, ``lower > upper``, inputs outside the domain, or labels outside the classes.
+        module, ``lower > upper``, inputs outside the domain, labels outside the classes, or an
+        unknown method.
     UnsupportedLayerError
         If the native engine cannot handle a layer of the module.
     """
-    problem = _validate(module, X, method=method, y=y, lower=lower, upper=upper,
-                        batch_size=batch_size, backend=backend)
-    eps_tensor = _validate_eps(eps, problem.X)
-    margins = _margins(problem, eps_tensor, problem.reference, method)
-    margins_np = margins.cpu().numpy()
-    eps_out = float(eps_tensor) if eps_tensor.dim() == 0 else eps_tensor.cpu().numpy()
-    return Certificate(
-        prediction=problem.reference.cpu().numpy(),
-        margins=margins_np,
-        certified=np.all(margins_np > 0, axis=1),
-        eps=eps_out,
-        method=method,
-    )
+    methods = check_method(method)
+    problem = _Problem.create(module, X, eps, y=y, lower=lower, upper=upper,
+                              batch_size=batch_size, backend=backend)
+    return problem.certify(methods)
 
 
 def certified_radius(
     module: nn.Module,
     X,
     *,
-    method: str = "crown",
+    method: str | Sequence[str] = DEFAULT_METHOD,
     y=None,
     lower=None,
     upper=None,
@@ -131,7 +172,7 @@ def certified_radius(
         As in :func:`certify`.
     X : array-like or Tensor of shape (n, ...)
         As in :func:`certify`.
-    method : {"crown", "ibp", "crown-ibp", "alpha-crown"}, default="crown"
+    method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
         As in :func:`certify`.
     y : array-like of shape (n,), optional
         As in :func:`certify`; with labels the radius is 0 for misclassified samples.
@@ -157,61 +198,13 @@ def certified_radius(
         raise ValueError(f"max_eps must be a positive finite number, got {max_eps!r}.")
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
-    problem = _validate(module, X, method=method, y=y, lower=lower, upper=upper,
-                        batch_size=batch_size, backend=backend)
-    n = problem.X.shape[0]
-    ones = (1,) * (problem.X.dim() - 1)
-    dtype, device = problem.X.dtype, problem.X.device
-
-    def certified_at(eps_values: Tensor, rows: Tensor) -> Tensor:
-        sub = problem.subset(rows)
-        margins = _margins(sub, eps_values.view(-1, *ones), sub.reference, method)
-        return (margins > 0).all(dim=1)
-
-    low = torch.zeros(n, dtype=dtype, device=device)
-    high = torch.full((n,), float(max_eps), dtype=dtype, device=device)
-    everyone = torch.arange(n, device=device)
-    at_max = certified_at(high, everyone)
-    low[at_max] = max_eps
-    at_zero = certified_at(low.new_zeros(n), everyone)
-    active = everyone[~at_max & at_zero]
-    for _ in range(max(1, math.ceil(math.log2(max_eps / tol)))):
-        if active.numel() == 0:
-            break
-        middle = (low[active] + high[active]) / 2
-        ok = certified_at(middle, active)
-        low[active[ok]] = middle[ok]
-        high[active[~ok]] = middle[~ok]
-    return low.cpu().numpy().astype(np.float64)
+    methods = check_method(method)
+    problem = _Problem.create(module, X, 0.0, y=y, lower=lower, upper=upper,
+                              batch_size=batch_size, backend=backend)
+    return problem.radius(methods, max_eps=float(max_eps), tol=float(tol))
 
 
 # ---------------------------------------------------------------------------- internals
-@dataclass
-class _Problem:
-    """Validated inputs of a certification call, on the module's device."""
-
-    module: nn.Module
-    X: Tensor
-    reference: Tensor
-    lower: Tensor | None
-    upper: Tensor | None
-    batch_size: int
-    backend: str
-
-    def subset(self, rows: Tensor) -> _Problem:
-        return _Problem(self.module, self.X[rows], self.reference[rows], self.lower,
-                        self.upper, self.batch_size, self.backend)
-
-
-def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in module.parameters():
-        return tensor.device, tensor.dtype
-    for tensor in module.buffers():
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode, then restore each one's previous state."""
@@ -224,94 +217,46 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             submodule.training = training
 
 
+def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in module.parameters():
+        return tensor.device, tensor.dtype
+    for tensor in module.buffers():
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
 def _as_tensor(value, name: str, device, dtype) -> Tensor:
     if isinstance(value, Tensor):
-        tensor = value.detach().to(device=device, dtype=dtype)
-    else:
+        return value.detach().to(device=device, dtype=dtype)
+    try:
+        return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=dtype, device=device)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be numeric, got {type(value).__name__}: {error}") from None
+
+
+#: module -> (sample shape, number of outputs): the one-sample shape probe of each module.
+_OUTPUT_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _output_width(module: nn.Module, x: Tensor) -> int:
+    """Number of logits of ``module`` for samples shaped like ``x``'s (probed once)."""
+    cached = _OUTPUT_WIDTHS.get(module)
+    if cached is not None and cached[0] == tuple(x.shape[1:]):
+        return cached[1]
+    with torch.no_grad():
         try:
-            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=dtype,
-                                     device=device)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"{name} must be numeric, got {type(value).__name__}: {error}"
-            ) from None
-    return tensor
-
-
-def _validate(module, X, *, method, y, lower, upper, batch_size, backend) -> _Problem:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")
-    if not (isinstance(batch_size, int | np.integer) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    device, dtype = _module_device_dtype(module)
-    X = _as_tensor(X, "X", device, dtype)
-    if X.dim() < 2 or X.shape[0] == 0:
-        raise ValueError(
-            f"X must have shape (n_samples, ...) with at least one sample, got {tuple(X.shape)}."
-        )
-    if not torch.isfinite(X).all():
-        raise ValueError("X contains NaN or infinite values.")
-    domain = []
-    for name, bound in (("lower", lower), ("upper", upper)):
-        if bound is None:
-            domain.append(None)
-            continue
-        tensor = _as_tensor(bound, name, device, dtype)
-        _check_broadcast(tensor, X, name)
-        if torch.isnan(tensor).any():
-            raise ValueError(f"{name} contains NaN.")
-        domain.append(tensor)
-    lower_t, upper_t = domain
-    if lower_t is not None and upper_t is not None and (lower_t > upper_t).any():
-        raise ValueError("lower must not exceed upper anywhere.")
-    if lower_t is not None and (X < lower_t).any():
-        raise ValueError("X has values below `lower`: inputs must lie inside the domain.")
-    if upper_t is not None and (X > upper_t).any():
-        raise ValueError("X has values above `upper`: inputs must lie inside the domain.")
-
-    with torch.no_grad(), eval_mode(module):
-        try:
-            logits = module(X[:1])
+            logits = module(x[:1])
         except (RuntimeError, ValueError, IndexError) as error:
             raise ValueError(
-                f"X with sample shape {tuple(X.shape[1:])} does not fit the module: {error}"
+                f"X with sample shape {tuple(x.shape[1:])} does not fit the module: {error}"
             ) from None
-        if logits.dim() != 2:
-            raise ValueError(
-                f"The module must output logits of shape (n, n_classes), got {tuple(logits.shape)}."
-            )
-        n_classes = logits.shape[1]
-        if y is None:
-            reference = _predict(module, X, batch_size)
-        else:
-            reference = _validate_labels(y, X.shape[0], n_classes, device)
-    return _Problem(module, X, reference, lower_t, upper_t, int(batch_size), backend)
-
-
-def _check_broadcast(tensor: Tensor, X: Tensor, name: str) -> None:
-    try:
-        shape = torch.broadcast_shapes(tensor.shape, X.shape[1:])
-    except RuntimeError:
-        shape = None
-    if shape != X.shape[1:]:
+    if logits.dim() != 2:
         raise ValueError(
-            f"{name} of shape {tuple(tensor.shape)} does not broadcast to one sample of shape "
-            f"{tuple(X.shape[1:])}."
+            f"The module must output logits of shape (n, n_classes), got {tuple(logits.shape)}."
         )
-
-
-def _validate_eps(eps, X: Tensor) -> Tensor:
-    tensor = _as_tensor(eps, "eps", X.device, X.dtype)
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"eps must be finite, got {eps!r}.")
-    if (tensor < 0).any():
-        raise ValueError(f"eps must be non-negative, got {eps!r}.")
-    _check_broadcast(tensor, X, "eps")
-    return tensor
+    _OUTPUT_WIDTHS[module] = (tuple(x.shape[1:]), int(logits.shape[1]))
+    return int(logits.shape[1])
 
 
 def _validate_labels(y, n: int, n_classes: int, device) -> Tensor:
@@ -333,33 +278,150 @@ def _validate_labels(y, n: int, n_classes: int, device) -> Tensor:
     return torch.as_tensor(labels.astype(np.int64), device=device)
 
 
-def _predict(module: nn.Module, X: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([module(X[i : i + batch_size]).argmax(1)
-                      for i in range(0, X.shape[0], batch_size)])
+def _bounder(module: nn.Module, backend: str):
+    if backend == "auto_lirpa":
+        from certdistill.bounds.lirpa import LirpaBounds  # optional dependency, imported on use
+
+        return LirpaBounds(module)
+    return engine_for(module)
 
 
-def _margins(problem: _Problem, eps: Tensor, reference: Tensor, method: str) -> Tensor:
-    """Margin lower bounds in chunks of ``batch_size``, in eval mode, without gradients."""
-    per_sample = eps.dim() == problem.X.dim() and eps.shape[0] == problem.X.shape[0]
-    chunks = []
-    with torch.no_grad(), eval_mode(problem.module):
-        engine = _BACKEND_FACTORIES[problem.backend](problem.module)
-        for start in range(0, problem.X.shape[0], problem.batch_size):
-            rows = slice(start, start + problem.batch_size)
-            chunks.append(
-                engine.margin_lower_bounds(
-                    problem.X[rows], eps[rows] if per_sample else eps, reference[rows],
-                    method=method, lower=problem.lower, upper=problem.upper,
-                )
+@dataclass
+class _Problem:
+    """Validated inputs of a certification, on the module's device."""
+
+    module: nn.Module
+    X: Tensor
+    perturbation: Perturbation
+    labels: Tensor | None
+    n_classes: int
+    batch_size: int = 256
+    backend: str = "native"
+
+    @classmethod
+    def create(cls, module, X, eps, *, y=None, lower=None, upper=None, batch_size=256,
+               backend="native") -> _Problem:
+        """Validate the inputs of :func:`certify` (a constant number of passes over ``X``)."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {backend!r}; choose one of {BACKENDS}.")
+        if not (isinstance(batch_size, int | np.integer) and batch_size > 0):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        device, dtype = _module_device_dtype(module)
+        X = _as_tensor(X, "X", device, dtype)
+        if X.dim() < 2 or X.shape[0] == 0:
+            raise ValueError(
+                "X must have shape (n_samples, ...) with at least one sample, got "
+                f"{tuple(X.shape)}."
             )
-    return torch.cat(chunks)
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("X contains NaN or infinite values.")
+        if isinstance(eps, Perturbation):
+            if lower is not None or upper is not None:
+                raise ValueError("give the domain inside the Perturbation, not as lower/upper.")
+            if tuple(eps.sample_shape) != tuple(X.shape[1:]):
+                raise ValueError(
+                    f"the perturbation is for samples of shape {eps.sample_shape}, X has "
+                    f"samples of shape {tuple(X.shape[1:])}."
+                )
+            perturbation = eps.to(device=device, dtype=dtype)
+        else:
+            perturbation = Perturbation.create(eps, X.shape[1:], lower=lower, upper=upper,
+                                               dtype=dtype, device=device)
+        problem = perturbation.outside_domain(X)
+        if problem is not None:
+            raise ValueError(problem)
+        with eval_mode(module):
+            n_classes = _output_width(module, X)
+        labels = None if y is None else _validate_labels(y, X.shape[0], n_classes, device)
+        return cls(module, X, perturbation, labels, n_classes, int(batch_size), backend)
 
+    # ------------------------------------------------------------- cascade
+    def _stages(self, methods: Sequence[str], X: Tensor, perturbation: Perturbation,
+                labels: Tensor | None):
+        """Run the cascade; return reference, margins, decided_by (as method indices), falsified.
 
-def _lirpa_bounds(module: nn.Module):
-    from certdistill.bounds.lirpa import LirpaBounds  # optional dependency, imported on use
+        ``decided`` holds, per sample, the index of the method that certified it (-1: none).
+        """
+        n = X.shape[0]
+        device = X.device
+        margins = torch.full((n, self.n_classes), float("-inf"), dtype=X.dtype, device=device)
+        reference = labels.clone() if labels is not None else torch.empty(
+            n, dtype=torch.long, device=device)
+        decided = torch.full((n,), -1, dtype=torch.long, device=device)
+        falsified = torch.zeros(n, dtype=torch.bool, device=device)
+        open_rows = torch.arange(n, device=device)
+        with torch.no_grad(), eval_mode(self.module):
+            bounder = _bounder(self.module, self.backend)
+            for stage, name in enumerate(methods):
+                if open_rows.numel() == 0:
+                    break
+                for start in range(0, open_rows.numel(), self.batch_size):
+                    rows = open_rows[start:start + self.batch_size]
+                    result = bounder.bound(
+                        X[rows], perturbation.for_rows(rows),
+                        None if stage == 0 and labels is None else reference[rows],
+                        method=name,
+                    )
+                    if stage == 0:
+                        reference[rows] = result.reference
+                        if labels is not None:
+                            falsified[rows] = result.logits.argmax(1) != labels[rows]
+                    margins[rows] = torch.maximum(margins[rows], result.margins)
+                now = (margins[open_rows] > 0).all(1)
+                decided[open_rows[now]] = stage
+                open_rows = open_rows[~now & ~falsified[open_rows]]
+        return reference, margins, decided, falsified
 
-    return LirpaBounds(module)
+    def certify(self, methods: Sequence[str]) -> Certificate:
+        reference, margins, decided, falsified = self._stages(
+            methods, self.X, self.perturbation, self.labels)
+        margins_np = margins.cpu().numpy()
+        certified = decided.cpu().numpy() >= 0
+        falsified_np = falsified.cpu().numpy() & ~certified
+        status = np.full(len(certified), "unknown", dtype=object)
+        status[certified] = "certified"
+        status[falsified_np] = "falsified"
+        names = np.array([*methods, ""], dtype=object)
+        decided_by = names[decided.cpu().numpy()]  # -1 picks ""
+        decided_by[falsified_np] = CLEAN_PREDICTION
+        counterexample = np.full(tuple(self.X.shape), np.nan, dtype=np.float64)
+        # A wrong clean prediction: the clean input itself is in the ball and the domain.
+        counterexample[falsified_np] = self.X[torch.as_tensor(falsified_np)].cpu().double().numpy()
+        return Certificate(
+            prediction=reference.cpu().numpy(),
+            margins=margins_np,
+            certified=certified,
+            eps=self.perturbation.eps_value,
+            method="+".join(methods),
+            status=status.astype(str),
+            decided_by=decided_by.astype(str),
+            counterexample=counterexample,
+        )
 
+    def radius(self, methods: Sequence[str], *, max_eps: float, tol: float) -> np.ndarray:
+        n = self.X.shape[0]
+        dtype, device = self.X.dtype, self.X.device
 
-#: Backend name -> factory of an object with ``margin_lower_bounds`` (the engine's signature).
-_BACKEND_FACTORIES = {"native": BoundEngine, "auto_lirpa": _lirpa_bounds}
+        def certified_at(radii: Tensor, rows: Tensor) -> Tensor:
+            perturbation = self.perturbation.with_sample_radii(radii)
+            labels = None if self.labels is None else self.labels[rows]
+            _, _, decided, _ = self._stages(methods, self.X[rows], perturbation, labels)
+            return decided >= 0
+
+        low = torch.zeros(n, dtype=dtype, device=device)
+        high = torch.full((n,), max_eps, dtype=dtype, device=device)
+        everyone = torch.arange(n, device=device)
+        at_max = certified_at(high, everyone)
+        low[at_max] = max_eps
+        at_zero = certified_at(low.new_zeros(n), everyone)
+        active = everyone[~at_max & at_zero]
+        for _ in range(max(1, math.ceil(math.log2(max_eps / tol)))):
+            if active.numel() == 0:
+                break
+            middle = (low[active] + high[active]) / 2
+            ok = certified_at(middle, active)
+            low[active[ok]] = middle[ok]
+            high[active[~ok]] = middle[~ok]
+        return low.cpu().numpy().astype(np.float64)

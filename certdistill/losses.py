@@ -6,8 +6,9 @@ the IBP lower bounds of the margins ``z_y - z_j`` and, on request, the interval 
 activation's input (BatchNorm in training mode normalises the bounds with the clean batch
 statistics). The functions here turn those pieces into losses:
 
-* :func:`certified_cross_entropy`: cross-entropy of the worst-case logits ``zhat_j = -m_j``,
-  ``zhat_y = 0`` built from margin lower bounds ``m``;
+* :func:`worst_case_logits`: the logits ``zhat_j = -m_j``, ``zhat_y = 0`` built from margin
+  lower bounds ``m``, and :func:`certified_loss`, the certified cross-entropy of teacher and
+  student;
 * :func:`shi_regularizer`: the bound-tightness and ReLU-balance regularisers of Shi et al. (2021);
 * :func:`distillation_kl` and :func:`margin_matching`: the distillation terms of
   :class:`~certdistill.DistilledStudent`.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "certified_cross_entropy",
+    "certified_loss",
     "distillation_kl",
     "margin_matching",
     "shi_regularizer",
@@ -44,22 +45,46 @@ def worst_case_logits(margins: Tensor) -> Tensor:
     return torch.where(torch.isinf(margins) & (margins > 0), torch.zeros_like(margins), -margins)
 
 
-def certified_cross_entropy(margins: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy of the worst-case logits built from margin lower bounds.
+def certified_loss(
+    logits: Tensor,
+    worst_logits: Tensor,
+    target: Tensor,
+    kappa: float = 0.0,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """The certified training loss ``kappa CE(z, target) + (1 - kappa) CE(zhat, target)``.
+
+    Shared by the teacher and the student. ``target`` may be class indices or class
+    probabilities (soft labels). With per-sample ``weights`` ``w`` in [0, 1], a sample's
+    certified term becomes ``w CE(zhat) + (1 - w) CE(z)`` (the student's selective loss).
 
     Parameters
     ----------
-    margins : Tensor
-        Lower bounds of ``z_y - z_j`` with reference ``y == target``; shape ``(n, C)``.
-    target : LongTensor
-        Labels, shape ``(n,)``.
+    logits : Tensor of shape (n, C)
+        Clean logits ``z``.
+    worst_logits : Tensor of shape (n, C)
+        Worst-case logits ``zhat`` (:func:`worst_case_logits` of margin lower bounds).
+    target : Tensor
+        Labels ``(n,)`` or probabilities ``(n, C)``.
+    kappa : float, default=0.0
+        Weight of the clean term.
+    weights : Tensor of shape (n,), optional
+        Per-sample weight of the certified term.
 
     Returns
     -------
     Tensor
         Mean loss (scalar).
     """
-    return F.cross_entropy(worst_case_logits(margins), target)
+    if weights is None:
+        loss = (1.0 - kappa) * F.cross_entropy(worst_logits, target)
+        if kappa > 0.0:
+            loss = loss + kappa * F.cross_entropy(logits, target)
+        return loss
+    clean = F.cross_entropy(logits, target, reduction="none")
+    certified = weights * F.cross_entropy(worst_logits, target, reduction="none")
+    certified = certified + (1.0 - weights) * clean
+    return ((1.0 - kappa) * certified + kappa * clean).mean()
 
 
 def shi_regularizer(

@@ -120,7 +120,11 @@ class EpsSchedule(_ProgressCallback):
         """Read the parameters left at None from the net and validate them."""
         if self.shape not in ("smooth", "linear"):
             raise ValueError(f"shape must be 'smooth' or 'linear', got {self.shape!r}")
-        self.eps_ = net.eps_train if self.eps is None else self.eps
+        # The final training perturbation, validated here where a callback's own eps enters.
+        final = (net.training_perturbation() if self.eps is None
+                 else net.perturbation_.with_eps(self.eps).to(device=net.device))
+        self.perturbation_ = final
+        self.eps_ = final.eps_value
         self.warmup_ = float(getattr(net, "warmup", 0.0) if self.warmup is None else self.warmup)
         self.ramp_ = float(getattr(net, "ramp", 0.5) if self.ramp is None else self.ramp)
         if self.ramp_ < 0:
@@ -150,6 +154,12 @@ class EpsSchedule(_ProgressCallback):
         if np.ndim(self.eps_) == 0:
             return float(self.eps_) * fraction
         return np.asarray(self.eps_, dtype=np.float32) * np.float32(fraction)
+
+    def _set(self, net, step: int) -> float:
+        # The batch's perturbation, derived from the validated one (no per-batch validation).
+        fraction = self.fraction_at(self._progress(net, step))
+        net.current_perturbation_ = self.perturbation_.scaled(fraction)
+        return super()._set(net, step)
 
 
 class LinearSchedule(_ProgressCallback):

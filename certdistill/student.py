@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import torch
 import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
-from torch import Tensor, nn
+from torch import Tensor
 
-from certdistill.base import CertifiedNetBase
-from certdistill.losses import distillation_kl, margin_matching
+from certdistill.attacks import pgd_attack
+from certdistill.base import NON_NEGATIVE, POSITIVE, UNIT, CertifiedNetBase, Choice, Range
+from certdistill.bounds import Perturbation
+from certdistill.losses import certified_loss, distillation_kl, margin_matching
 from certdistill.schedules import DistillWeightSchedule, KappaSchedule, TemperatureSchedule
 from certdistill.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
 
@@ -71,8 +70,6 @@ class DistilledStudent(CertifiedNetBase):
         classes and number of features must match the student's data.
     module : torch.nn.Module, class or None, default=None
         The student network (see :class:`~certdistill.base.CertifiedNetBase`).
-    eps : float, default=0.1
-        Radius the student is evaluated and certified at.
     temperature : float, default=4.0
         Distillation temperature ``T`` (> 0), used by every loss but ``"selective"``.
     distill_weight : float, default=1.0
@@ -98,25 +95,13 @@ default="selective"
     cache_teacher : bool, default=True
         Keep the teacher's outputs per training sample (clean logits for the whole fit,
         worst-case logits while the radius does not change); the cache is dropped after ``fit``.
-    eps_train_ratio : float, default=1.5
-        Training radius as a multiple of ``eps``.
-    warmup : float, default=0.05
-        Fraction of ``max_epochs`` of clean training before the eps ramp.
-    ramp : float, default=0.5
-        Fraction of ``max_epochs`` over which eps grows to ``eps * eps_train_ratio``.
-    kappa_start, kappa_end : float, default=(1.0, 0.0)
-        Weight of the clean cross-entropy in ``L_cert``, interpolated over the ramp.
-    reg_lambda : float, default=0.5
-        Weight of the Shi et al. warm-up regularisers (0 disables them).
-    reg_tol : float, default=0.5
-        Tolerance of the Shi et al. regularisers.
-    input_shape, lower, upper, random_state
-        See :class:`~certdistill.base.CertifiedNetBase` (they concern the student; the teacher
-        reshapes flat rows with its own ``input_shape``).
-    lr_milestones, lr_gamma, grad_clip
-        Step learning-rate decay and gradient clipping.
-    criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
-        skorch parameters (defaults as :class:`~certdistill.CertifiedTeacher`).
+    **kwargs
+        The parameters every certified estimator shares, with their defaults, documented in
+        :class:`~certdistill.base.CertifiedNetBase` (``eps``, ``eps_train_ratio``, ``warmup``,
+        ``ramp``, ``kappa_start``/``kappa_end`` of ``L_cert``, ``reg_lambda``, ``reg_tol``,
+        ``input_shape``, ``lower``, ``upper``, ``random_state``, the learning-rate schedule,
+        and skorch's parameters). ``input_shape``, ``lower`` and ``upper`` concern the student;
+        the teacher reshapes flat rows with its own ``input_shape``.
 
     Attributes
     ----------
@@ -147,12 +132,22 @@ default="selective"
     (5,)
     """
 
+    _parameter_ranges = {
+        "loss": Choice(DISTILLATION_LOSSES),
+        "teacher_bounds": Choice(TEACHER_BOUNDS),
+        "temperature": POSITIVE,
+        "temperature_end": Range(0.0, low_open=True, optional=True),
+        "distill_weight": UNIT,
+        "distill_weight_end": Range(0.0, 1.0, optional=True),
+        "worst_case_weight": NON_NEGATIVE,
+        "pgd_steps": Range(1, integer=True),
+    }
+
     def __init__(
         self,
         teacher,
         module=None,
         *,
-        eps: float = 0.1,
         temperature: float = 4.0,
         distill_weight: float = 1.0,
         worst_case_weight: float = 1.0,
@@ -162,51 +157,9 @@ default="selective"
         temperature_end: float | None = None,
         pgd_steps: int = 1,
         cache_teacher: bool = True,
-        eps_train_ratio: float = 1.5,
-        warmup: float = 0.05,
-        ramp: float = 0.5,
-        kappa_start: float = 1.0,
-        kappa_end: float = 0.0,
-        reg_lambda: float = 0.5,
-        reg_tol: float = 0.5,
-        input_shape: Sequence[int] | None = None,
-        lower=None,
-        upper=None,
-        random_state=None,
-        lr_milestones: Sequence[float] = (0.7, 0.9),
-        lr_gamma: float = 0.2,
-        grad_clip: float | None = 10.0,
-        criterion=nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam,
-        lr: float = 5e-3,
-        max_epochs: int = 60,
-        batch_size: int = 128,
-        train_split=None,
-        verbose: int = 0,
         **kwargs,
     ):
-        super().__init__(
-            module,
-            eps=eps,
-            eps_train_ratio=eps_train_ratio,
-            warmup=warmup,
-            ramp=ramp,
-            input_shape=input_shape,
-            lower=lower,
-            upper=upper,
-            random_state=random_state,
-            lr_milestones=lr_milestones,
-            lr_gamma=lr_gamma,
-            grad_clip=grad_clip,
-            criterion=criterion,
-            optimizer=optimizer,
-            lr=lr,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            train_split=train_split,
-            verbose=verbose,
-            **kwargs,
-        )
+        super().__init__(module, **kwargs)
         self.teacher = teacher
         self.temperature = temperature
         self.distill_weight = distill_weight
@@ -217,35 +170,8 @@ default="selective"
         self.temperature_end = temperature_end
         self.pgd_steps = pgd_steps
         self.cache_teacher = cache_teacher
-        self.kappa_start = kappa_start
-        self.kappa_end = kappa_end
-        self.reg_lambda = reg_lambda
-        self.reg_tol = reg_tol
 
     # ------------------------------------------------------------ parameters
-    def _check_params(self) -> None:
-        super()._check_params()
-        if self.loss not in DISTILLATION_LOSSES:
-            raise ValueError(f"loss must be one of {DISTILLATION_LOSSES}, got {self.loss!r}")
-        if self.teacher_bounds not in TEACHER_BOUNDS:
-            raise ValueError(
-                f"teacher_bounds must be one of {TEACHER_BOUNDS}, got {self.teacher_bounds!r}"
-            )
-        for name in ("kappa_start", "kappa_end", "distill_weight", "distill_weight_end"):
-            value = getattr(self, name)
-            if value is not None and not (0.0 <= float(value) <= 1.0):
-                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        for name in ("temperature", "temperature_end"):
-            value = getattr(self, name)
-            if value is not None and not float(value) > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        if int(self.pgd_steps) < 1:
-            raise ValueError(f"pgd_steps must be >= 1, got {self.pgd_steps!r}")
-        if float(self.worst_case_weight) < 0:
-            raise ValueError(f"worst_case_weight must be >= 0, got {self.worst_case_weight!r}")
-        if float(self.reg_lambda) < 0:
-            raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda!r}")
-
     def _schedule_callbacks(self) -> list:
         return [
             ("kappa_schedule", KappaSchedule()),
@@ -314,10 +240,8 @@ default="selective"
     def _teacher_outputs(self) -> TeacherOutputs:
         outputs = getattr(self, "teacher_outputs_", None)
         if outputs is None or outputs.teacher is not self.teacher_:
-            outputs = TeacherOutputs(
-                self.teacher_, self.teacher_bounds, lower=self.lower, upper=self.upper,
-                cache=bool(self.cache_teacher),
-            )
+            outputs = TeacherOutputs(self.teacher_, self.teacher_bounds,
+                                     cache=bool(self.cache_teacher))
             self.teacher_outputs_ = outputs
         return outputs
 
@@ -331,8 +255,9 @@ default="selective"
             Student module inputs of the batch.
         y : LongTensor
             Encoded labels (reference class of the worst case).
-        eps : float or ndarray
-            Radius of the ball (0 gives ``t - t_y``).
+        eps : float, array-like or Perturbation
+            Radius of the ball around the student's inputs (0 gives ``t - t_y``), or the
+            student's perturbation of the batch.
         worst_case : bool, default=True
             Compute the worst-case logits (``None`` is returned otherwise).
 
@@ -343,6 +268,8 @@ default="selective"
         worst : Tensor or None
             Worst-case logits from ``teacher_bounds`` (0 in the label's column).
         """
+        if not isinstance(eps, Perturbation):
+            eps = self.perturbation_.with_eps(eps).to(device=x.device)
         return self._teacher_outputs()(x, y, eps, worst_case=worst_case)
 
     def training_loss(self, x: Tensor, y: Tensor, training: bool = True) -> tuple[Tensor, Tensor]:
@@ -364,15 +291,14 @@ default="selective"
         logits : Tensor
             Clean student logits.
         """
-        if self.loss not in DISTILLATION_LOSSES:
-            raise ValueError(f"loss must be one of {DISTILLATION_LOSSES}, got {self.loss!r}")
         lam = float(getattr(self, "current_distill_weight_", self.distill_weight))
         temp = float(getattr(self, "current_temperature_", self.temperature))
         kappa = float(getattr(self, "current_kappa_", self.kappa_end))
         terms = self.interval_terms(x, y, training)
         logits, worst = terms.logits, terms.worst_logits
         needs_worst = self.loss in ("baseline", "margin", "selective")
-        t, that = self.teacher_logits(x, y, terms.eps, worst_case=needs_worst and lam > 0)
+        t, that = self.teacher_logits(x, y, terms.perturbation,
+                                      worst_case=needs_worst and lam > 0)
 
         target, weights = y, None
         if self.loss == "soft-certified":
@@ -381,7 +307,7 @@ default="selective"
         elif self.loss == "selective" and lam > 0.0:
             teacher_certified = (that.scatter(1, y[:, None], -1.0) < 0).all(1)
             weights = 1.0 - lam * (~teacher_certified).to(logits.dtype)
-        loss = _certified_loss(logits, worst, target, kappa, weights)
+        loss = certified_loss(logits, worst, target, kappa, weights)
         if lam > 0.0 and self.loss in ("baseline", "margin", "adversarial"):
             loss = (1.0 - lam) * loss + lam * self._distillation_term(x, y, terms, t, that, temp)
         return loss + terms.regularizer, logits
@@ -403,24 +329,9 @@ default="selective"
         # "adversarial": the teacher's logits at the student's own PGD point
         if terms.margins is None:
             return distillation_kl(t, logits, temp)
-        from certdistill.attacks import pgd_attack
-
-        x_adv = pgd_attack(self.module_, x, y, terms.eps_tensor, steps=int(self.pgd_steps),
-                           lower=terms.lower, upper=terms.upper, mode="current")
-        t_adv, _ = self._teacher_outputs()(x_adv, y, 0.0, worst_case=False, cache=False)
+        x_adv = pgd_attack(self.module_, x, y, terms.perturbation, steps=int(self.pgd_steps),
+                           mode="current")
+        t_adv, _ = self._teacher_outputs()(x_adv, y, terms.perturbation.scaled(0.0),
+                                           worst_case=False, cache=False)
         return distillation_kl(t_adv, self.module_(x_adv), temp)
 
-
-def _certified_loss(logits: Tensor, worst: Tensor, target: Tensor, kappa: float,
-                    weights: Tensor | None) -> Tensor:
-    """``kappa CE(s, target) + (1 - kappa) CE(shat, target)``; with per-sample ``weights`` in
-    [0, 1], a sample's certified term is ``w CE(shat) + (1 - w) CE(s)``."""
-    if weights is None:
-        loss = (1.0 - kappa) * F.cross_entropy(worst, target)
-        if kappa > 0.0:
-            loss = loss + kappa * F.cross_entropy(logits, target)
-        return loss
-    clean = F.cross_entropy(logits, target, reduction="none")
-    certified = weights * F.cross_entropy(worst, target, reduction="none")
-    certified = certified + (1.0 - weights) * clean
-    return ((1.0 - kappa) * certified + kappa * clean).mean()

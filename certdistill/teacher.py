@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from certdistill.base import CertifiedNetBase
-from certdistill.losses import worst_case_logits
+from certdistill.attacks import pgd_attack
+from certdistill.base import UNIT, CertifiedNetBase, Choice, Range
+from certdistill.bounds import METHOD_TABLE
+from certdistill.losses import certified_loss, worst_case_logits
 from certdistill.schedules import AlphaSchedule, BetaSchedule, KappaSchedule
 
 __all__ = ["TRAINING_METHODS", "CertifiedTeacher"]
 
-#: Certified training methods of :class:`CertifiedTeacher`.
-TRAINING_METHODS = ("ibp", "crown-ibp", "mtl-ibp")
+#: Certified training methods of :class:`CertifiedTeacher`: the engine's trainable bound methods
+#: and MTL-IBP (IBP bounds mixed with a PGD attack).
+TRAINING_METHODS = (*(m.name for m in METHOD_TABLE.values() if m.trainable), "mtl-ibp")
 
 
 class CertifiedTeacher(CertifiedNetBase):
@@ -44,19 +44,8 @@ class CertifiedTeacher(CertifiedNetBase):
     module : torch.nn.Module, class or None, default=None
         The network (see :class:`~certdistill.base.CertifiedNetBase`). ``None`` builds an MLP for
         flat features or, with ``input_shape``, a small CNN.
-    eps : float, default=0.1
-        Radius the teacher is evaluated and certified at.
     method : {"crown-ibp", "ibp", "mtl-ibp"}, default="crown-ibp"
         Certified training method.
-    eps_train_ratio : float, default=1.5
-        Training radius as a multiple of ``eps`` (on digits at eps = 0.1, 1.3 to 1.5 certified
-        about two points more than 1.0).
-    warmup : float, default=0.05
-        Fraction of ``max_epochs`` of clean training before the eps ramp.
-    ramp : float, default=0.5
-        Fraction of ``max_epochs`` over which eps grows to ``eps * eps_train_ratio``.
-    kappa_start, kappa_end : float, default=(1.0, 0.0)
-        Weight of the clean cross-entropy, interpolated over the ramp (``ibp`` and ``crown-ibp``).
     beta_start, beta_end : float, default=(1.0, 0.0)
         CROWN-IBP mixing weight, interpolated over the ramp (``crown-ibp`` only).
     alpha : float, default=0.5
@@ -65,17 +54,14 @@ class CertifiedTeacher(CertifiedNetBase):
         PGD steps of the MTL-IBP attack.
     pgd_step_size : float or None, default=None
         PGD step length (``None``: ``2.5 * eps / steps``).
-    reg_lambda : float, default=0.5
-        Weight of the Shi et al. warm-up regularisers (0 disables them).
-    reg_tol : float, default=0.5
-        Tolerance of the Shi et al. regularisers.
-    input_shape, lower, upper, random_state
-        See :class:`~certdistill.base.CertifiedNetBase`.
-    lr_milestones, lr_gamma, grad_clip
-        Step learning-rate decay and gradient clipping.
-    criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
-        skorch parameters (defaults: cross-entropy, Adam, 5e-3, 60 epochs, batch 128, no
-        internal validation split, silent).
+    **kwargs
+        The parameters every certified estimator shares, with their defaults, documented in
+        :class:`~certdistill.base.CertifiedNetBase`: ``eps`` (0.1), ``eps_train_ratio`` (1.5),
+        ``warmup`` (0.05), ``ramp`` (0.5), ``kappa_start``/``kappa_end`` (1 -> 0, ``ibp`` and
+        ``crown-ibp``), ``reg_lambda`` (0.5), ``reg_tol`` (0.5), ``input_shape``, ``lower``,
+        ``upper``, ``random_state``, ``lr_milestones``, ``lr_gamma``, ``grad_clip``; and
+        skorch's (``optimizer``, ``lr`` 5e-3, ``max_epochs`` 60, ``batch_size`` 128,
+        ``train_split`` None, ``verbose`` 0, ``device``, ``module__*``, ``callbacks__*``, ...).
 
     Attributes
     ----------
@@ -99,89 +85,36 @@ class CertifiedTeacher(CertifiedNetBase):
     (5,)
     """
 
+    _parameter_ranges = {
+        "method": Choice(TRAINING_METHODS),
+        "beta_start": UNIT,
+        "beta_end": UNIT,
+        "alpha": UNIT,
+        "pgd_steps": Range(0, integer=True),
+        "pgd_step_size": Range(0.0, low_open=True, optional=True),
+    }
+
     def __init__(
         self,
         module=None,
         *,
-        eps: float = 0.1,
         method: str = "crown-ibp",
-        eps_train_ratio: float = 1.5,
-        warmup: float = 0.05,
-        ramp: float = 0.5,
-        kappa_start: float = 1.0,
-        kappa_end: float = 0.0,
         beta_start: float = 1.0,
         beta_end: float = 0.0,
         alpha: float = 0.5,
         pgd_steps: int = 1,
         pgd_step_size: float | None = None,
-        reg_lambda: float = 0.5,
-        reg_tol: float = 0.5,
-        input_shape: Sequence[int] | None = None,
-        lower=None,
-        upper=None,
-        random_state=None,
-        lr_milestones: Sequence[float] = (0.7, 0.9),
-        lr_gamma: float = 0.2,
-        grad_clip: float | None = 10.0,
-        criterion=nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam,
-        lr: float = 5e-3,
-        max_epochs: int = 60,
-        batch_size: int = 128,
-        train_split=None,
-        verbose: int = 0,
         **kwargs,
     ):
-        super().__init__(
-            module,
-            eps=eps,
-            eps_train_ratio=eps_train_ratio,
-            warmup=warmup,
-            ramp=ramp,
-            input_shape=input_shape,
-            lower=lower,
-            upper=upper,
-            random_state=random_state,
-            lr_milestones=lr_milestones,
-            lr_gamma=lr_gamma,
-            grad_clip=grad_clip,
-            criterion=criterion,
-            optimizer=optimizer,
-            lr=lr,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            train_split=train_split,
-            verbose=verbose,
-            **kwargs,
-        )
+        super().__init__(module, **kwargs)
         self.method = method
-        self.kappa_start = kappa_start
-        self.kappa_end = kappa_end
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.alpha = alpha
         self.pgd_steps = pgd_steps
         self.pgd_step_size = pgd_step_size
-        self.reg_lambda = reg_lambda
-        self.reg_tol = reg_tol
 
     # ------------------------------------------------------------ schedules
-    def _check_params(self) -> None:
-        super()._check_params()
-        if self.method not in TRAINING_METHODS:
-            raise ValueError(
-                f"method must be one of {TRAINING_METHODS}, got {self.method!r}"
-            )
-        for name in ("kappa_start", "kappa_end", "beta_start", "beta_end", "alpha"):
-            value = getattr(self, name)
-            if not (0.0 <= float(value) <= 1.0):
-                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        if int(self.pgd_steps) < 0:
-            raise ValueError(f"pgd_steps must be >= 0, got {self.pgd_steps!r}")
-        if float(self.reg_lambda) < 0:
-            raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda!r}")
-
     def _schedule_callbacks(self) -> list:
         return [
             ("kappa_schedule", KappaSchedule()),
@@ -197,9 +130,6 @@ class CertifiedTeacher(CertifiedNetBase):
         super().on_train_begin(net, X=X, y=y, **kwargs)
 
     # ----------------------------------------------------------------- loss
-    def _schedule_value(self, name: str, default):
-        return getattr(self, name, default)
-
     def training_loss(self, x: Tensor, y: Tensor, training: bool = True) -> tuple[Tensor, Tensor]:
         """Certified training loss of one batch (see the class docstring).
 
@@ -219,37 +149,27 @@ class CertifiedTeacher(CertifiedNetBase):
         logits : Tensor
             Clean logits.
         """
-        if self.method not in TRAINING_METHODS:
-            raise ValueError(f"method must be one of {TRAINING_METHODS}, got {self.method!r}")
-        terms = self.interval_terms(x, y, training)
+        beta = float(getattr(self, "current_beta_", self.beta_end))
+        crown_ibp = self.method == "crown-ibp" and beta > 0.0
+        terms = self.interval_terms(x, y, training, keep_state=crown_ibp)
         logits = terms.logits
         if terms.margins is None:
             return F.cross_entropy(logits, y), logits
 
         if self.method == "mtl-ibp":
-            alpha = float(self._schedule_value("current_alpha_", self.alpha))
+            alpha = float(getattr(self, "current_alpha_", self.alpha))
             loss = alpha * F.cross_entropy(terms.worst_logits, y)
             if alpha < 1.0:
-                from certdistill.attacks import pgd_attack
-
                 x_adv = pgd_attack(
-                    self.module_, x, y, terms.eps_tensor, steps=int(self.pgd_steps),
-                    step_size=self.pgd_step_size, lower=terms.lower, upper=terms.upper,
-                    mode="current",
+                    self.module_, x, y, terms.perturbation, steps=int(self.pgd_steps),
+                    step_size=self.pgd_step_size, mode="current",
                 )
                 loss = loss + (1.0 - alpha) * F.cross_entropy(self.module_(x_adv), y)
-        else:
-            kappa = float(self._schedule_value("current_kappa_", self.kappa_end))
-            zhat = terms.worst_logits
-            if self.method == "crown-ibp":
-                beta = float(self._schedule_value("current_beta_", self.beta_end))
-                if beta > 0.0:
-                    margins_crown = self.bound_engine().margin_lower_bounds(
-                        x, terms.eps_tensor, y, method="crown-ibp", lower=terms.lower,
-                        upper=terms.upper,
-                    )
-                    zhat = (1.0 - beta) * zhat + beta * worst_case_logits(margins_crown)
-            loss = (1.0 - kappa) * F.cross_entropy(zhat, y)
-            if kappa > 0.0:
-                loss = loss + kappa * F.cross_entropy(logits, y)
-        return loss + terms.regularizer, logits
+            return loss + terms.regularizer, logits
+        worst = terms.worst_logits
+        if crown_ibp:
+            # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
+            margins = self.bound_engine().crown_ibp_margins(terms.interval_pass)
+            worst = (1.0 - beta) * worst + beta * worst_case_logits(margins)
+        kappa = float(getattr(self, "current_kappa_", self.kappa_end))
+        return certified_loss(logits, worst, y, kappa) + terms.regularizer, logits

@@ -9,28 +9,29 @@ long as the radius stays the same (after the eps ramp, every epoch reuses them).
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from certdistill.attacks import pgd_attack
+from certdistill.bounds import METHODS, Perturbation, engine_for
 from certdistill.certify import eval_mode
 from certdistill.losses import worst_case_logits
 
 __all__ = ["TEACHER_BOUNDS", "TeacherOutputs"]
 
-TEACHER_BOUNDS = ("ibp", "crown-ibp", "best", "crown", "pgd")
+#: ``"best"``: per margin, the larger of these sound bounds.
+_BEST = ("ibp", "crown-ibp")
+
+TEACHER_BOUNDS = (*METHODS, "best", "pgd")
 """Ways of computing the teacher's worst-case logits: a bound method of the engine (a certified
 teacher; ``"best"`` is the larger of the IBP and CROWN-IBP margin bounds, both sound) or a PGD
 attack on the teacher (an adversarially trained teacher, whose bounds are vacuous)."""
 
 
-def _radius_key(eps) -> object:
-    if isinstance(eps, numbers.Real):
-        return float(eps)
-    return np.asarray(eps, dtype=np.float32).tobytes()
+def _radius_key(perturbation: Perturbation) -> bytes:
+    return perturbation.eps.detach().cpu().numpy().tobytes()
 
 
 def _sample_keys(x: Tensor, y: Tensor) -> list[int]:
@@ -46,10 +47,8 @@ class TeacherOutputs:
     ----------
     teacher : CertifiedNetBase
         The fitted teacher.
-    bounds : {"ibp", "crown-ibp", "crown", "pgd"}
-        How the worst-case logits are computed (see :data:`TEACHER_BOUNDS`).
-    lower, upper : float, ndarray or None
-        Input domain of the student's data (flat, one value per feature, or scalars).
+    bounds : str
+        How the worst-case logits are computed (one of :data:`TEACHER_BOUNDS`).
     pgd_steps : int, default=10
         Steps of the attack when ``bounds="pgd"``.
     cache : bool, default=True
@@ -64,8 +63,6 @@ class TeacherOutputs:
 
     teacher: object
     bounds: str
-    lower: object = None
-    upper: object = None
     pgd_steps: int = 10
     cache: bool = True
     hits: int = 0
@@ -74,7 +71,8 @@ class TeacherOutputs:
     _worst: dict = field(default_factory=dict, repr=False)
     _worst_radius: object = field(default=None, repr=False)
 
-    def __call__(self, x: Tensor, y: Tensor, eps, *, worst_case: bool = True, cache: bool = True):
+    def __call__(self, x: Tensor, y: Tensor, perturbation: Perturbation, *,
+                 worst_case: bool = True, cache: bool = True):
         """Teacher logits of a batch of student inputs.
 
         Parameters
@@ -83,8 +81,9 @@ class TeacherOutputs:
             Student module inputs (flattened and reshaped to the teacher's input).
         y : LongTensor
             Encoded labels (reference class of the worst case).
-        eps : float or ndarray
-            Radius of the ball (0 gives ``t - t_y``).
+        perturbation : Perturbation
+            The student's perturbation of the batch (its samples, its domain); radius 0 gives
+            ``t - t_y``.
         worst_case : bool, default=True
             Also compute the worst-case logits (``None`` is returned otherwise).
         cache : bool, default=True
@@ -102,15 +101,15 @@ class TeacherOutputs:
         keys = _sample_keys(x, y) if self.cache and cache else None
         logits = self._lookup(self._clean, keys)
         worst = None
-        radius = _radius_key(eps)
-        want_worst = worst_case and float(np.mean(eps)) > 0.0
+        radius = _radius_key(perturbation)
+        want_worst = worst_case and perturbation.level > 0.0
         if want_worst:
             if self._worst_radius != radius:
                 self._worst, self._worst_radius = {}, radius
             worst = self._lookup(self._worst, keys)
         if logits is None or (want_worst and worst is None):
             self.misses += 1
-            logits, worst = self._compute(x, y, eps, want_worst)
+            logits, worst = self._compute(x, y, perturbation, want_worst)
             if keys is not None:
                 self._clean.update(zip(keys, logits.cpu(), strict=True))
                 if want_worst:
@@ -133,32 +132,27 @@ class TeacherOutputs:
         except KeyError:
             return None
 
-    def _compute(self, x: Tensor, y: Tensor, eps, want_worst: bool):
+    def _compute(self, x: Tensor, y: Tensor, perturbation: Perturbation, want_worst: bool):
         teacher = self.teacher
         module = teacher.module_
         xt = teacher.module_input(x.detach().reshape(x.shape[0], -1))
         yt = y.to(xt.device)
-        lower, upper = teacher._domain(self.lower, xt), teacher._domain(self.upper, xt)
-        eps_t = teacher._eps_tensor(eps, xt)
+        around = perturbation.reshaped(xt.shape[1:]).to(device=xt.device, dtype=xt.dtype)
         with eval_mode(module):
             with torch.no_grad():
                 logits = module(xt)
             worst = None
             if want_worst and self.bounds == "pgd":
-                from certdistill.attacks import pgd_attack
-
-                x_adv = pgd_attack(module, xt, yt, eps_t, steps=int(self.pgd_steps),
-                                   lower=lower, upper=upper)
+                x_adv = pgd_attack(module, xt, yt, around, steps=int(self.pgd_steps))
                 with torch.no_grad():
                     attacked = module(x_adv)
                 worst = attacked - attacked.gather(1, yt[:, None])
             elif want_worst:
-                engine = teacher.bound_engine()
-                methods = ("ibp", "crown-ibp") if self.bounds == "best" else (self.bounds,)
+                engine = engine_for(module)
+                methods = _BEST if self.bounds == "best" else (self.bounds,)
                 with torch.no_grad():
                     margins = torch.stack([
-                        engine.margin_lower_bounds(xt, eps_t, yt, method=method, lower=lower,
-                                                   upper=upper)
+                        engine.margin_lower_bounds(xt, around, yt, method=method)
                         for method in methods
                     ]).amax(0)
                 worst = worst_case_logits(margins)

@@ -375,3 +375,11 @@ def random_inputs(
     size = (n, *input_shape)
     x = rng.random(size) if unit else rng.standard_normal(size)
     return x.astype(np.float32)
+
+
+def around(x: torch.Tensor, eps, lower=None, upper=None):
+    """The validated perturbation of radius ``eps`` (and domain) around the samples of ``x``."""
+    from certdistill.bounds import Perturbation
+
+    return Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
+                               device=x.device)

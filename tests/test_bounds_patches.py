@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from milp import exact_min_margins
-from networks import float64_copy
+from networks import around, float64_copy
 from torch import nn
 
 from certdistill.bounds import BoundEngine
@@ -57,9 +57,9 @@ def test_patches_equal_dense_rows(name, domain):
     kwargs = {"lower": 0.0, "upper": 1.0} if domain else {}
     with torch.no_grad():
         patched = BoundEngine(module, conv_mode="patches").margin_lower_bounds(
-            x, eps, reference, method="crown", **kwargs)
+            x, around(x, eps, **kwargs), reference, method="crown")
         dense = BoundEngine(module, conv_mode="matrix").margin_lower_bounds(
-            x, eps, reference, method="crown", **kwargs)
+            x, around(x, eps, **kwargs), reference, method="crown")
     torch.testing.assert_close(patched, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_patches_are_sound_against_sampled_points(name):
     reference = module(x).argmax(1)
     with torch.no_grad():
         bound = BoundEngine(module, conv_mode="patches").margin_lower_bounds(
-            x, eps, reference, method="crown", lower=0.0, upper=1.0)
+            x, around(x, eps, 0.0, 1.0), reference, method="crown")
         finite = torch.isfinite(bound)
         for _ in range(30):
             points = (x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1)
@@ -96,7 +96,7 @@ def test_patches_never_beat_the_exact_optimum():
     reference = net64(x).argmax(1)
     with torch.no_grad():
         bound = BoundEngine(net64, conv_mode="patches").margin_lower_bounds(
-            x, 0.1, reference, method="crown", lower=0.0, upper=1.0).numpy()
+            x, around(x, 0.1, 0.0, 1.0), reference, method="crown").numpy()
     exact = exact_min_margins(net64, x.numpy(), reference.numpy(), 0.1, lower=0.0, upper=1.0)
     optimum = np.stack([result.optimum for result in exact])
     finite = np.isfinite(bound)
@@ -113,9 +113,10 @@ def test_auto_mode_uses_patches_on_large_maps_and_matches():
     x = torch.rand(4, 1, 28, 28)
     reference = module(x).argmax(1)
     with torch.no_grad():
-        auto = BoundEngine(module).margin_lower_bounds(x, 0.02, reference, method="crown")
+        auto = BoundEngine(module).margin_lower_bounds(x, around(x, 0.02), reference,
+                                                       method="crown")
         dense = BoundEngine(module, conv_mode="matrix").margin_lower_bounds(
-            x, 0.02, reference, method="crown")
+            x, around(x, 0.02), reference, method="crown")
     torch.testing.assert_close(auto, dense, rtol=1e-5, atol=1e-5)
 
 

@@ -27,6 +27,7 @@ from milp import exact_min_margins
 from milp import feasible_box as box
 from networks import (
     POOLS,
+    around,
     float64_copy,
     make_cnn,
     make_linear_net,
@@ -714,9 +715,10 @@ def test_engine_follows_in_place_weight_updates_under_no_grad():
     reference = torch.zeros(5, dtype=torch.long)
     engine = BoundEngine(module)
     with torch.no_grad():
-        engine.margin_lower_bounds(x, 0.1, reference, method="ibp")
+        engine.margin_lower_bounds(x, around(x, 0.1), reference, method="ibp")
         module[0].weight.mul_(-2.0)
         module[3].weight.add_(0.5)
-        reused = engine.margin_lower_bounds(x, 0.1, reference, method="ibp")
-        fresh = BoundEngine(module).margin_lower_bounds(x, 0.1, reference, method="ibp")
+        reused = engine.margin_lower_bounds(x, around(x, 0.1), reference, method="ibp")
+        fresh = BoundEngine(module).margin_lower_bounds(x, around(x, 0.1), reference,
+                                                        method="ibp")
     torch.testing.assert_close(reused, fresh)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from networks import around
 from torch import nn
 
 from certdistill.bounds import BoundEngine
@@ -26,7 +27,7 @@ def test_logits_and_running_stats_match_the_module_forward(training):
     twin = copy.deepcopy(module)
     x = torch.rand(16, 1, 16, 16)
     y = torch.randint(0, 10, (16,))
-    result = BoundEngine(module).interval_pass(x, 0.05, y, lower=0.0, upper=1.0)
+    result = BoundEngine(module).interval_pass(x, around(x, 0.05, 0.0, 1.0), y)
     expected = twin(x)
     torch.testing.assert_close(result.logits, expected, rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(module.modules(), twin.modules(), strict=True):
@@ -42,8 +43,8 @@ def test_margins_equal_the_ibp_method_in_eval_mode_and_are_sound():
     y = torch.randint(0, 10, (16,))
     engine = BoundEngine(module)
     with torch.no_grad():
-        result = engine.interval_pass(x, 0.05, y, lower=0.0, upper=1.0)
-        direct = engine.margin_lower_bounds(x, 0.05, y, method="ibp", lower=0.0, upper=1.0)
+        result = engine.interval_pass(x, around(x, 0.05, 0.0, 1.0), y)
+        direct = engine.margin_lower_bounds(x, around(x, 0.05, 0.0, 1.0), y, method="ibp")
         torch.testing.assert_close(result.margins, direct)
         finite = torch.isfinite(result.margins)
         for _ in range(20):
@@ -58,7 +59,7 @@ def test_train_mode_margins_bound_the_network_with_clean_batch_statistics():
     x = torch.rand(32, 1, 16, 16)
     y = torch.randint(0, 10, (32,))
     frozen = copy.deepcopy(module)
-    result = BoundEngine(module).interval_pass(x, 0.05, y, lower=0.0, upper=1.0)
+    result = BoundEngine(module).interval_pass(x, around(x, 0.05, 0.0, 1.0), y)
     # The bounded network normalises with the clean batch's statistics: put them in an eval copy.
     with torch.no_grad():
         h = x
@@ -83,7 +84,7 @@ def test_gradients_reach_every_parameter_and_activations_are_recorded():
     module = _cnn().train()
     x = torch.rand(8, 1, 16, 16)
     y = torch.randint(0, 10, (8,))
-    result = BoundEngine(module).interval_pass(x, 0.05, y, record_activations=True)
+    result = BoundEngine(module).interval_pass(x, around(x, 0.05), y, record_activations=True)
     assert len(result.activation_bounds) == 2
     loss = result.logits.sum() + result.margins.masked_fill(torch.isinf(result.margins), 0).sum()
     loss.backward()
@@ -97,7 +98,7 @@ def test_dropout_in_training_thins_inputs_and_bounds_alike():
                            nn.ReLU(), nn.Linear(16, 5)).train()
     x = torch.rand(64, 12)
     y = torch.randint(0, 5, (64,))
-    result = BoundEngine(module).interval_pass(x, 0.02, y)
+    result = BoundEngine(module).interval_pass(x, around(x, 0.02), y)
     # The clean point lies in the ball and sees the same mask: its margins respect the bound.
     clean_margins = result.logits.gather(1, y[:, None]) - result.logits
     finite = torch.isfinite(result.margins)

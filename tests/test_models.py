@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from networks import around
 from torch import nn
 
-from certdistill.bounds import BoundEngine
-from certdistill.losses import certified_cross_entropy, shi_regularizer, worst_case_logits
+from certdistill.bounds import BoundEngine, Perturbation
+from certdistill.losses import certified_loss, shi_regularizer, worst_case_logits
 from certdistill.models import ibp_init_, make_cnn, make_mlp
 from certdistill.schedules import EpsSchedule, KappaSchedule, LinearSchedule
 
@@ -103,11 +104,11 @@ def test_default_networks_run_through_the_training_pass(training):
                        (make_cnn((1, 8, 8), 5, channels=(4, 6), hidden_sizes=(12,)), (1, 8, 8))):
         net.train(training)
         x, y = _random_batch(shape)
-        out = BoundEngine(net).interval_pass(x, 0.05, y, lower=0.0, upper=1.0,
+        out = BoundEngine(net).interval_pass(x, around(x, 0.05, 0.0, 1.0), y,
                                              record_activations=True)
         with torch.no_grad():
             torch.testing.assert_close(out.logits, net(x), rtol=1e-4, atol=1e-5)
-        loss = certified_cross_entropy(out.margins, y) + shi_regularizer(
+        loss = certified_loss(out.logits, worst_case_logits(out.margins), y) + shi_regularizer(
             out.activation_bounds, out.input_radius)
         loss.backward()
         assert len(out.activation_bounds) == sum(isinstance(m, nn.ReLU) for m in net)
@@ -115,21 +116,22 @@ def test_default_networks_run_through_the_training_pass(training):
 
 
 # ----------------------------------------------------------------------------- losses
-def test_certified_cross_entropy_formula():
+def test_certified_loss_formula():
     margins = torch.tensor([[math.inf, 1.0, -0.5], [2.0, math.inf, 3.0]])
     target = torch.tensor([0, 1])
     zhat = worst_case_logits(margins)
     torch.testing.assert_close(zhat, torch.tensor([[0.0, -1.0, 0.5], [-2.0, 0.0, -3.0]]))
     expected = (math.log(1 + math.exp(-1.0) + math.exp(0.5))
                 + math.log(1 + math.exp(-2.0) + math.exp(-3.0))) / 2
-    assert certified_cross_entropy(margins, target).item() == pytest.approx(expected, rel=1e-6)
+    assert certified_loss(torch.zeros_like(margins), worst_case_logits(margins),
+                          target).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_certified_loss_upper_bounds_clean_loss():
     torch.manual_seed(0)
     net = make_mlp(8, 4, (16,)).eval()
     x, y = _random_batch((8,), n=32, n_classes=4)
-    out = BoundEngine(net).interval_pass(x, 0.05, y)
+    out = BoundEngine(net).interval_pass(x, around(x, 0.05), y)
     clean = F.cross_entropy(out.logits, y, reduction="none")
     cert = F.cross_entropy(worst_case_logits(out.margins), y, reduction="none")
     assert torch.all(cert >= clean - 1e-5)
@@ -146,6 +148,11 @@ class _FakeNet:
     ramp = 0.5
     kappa_start = 1.0
     kappa_end = 0.0
+    device = "cpu"
+    perturbation_ = Perturbation.create(0.1, (3,))
+
+    def training_perturbation(self):
+        return self.perturbation_.with_eps(self.eps_train)
 
 
 def test_eps_schedule_shape():

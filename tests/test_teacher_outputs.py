@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from networks import around
 from sklearn.datasets import load_digits
 
 from certdistill import CertifiedTeacher
@@ -25,7 +26,7 @@ def fitted():
 @pytest.mark.parametrize("bounds", [b for b in TEACHER_BOUNDS if b != "pgd"])
 def test_worst_case_logits_bound_every_point_of_the_ball(fitted, bounds):
     teacher, x, y = fitted
-    clean, worst = TeacherOutputs(teacher, bounds, lower=0.0, upper=1.0)(x, y, EPS)
+    clean, worst = TeacherOutputs(teacher, bounds)(x, y, around(x, EPS, 0.0, 1.0))
     torch.testing.assert_close(clean, teacher.module_.eval()(x))
     assert torch.all(worst.gather(1, y[:, None]) == 0)
     generator = torch.Generator().manual_seed(0)
@@ -40,7 +41,7 @@ def test_worst_case_logits_bound_every_point_of_the_ball(fitted, bounds):
 
 def test_best_is_at_least_as_tight_as_each_method(fitted):
     teacher, x, y = fitted
-    worst = {b: TeacherOutputs(teacher, b, lower=0.0, upper=1.0)(x, y, EPS)[1]
+    worst = {b: TeacherOutputs(teacher, b)(x, y, around(x, EPS, 0.0, 1.0))[1]
              for b in ("ibp", "crown-ibp", "best")}
     assert torch.all(worst["best"] <= worst["ibp"] + 1e-6)
     assert torch.all(worst["best"] <= worst["crown-ibp"] + 1e-6)
@@ -48,8 +49,8 @@ def test_best_is_at_least_as_tight_as_each_method(fitted):
 
 def test_pgd_worst_case_is_attained_and_within_the_bounds(fitted):
     teacher, x, y = fitted
-    _, attacked = TeacherOutputs(teacher, "pgd", lower=0.0, upper=1.0, pgd_steps=10)(x, y, EPS)
-    clean, bounded = TeacherOutputs(teacher, "ibp", lower=0.0, upper=1.0)(x, y, EPS)
+    _, attacked = TeacherOutputs(teacher, "pgd", pgd_steps=10)(x, y, around(x, EPS, 0.0, 1.0))
+    clean, bounded = TeacherOutputs(teacher, "ibp")(x, y, around(x, EPS, 0.0, 1.0))
     assert torch.all(attacked <= bounded + 1e-5)  # an attained point never beats a bound
     shifted = clean - clean.gather(1, y[:, None])
     assert attacked.max(1).values.sum() >= shifted.max(1).values.sum() - 1e-5
@@ -57,24 +58,25 @@ def test_pgd_worst_case_is_attained_and_within_the_bounds(fitted):
 
 def test_cache_serves_repeated_batches_and_follows_eps_and_labels(fitted):
     teacher, x, y = fitted
-    outputs = TeacherOutputs(teacher, "ibp", lower=0.0, upper=1.0)
-    first = outputs(x, y, EPS)
-    again = outputs(x, y, EPS)
+    outputs = TeacherOutputs(teacher, "ibp")
+    ball, wider = around(x, EPS, 0.0, 1.0), around(x, 2 * EPS, 0.0, 1.0)
+    first = outputs(x, y, ball)
+    again = outputs(x, y, ball)
     assert (outputs.misses, outputs.hits) == (1, 1)
     torch.testing.assert_close(first[1], again[1])
-    reordered = outputs(x.flip(0), y.flip(0), EPS)  # keyed by sample, not by position
+    reordered = outputs(x.flip(0), y.flip(0), ball)  # keyed by sample, not by position
     assert outputs.hits == 2
     torch.testing.assert_close(reordered[1], first[1].flip(0))
-    other_eps = outputs(x, y, 2 * EPS)
+    other_eps = outputs(x, y, wider)
     assert outputs.misses == 2 and torch.all(other_eps[1] >= first[1] - 1e-6)
     other_labels = (y + 1) % 10
-    _, worst = outputs(x, other_labels, 2 * EPS)
+    _, worst = outputs(x, other_labels, wider)
     assert outputs.misses == 3 and torch.all(worst.gather(1, other_labels[:, None]) == 0)
-    outputs(x + 1e-3, y, 2 * EPS, cache=False)
+    outputs(x + 1e-3, y, wider, cache=False)
     assert outputs.misses == 4
 
 
 def test_zero_eps_gives_shifted_clean_logits(fitted):
     teacher, x, y = fitted
-    clean, worst = TeacherOutputs(teacher, "ibp")(x, y, 0.0)
+    clean, worst = TeacherOutputs(teacher, "ibp")(x, y, around(x, 0.0))
     torch.testing.assert_close(worst, clean - clean.gather(1, y[:, None]))

@@ -1,19 +1,41 @@
 """Native bound propagation (IBP, CROWN-IBP, CROWN, alpha-CROWN) for ``nn.Sequential`` nets."""
 
-from certdistill.bounds.engine import METHODS, BoundEngine, IntervalPass, margin_lower_bounds
-from certdistill.bounds.ops import OP_REGISTRY, SUPPORTED_LAYERS_TEXT, BoundOp, build_ops
-from certdistill.bounds.perturbation import input_box
+from certdistill.bounds.engine import (
+    METHOD_TABLE,
+    METHODS,
+    BoundEngine,
+    BoundMethod,
+    BoundResult,
+    IntervalPass,
+    check_method,
+    engine_for,
+    margin_lower_bounds,
+)
+from certdistill.bounds.ops import (
+    OP_REGISTRY,
+    BoundOp,
+    build_ops,
+    register_op,
+    supported_layers_text,
+)
+from certdistill.bounds.perturbation import Perturbation
 from certdistill.bounds.specification import margin_specification
 
 __all__ = [
     "METHODS",
+    "METHOD_TABLE",
     "OP_REGISTRY",
-    "SUPPORTED_LAYERS_TEXT",
     "BoundEngine",
+    "BoundMethod",
     "BoundOp",
+    "BoundResult",
     "IntervalPass",
+    "Perturbation",
     "build_ops",
-    "input_box",
+    "check_method",
+    "engine_for",
     "margin_lower_bounds",
     "margin_specification",
+    "register_op",
+    "supported_layers_text",
 ]

@@ -1,40 +1,58 @@
 """The bound engine: walks a list of bound operations to bound specification margins.
 
-Methods (DESIGN.md section 3):
+Methods (DESIGN.md section 3), one entry each in :data:`METHOD_TABLE`:
 
 * ``ibp``: interval bounds through every layer; the margin specification is folded into the
   affine layers after the last activation (exact composition), then concretised on the interval.
 * ``crown-ibp``: pre-activation bounds by IBP, the specification by backward linear relaxation.
 * ``crown``: pre-activation bounds also by backward relaxation (intersected with the IBP ones,
   which is sound and never looser), the specification by backward relaxation.
-* ``alpha-crown``: ``crown`` followed by projected gradient ascent on the lower ReLU slopes of the
+* ``alpha-crown``: ``crown`` followed by projected gradient ascent on the lower slopes of the
   specification's backward pass, keeping the best bound seen per margin.
+
+Every bound computation starts with one forward sweep that runs the clean input and the interval
+bounds through the network together (the clean logits give the reference class when none is
+given), then applies the method to the recorded state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from certdistill.bounds.ops import BoundOp, build_ops, numel
+from certdistill.bounds.ops import BoundOp, Relaxation, build_ops, numel
 from certdistill.bounds.patches import (
     PatchGeometry,
     concretize_patches,
     identity_patches,
     in_map_mask,
 )
-from certdistill.bounds.perturbation import input_box
+from certdistill.bounds.perturbation import Perturbation
 from certdistill.bounds.specification import margin_specification
 
-#: Bound methods understood by the engine.
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+__all__ = [
+    "METHODS",
+    "METHOD_TABLE",
+    "BoundEngine",
+    "BoundMethod",
+    "BoundResult",
+    "IntervalPass",
+    "check_method",
+    "engine_for",
+    "margin_lower_bounds",
+]
 
 #: Largest number of elements in one backward ``A`` tensor for intermediate bounds; the neurons
 #: whose bounds are computed are split into groups to stay under it.
 _BACKWARD_ELEMENT_BUDGET = 2**26
+
+#: Intermediate CROWN bounds pad every sample to the batch's largest number of unstable neurons
+#: unless that wastes more than this factor of the rows; then the rows are gathered per neuron.
+_RAGGED_WASTE = 1.5
 
 #: Largest ``n_classes**2 * width`` for which IBP bounds every class pair of the trailing affine
 #: map at once (memory independent of the batch size).
@@ -43,7 +61,7 @@ _PAIRWISE_ELEMENT_BUDGET = 2**24
 
 @dataclass
 class _Propagation:
-    """Per-batch state of one bound computation."""
+    """Per-batch state of one bound computation (the forward sweep and what methods add)."""
 
     center: Tensor
     radius: Tensor
@@ -52,8 +70,41 @@ class _Propagation:
     ibp_bounds: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     #: Bounds used for the relaxation of each activation op's input, by op index.
     bounds: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    #: The relaxation of each activation op on its ``bounds``, by op index.
+    relaxations: dict[int, Relaxation] = field(default_factory=dict)
     #: Interval of the network's input to the trailing affine part (after the last activation).
     tail_interval: tuple[Tensor, Tensor] | None = None
+    #: Clean logits of the sweep.
+    logits: Tensor | None = None
+
+    def rows(self, samples: Tensor) -> _Propagation:
+        """What a backward pass needs of the given samples (repeats allowed), one batch entry
+        per index."""
+        return _Propagation(
+            center=self.center[samples],
+            radius=self.radius[samples],
+            input_shapes=self.input_shapes,
+            relaxations={k: lines.rows(samples) for k, lines in self.relaxations.items()},
+        )
+
+
+@dataclass
+class BoundResult:
+    """Result of :meth:`BoundEngine.bound`.
+
+    Attributes
+    ----------
+    logits : Tensor of shape (n, n_classes)
+        Clean logits (from the same sweep as the bounds).
+    reference : LongTensor of shape (n,)
+        Reference class of each sample: the one given, or the clean prediction.
+    margins : Tensor of shape (n, n_classes)
+        Lower bounds of ``z_ref - z_j`` over the perturbation; ``+inf`` in the reference column.
+    """
+
+    logits: Tensor
+    reference: Tensor
+    margins: Tensor
 
 
 @dataclass
@@ -70,12 +121,80 @@ class IntervalPass:
         ``(center, radius)`` of each activation's input (when requested).
     input_radius : Tensor
         Radius of the input box.
+    reference : LongTensor of shape (n,)
+        Class whose margins are bounded.
     """
 
     logits: Tensor
     margins: Tensor
     activation_bounds: list[tuple[Tensor, Tensor]]
     input_radius: Tensor
+    reference: Tensor
+    _state: _Propagation | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    """One bound method of the engine: what it runs and what it needs.
+
+    Attributes
+    ----------
+    name : str
+        Public name (``method=`` everywhere).
+    run : callable
+        ``run(engine, state, reference, **options) -> margins`` on the state of the forward sweep.
+    activation_bounds : bool
+        The method needs the interval bounds of every activation's input from the sweep.
+    trainable : bool
+        Cheap and differentiable enough to be a certified-training loss.
+    lirpa_name : str
+        The same method's name in auto_LiRPA (the optional backend).
+    summary : str
+        One line for documentation and help texts.
+    """
+
+    name: str
+    run: Callable[..., Tensor]
+    activation_bounds: bool
+    trainable: bool
+    lirpa_name: str
+    summary: str
+
+
+def check_method(method: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate a bound method name, or a sequence of them tried in order.
+
+    Parameters
+    ----------
+    method : str or sequence of str
+        One of :data:`METHODS`, or a non-empty sequence of distinct ones.
+
+    Returns
+    -------
+    tuple of str
+        The methods, in order.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, an empty sequence or a repeated method.
+    """
+    methods = (method,) if isinstance(method, str) else tuple(method)
+    if not methods:
+        raise ValueError(f"method must name at least one bound method of {METHODS}.")
+    for name in methods:
+        if name not in METHOD_TABLE:
+            raise ValueError(f"Unknown bound method {name!r}; choose one of {METHODS}.")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"method names a bound method twice: {methods!r}.")
+    return methods
+
+
+def _method(name: str) -> BoundMethod:
+    try:
+        return METHOD_TABLE[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown bound method {name!r}; choose one of {METHODS}.") from None
 
 
 class BoundEngine:
@@ -85,7 +204,8 @@ class BoundEngine:
     ----------
     module : torch.nn.Module
         The network. Its parameters are read at every call (no copy), so bounds stay
-        differentiable with respect to them and follow training updates.
+        differentiable with respect to them and follow training updates; its structure is read
+        once (build a new engine, or use :func:`engine_for`, after replacing layers).
     conv_mode : {"auto", "patches", "matrix"}, default="auto"
         How CROWN computes pre-activation bounds of convolutional feature maps: with sparse
         patches over each neuron's receptive field, or with dense backward matrices restricted
@@ -112,31 +232,31 @@ class BoundEngine:
         self._tail_start = last_activation + 1
 
     # ------------------------------------------------------------------ public
-    def margin_lower_bounds(
+    def bound(
         self,
         x: Tensor,
-        eps: float | Tensor,
-        reference: Tensor,
+        perturbation: Perturbation,
+        reference: Tensor | None = None,
         *,
         method: str = "ibp",
-        lower: float | Tensor | None = None,
-        upper: float | Tensor | None = None,
         alpha_steps: int = 20,
         alpha_lr: float = 0.1,
-    ) -> Tensor:
-        """Lower bounds of ``z_ref - z_j`` over the L-infinity ball around each sample.
+    ) -> BoundResult:
+        """Clean logits and margin lower bounds over the perturbation, from one sweep.
+
+        The module runs in its current mode (certification puts it in eval mode); in training
+        mode BatchNorm normalises with the statistics of the clean batch ``x`` (its running
+        statistics are not updated) and Dropout is the identity.
 
         Parameters
         ----------
         x : Tensor of shape (n, ...)
             Clean inputs.
-        eps : float or Tensor
-            Radius of the ball, broadcastable to ``x``.
-        reference : LongTensor of shape (n,)
-            Reference class of each sample.
-        method : {"ibp", "crown-ibp", "crown", "alpha-crown"}
-        lower, upper : float or Tensor, optional
-            Input domain intersected with the ball.
+        perturbation : Perturbation
+            The set around each input.
+        reference : LongTensor of shape (n,), optional
+            Reference class of each sample; by default the clean prediction of the same sweep.
+        method : {"ibp", "crown-ibp", "crown", "alpha-crown"}, default="ibp"
         alpha_steps : int, default=20
             Steps of the slope optimisation of ``alpha-crown``.
         alpha_lr : float, default=0.1
@@ -144,48 +264,44 @@ class BoundEngine:
 
         Returns
         -------
+        BoundResult
+        """
+        bound_method = _method(method)
+        state = self._sweep(x, perturbation, record_bounds=bound_method.activation_bounds)
+        if reference is None:
+            reference = state.logits.argmax(1)
+        margins = bound_method.run(self, state, reference, alpha_steps=alpha_steps,
+                                   alpha_lr=alpha_lr)
+        return BoundResult(state.logits, reference, _mask_reference(margins, reference))
+
+    def margin_lower_bounds(
+        self,
+        x: Tensor,
+        perturbation: Perturbation,
+        reference: Tensor,
+        *,
+        method: str = "ibp",
+        **options,
+    ) -> Tensor:
+        """Lower bounds of ``z_ref - z_j`` over the perturbation (:meth:`bound`'s margins).
+
+        Returns
+        -------
         Tensor of shape (n, n_classes)
             Margin lower bounds, ``+inf`` in the reference column.
         """
-        if method not in _METHOD_IMPLEMENTATIONS:
-            raise ValueError(f"Unknown bound method {method!r}; choose one of {METHODS}.")
-        center, radius = input_box(x, eps, lower, upper)
-        self._bind_batch_statistics(x)
-        state = _Propagation(center=center, radius=radius)
-        out_center, _ = self._interval_pass(state, record_bounds=method != "ibp")
-        n_classes = out_center.shape[1]
-        spec = margin_specification(reference, n_classes, dtype=center.dtype)
-        implementation = _METHOD_IMPLEMENTATIONS[method]
-        margins = implementation(self, state, spec, reference=reference,
-                                 alpha_steps=alpha_steps, alpha_lr=alpha_lr)
-        ref_column = torch.nn.functional.one_hot(reference, n_classes).bool()
-        return margins.masked_fill(ref_column, float("inf"))
-
-    def interval_bounds(
-        self,
-        x: Tensor,
-        eps: float | Tensor,
-        *,
-        lower: float | Tensor | None = None,
-        upper: float | Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """IBP bounds ``(lower, upper)`` of the network's outputs (no specification folded in)."""
-        center, radius = input_box(x, eps, lower, upper)
-        self._bind_batch_statistics(x)
-        out_center, out_radius = self._interval_pass(_Propagation(center=center, radius=radius))
-        return out_center - out_radius, out_center + out_radius
+        return self.bound(x, perturbation, reference, method=method, **options).margins
 
     def interval_pass(
         self,
         x: Tensor,
-        eps: float | Tensor,
+        perturbation: Perturbation,
         reference: Tensor,
         *,
-        lower: float | Tensor | None = None,
-        upper: float | Tensor | None = None,
         record_activations: bool = False,
+        keep_state: bool = False,
     ) -> IntervalPass:
-        """Clean forward pass and IBP margin bounds in one sweep, for certified training.
+        """Clean forward pass and IBP margin bounds in one training sweep.
 
         Each layer runs in its current mode, as the module's own forward would: BatchNorm in
         training mode normalises inputs and bounds with the clean batch statistics and updates
@@ -196,79 +312,92 @@ class BoundEngine:
         ----------
         x : Tensor of shape (n, ...)
             Clean inputs.
-        eps : float or Tensor
-            Radius of the ball, broadcastable to ``x``.
+        perturbation : Perturbation
+            The set around each input (the scheduled training radius).
         reference : LongTensor of shape (n,)
             Class whose margins are bounded (the label when training).
-        lower, upper : float or Tensor, optional
-            Input domain intersected with the ball.
         record_activations : bool, default=False
             Keep the interval of each activation's input (for regularisers).
+        keep_state : bool, default=False
+            Keep what :meth:`crown_ibp_margins` needs to bound the same thinned network by
+            CROWN-IBP without a second sweep.
 
         Returns
         -------
         IntervalPass
         """
-        center, radius = input_box(x, eps, lower, upper)
-        state = _Propagation(center=center, radius=radius)
+        state = self._sweep(x, perturbation, record_bounds=record_activations or keep_state,
+                            training=True)
         recorded = []
-        for index, op in enumerate(self.ops):
-            state.input_shapes.append(center.shape[1:])
-            if index == self._tail_start:
-                state.tail_interval = (center, radius)
-            if index >= self._tail_start:
-                x = op.forward(x, update_running_stats=True)
-                continue
-            if record_activations and op.is_activation:
-                recorded.append((center, radius))
-            x, center, radius = op.propagate(x, center, radius)
-        if state.tail_interval is None:
-            state.tail_interval = (center, radius)
-        margins = self._tail_margins(state, reference, x.shape[1])
-        ref_column = torch.nn.functional.one_hot(reference, margins.shape[1]).bool()
-        return IntervalPass(logits=x, margins=margins.masked_fill(ref_column, float("inf")),
-                            activation_bounds=recorded, input_radius=state.radius)
+        if record_activations:
+            for index in self._activation_indices:
+                lower, upper = state.ibp_bounds[index]
+                recorded.append(((upper + lower) / 2, (upper - lower) / 2))
+        margins = self._tail_margins(state, reference)
+        return IntervalPass(
+            logits=state.logits, margins=_mask_reference(margins, reference),
+            activation_bounds=recorded, input_radius=state.radius, reference=reference,
+            _state=state if keep_state else None,
+        )
+
+    def crown_ibp_margins(self, interval_pass: IntervalPass) -> Tensor:
+        """CROWN-IBP margin bounds of the network of an :meth:`interval_pass`.
+
+        The backward pass reuses that sweep's interval bounds, batch statistics and Dropout
+        mask, so in training both bounds describe the same thinned network.
+
+        Parameters
+        ----------
+        interval_pass : IntervalPass
+            A pass run with ``keep_state=True``.
+
+        Returns
+        -------
+        Tensor of shape (n, n_classes)
+            Lower bounds of ``z_ref - z_j``, ``+inf`` in the reference column; differentiable.
+        """
+        state = interval_pass._state
+        if state is None:
+            raise ValueError("crown_ibp_margins needs an interval_pass run with keep_state=True.")
+        return _mask_reference(self._crown_ibp(state, interval_pass.reference),
+                               interval_pass.reference)
 
     def activation_interval_bounds(
-        self,
-        x: Tensor,
-        eps: float | Tensor,
-        *,
-        lower: float | Tensor | None = None,
-        upper: float | Tensor | None = None,
+        self, x: Tensor, perturbation: Perturbation
     ) -> list[tuple[Tensor, Tensor]]:
         """IBP bounds ``(lower, upper)`` of each activation's input, in network order.
 
         Used for diagnostics (unstable neurons) and by the regularisers of Shi et al. (2021).
         """
-        center, radius = input_box(x, eps, lower, upper)
-        self._bind_batch_statistics(x)
-        state = _Propagation(center=center, radius=radius)
-        self._interval_pass(state, record_bounds=True)
+        state = self._sweep(x, perturbation, record_bounds=True)
         return [state.ibp_bounds[index] for index in self._activation_indices]
 
     # --------------------------------------------------------------- passes
-    def _bind_batch_statistics(self, x: Tensor) -> None:
-        if any(op.uses_batch_statistics for op in self.ops):
-            h = x
-            for op in self.ops:
-                h = op.forward(h)
-
-    def _interval_pass(
-        self, state: _Propagation, record_bounds: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        center, radius = state.center, state.radius
+    def _sweep(
+        self, x: Tensor, perturbation: Perturbation, *, record_bounds: bool,
+        training: bool = False,
+    ) -> _Propagation:
+        """The clean forward and the interval bounds up to the last activation, in one pass."""
+        center, radius = perturbation.box(x)
+        state = _Propagation(center=center, radius=radius)
         for index, op in enumerate(self.ops):
-            state.input_shapes.append(center.shape[1:])
-            if record_bounds and op.is_activation:
-                state.ibp_bounds[index] = (center - radius, center + radius)
+            state.input_shapes.append(x.shape[1:])
             if index == self._tail_start:
                 state.tail_interval = (center, radius)
-            center, radius = op.interval(center, radius)
+            if index >= self._tail_start:
+                # After the last activation the specification is folded into the exact affine
+                # map (IBP) or bounded by a backward pass: no interval is needed there.
+                x = op.forward(x, update_running_stats=training)
+                continue
+            if record_bounds and op.is_activation:
+                state.ibp_bounds[index] = (center - radius, center + radius)
+            x, center, radius = op.propagate(x, center, radius, training)
         if state.tail_interval is None:  # the network ends with an activation
             state.tail_interval = (center, radius)
-        return center, radius
+        state.logits = x
+        return state
 
+    # --------------------------------------------------------------- passes
     def _backward(
         self,
         A: Tensor,
@@ -283,7 +412,7 @@ class BoundEngine:
             op = self.ops[index]
             alpha = alphas.get(index) if alphas else None
             A, bias_term = op.backward(
-                A, state.input_shapes[index], state.bounds.get(index), alpha
+                A, state.input_shapes[index], state.relaxations.get(index), alpha
             )
             if bias_term is not None:
                 bias = bias + bias_term
@@ -328,20 +457,25 @@ class BoundEngine:
         # element-wise affine ones, so CROWN would return the same bounds.
         return sum(op.mixes_features for op in self.ops[:index]) <= 1
 
+    def _set_bounds(self, state: _Propagation, index: int, lower: Tensor, upper: Tensor) -> None:
+        state.bounds[index] = (lower, upper)
+        state.relaxations[index] = self.ops[index].relax(lower, upper)
+
     def _crown_intermediate_bounds(self, state: _Propagation) -> None:
         for index in self._activation_indices:
             ibp_lower, ibp_upper = state.ibp_bounds[index]
             if self._interval_is_exact(index):
-                state.bounds[index] = (ibp_lower, ibp_upper)
+                self._set_bounds(state, index, ibp_lower, ibp_upper)
                 continue
+            unstable = self.ops[index].unstable(ibp_lower, ibp_upper)
             compute = (
                 self._patch_bounds_of_node
-                if self._patches_apply(state, index)
+                if self._patches_apply(state, index, int(unstable.sum()))
                 else self._crown_bounds_of_node
             )
-            state.bounds[index] = compute(state, index, ibp_lower, ibp_upper)
+            self._set_bounds(state, index, *compute(state, index, ibp_lower, ibp_upper, unstable))
 
-    def _patches_apply(self, state: _Propagation, index: int) -> bool:
+    def _patches_apply(self, state: _Propagation, index: int, n_unstable: int) -> bool:
         if not (
             self.conv_mode != "matrix"
             and all(len(shape) == 3 for shape in state.input_shapes[: index + 1])
@@ -350,16 +484,19 @@ class BoundEngine:
             return False
         if self.conv_mode == "patches":
             return True
-        # Patches pay off while a neuron's receptive field is small against the input map;
-        # dense rows (restricted to unstable neurons) are cheaper for small maps.
-        geometry = PatchGeometry()
-        for op in reversed(self.ops[:index]):
-            geometry = op.patch_geometry(geometry)
-        height, width = state.input_shapes[0][1:]
-        return geometry.kernel[0] * geometry.kernel[1] <= height * width
+        # Patches bound every neuron of the map over its receptive field; dense rows bound only
+        # the unstable neurons, over whole maps. Pick the one that touches fewer elements.
+        n = state.center.shape[0]
+        geometry, patch_elements, dense_elements = PatchGeometry(), 0, 0
+        for op_index in range(index - 1, -1, -1):
+            geometry = self.ops[op_index].patch_geometry(geometry)
+            channels = state.input_shapes[op_index][0]
+            patch_elements += channels * geometry.kernel[0] * geometry.kernel[1]
+            dense_elements += numel(state.input_shapes[op_index])
+        return n * numel(state.input_shapes[index]) * patch_elements < n_unstable * dense_elements
 
     def _patch_bounds_of_node(
-        self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor
+        self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor, _=None
     ) -> tuple[Tensor, Tensor]:
         """CROWN bounds of a feature map, propagated as patches, intersected with IBP's."""
         n, channels = ibp_lower.shape[:2]
@@ -372,7 +509,7 @@ class BoundEngine:
             geometry, bias, peak = PatchGeometry(), 0.0, 0
             for op_index in range(index - 1, -1, -1):
                 coeffs, geometry, bias_term = self.ops[op_index].backward_patches(
-                    coeffs, geometry, state.bounds.get(op_index)
+                    coeffs, geometry, state.relaxations.get(op_index)
                 )
                 # Window positions outside the map stand for zero padding: drop them.
                 coeffs = coeffs * in_map_mask(state.input_shapes[op_index], geometry, dtype,
@@ -392,57 +529,70 @@ class BoundEngine:
         return torch.maximum(ibp_lower, crown_lower), torch.minimum(ibp_upper, crown_upper)
 
     def _crown_bounds_of_node(
-        self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor
+        self, state: _Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor,
+        unstable: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """CROWN bounds of the input of op ``index``, intersected with its interval bounds.
 
         Only neurons that interval bounds leave unstable are computed: a stable neuron's
         relaxation is exact whatever its bounds, so tighter numbers would not change anything.
+        When the samples of the batch have similar numbers of unstable neurons, each sample
+        propagates as many rows as the most unstable one (padding with stable neurons is
+        harmless: any CROWN bound is sound); when the numbers differ widely, the unstable
+        (sample, neuron) pairs form one ragged list of rows, each a batch entry of its own.
         """
-        shape = ibp_lower.shape[1:]
-        n, width = ibp_lower.shape[0], numel(shape)
-        lower_flat, upper_flat = ibp_lower.flatten(1), ibp_upper.flatten(1)
-        unstable = (lower_flat < 0) & (upper_flat > 0)
-        n_unstable = int(unstable.sum(1).max()) if n else 0
-        if n_unstable == 0:
+        n, shape = ibp_lower.shape[0], ibp_lower.shape[1:]
+        width = numel(shape)
+        lower_flat, upper_flat = ibp_lower.flatten(1).clone(), ibp_upper.flatten(1).clone()
+        unstable = unstable.flatten(1)
+        counts = unstable.sum(1)
+        total, most = int(counts.sum()), int(counts.max()) if n else 0
+        if total == 0:
             return ibp_lower, ibp_upper
-        # Per sample, the indices of its unstable neurons first (padding with stable ones is
-        # harmless: any CROWN bound is sound, so intersecting with it never hurts).
-        order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)
-        order = order[:, :n_unstable]
         largest = max(numel(s) for s in state.input_shapes[: index + 1])
-        group = max(1, _BACKWARD_ELEMENT_BUDGET // max(1, 2 * n * largest))
-        for first in range(0, n_unstable, group):
-            neurons = order[:, first : first + group]
-            rows = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
-            A, bias = self._backward_both_signs(rows.view(n, -1, *shape), state, end=index)
-            bound = self._concretize(A, bias, state.center, state.radius)
-            k = neurons.shape[1]
-            crown_lower, crown_upper = bound[:, :k], -bound[:, k:]
-            lower_flat = lower_flat.scatter(
-                1, neurons, torch.maximum(lower_flat.gather(1, neurons), crown_lower)
-            )
-            upper_flat = upper_flat.scatter(
-                1, neurons, torch.minimum(upper_flat.gather(1, neurons), crown_upper)
-            )
-        return lower_flat.view(n, *shape), upper_flat.view(n, *shape)
+        if n * most <= _RAGGED_WASTE * total:
+            # Per sample, the indices of its unstable neurons first.
+            order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)
+            order = order[:, :most]
+            group = max(1, _BACKWARD_ELEMENT_BUDGET // max(1, 2 * n * largest))
+            for first in range(0, most, group):
+                neurons = order[:, first:first + group]
+                one_hot = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
+                A, bias = self._backward_both_signs(one_hot.view(n, -1, *shape), state,
+                                                    end=index)
+                bound = self._concretize(A, bias, state.center, state.radius)
+                k = neurons.shape[1]
+                lower_flat.scatter_(1, neurons, torch.maximum(lower_flat.gather(1, neurons),
+                                                              bound[:, :k]))
+                upper_flat.scatter_(1, neurons, torch.minimum(upper_flat.gather(1, neurons),
+                                                              -bound[:, k:]))
+            return lower_flat.view_as(ibp_lower), upper_flat.view_as(ibp_upper)
+        samples, neurons = unstable.nonzero(as_tuple=True)
+        group = max(1, _BACKWARD_ELEMENT_BUDGET // (2 * largest))
+        for first in range(0, total, group):
+            rows, columns = samples[first:first + group], neurons[first:first + group]
+            sub = state.rows(rows)
+            one_hot = torch.nn.functional.one_hot(columns, width).to(ibp_lower.dtype)
+            A, bias = self._backward_both_signs(one_hot.view(-1, 1, *shape), sub, end=index)
+            bound = self._concretize(A, bias, sub.center, sub.radius)
+            lower_flat[rows, columns] = torch.maximum(lower_flat[rows, columns], bound[:, 0])
+            upper_flat[rows, columns] = torch.minimum(upper_flat[rows, columns], -bound[:, 1])
+        return lower_flat.view_as(ibp_lower), upper_flat.view_as(ibp_upper)
 
     # -------------------------------------------------------------- methods
-    def _ibp(self, state: _Propagation, spec: Tensor, *, reference: Tensor, **_) -> Tensor:
-        return self._tail_margins(state, reference, spec.shape[1], spec)
+    def _ibp(self, state: _Propagation, reference: Tensor, **_) -> Tensor:
+        return self._tail_margins(state, reference)
 
-    def _tail_margins(
-        self, state: _Propagation, reference: Tensor, n_classes: int, spec: Tensor | None = None
-    ) -> Tensor:
+    def _tail_margins(self, state: _Propagation, reference: Tensor) -> Tensor:
         """IBP margin bounds with the specification folded into the trailing affine layers.
 
         Their exact composition is tighter than interval arithmetic through each of them.
         """
         center, radius = state.tail_interval
+        n_classes = state.logits.shape[1]
         tail_width = numel(center.shape[1:])
         if n_classes * n_classes * tail_width > _PAIRWISE_ELEMENT_BUDGET:
-            if spec is None:
-                spec = margin_specification(reference, n_classes, dtype=center.dtype)
+            spec = margin_specification(reference, n_classes, dtype=center.dtype)
             A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
             return self._concretize(A, bias, center, radius)
         # The tail holds no activation, so its composite affine map is the same for every
@@ -457,25 +607,30 @@ class BoundEngine:
         spread_of_reference = spread.gather(1, rows.unsqueeze(-1).expand(-1, 1, n_classes))
         return logits.gather(1, rows) - logits - spread_of_reference.squeeze(1)
 
-    def _crown_ibp(self, state: _Propagation, spec: Tensor, **_) -> Tensor:
-        state.bounds = dict(state.ibp_bounds)
-        return self._final_backward(state, spec)
+    def _specification(self, state: _Propagation, reference: Tensor) -> Tensor:
+        return margin_specification(reference, state.logits.shape[1], dtype=state.center.dtype)
 
-    def _crown(self, state: _Propagation, spec: Tensor, **_) -> Tensor:
+    def _crown_ibp(self, state: _Propagation, reference: Tensor, **_) -> Tensor:
+        for index, (lower, upper) in state.ibp_bounds.items():
+            self._set_bounds(state, index, lower, upper)
+        return self._final_backward(state, self._specification(state, reference))
+
+    def _crown(self, state: _Propagation, reference: Tensor, **_) -> Tensor:
         self._crown_intermediate_bounds(state)
-        return self._final_backward(state, spec)
+        return self._final_backward(state, self._specification(state, reference))
 
     def _alpha_crown(
-        self, state: _Propagation, spec: Tensor, *, alpha_steps: int, alpha_lr: float, **_
+        self, state: _Propagation, reference: Tensor, *, alpha_steps: int, alpha_lr: float, **_
     ) -> Tensor:
         self._crown_intermediate_bounds(state)
+        spec = self._specification(state, reference)
         n_specs = spec.shape[1]
         with torch.no_grad():
             best = self._final_backward(state, spec)
         alphas = {}
         for index in self._activation_indices:
             lower, upper = state.bounds[index]
-            start = self.ops[index].adaptive_lower_slope(lower.detach(), upper.detach())
+            start = self.ops[index].initial_lower_slope(lower.detach(), upper.detach())
             alphas[index] = start.unsqueeze(1).expand(-1, n_specs, *start.shape[1:]).clone()
             alphas[index].requires_grad_(True)
         if not alphas or alpha_steps <= 0:
@@ -484,8 +639,9 @@ class BoundEngine:
             center=state.center.detach(),
             radius=state.radius.detach(),
             input_shapes=state.input_shapes,
-            bounds={k: (lo.detach(), up.detach()) for k, (lo, up) in state.bounds.items()},
         )
+        for index, (lower, upper) in state.bounds.items():
+            self._set_bounds(detached, index, lower.detach(), upper.detach())
         optimizer = torch.optim.Adam(list(alphas.values()), lr=alpha_lr)
         with torch.enable_grad():
             for _ in range(alpha_steps):
@@ -502,18 +658,59 @@ class BoundEngine:
         return best
 
 
-_METHOD_IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
-    "ibp": BoundEngine._ibp,
-    "crown-ibp": BoundEngine._crown_ibp,
-    "crown": BoundEngine._crown,
-    "alpha-crown": BoundEngine._alpha_crown,
+def _mask_reference(margins: Tensor, reference: Tensor) -> Tensor:
+    ref_column = torch.nn.functional.one_hot(reference, margins.shape[1]).bool()
+    return margins.masked_fill(ref_column, float("inf"))
+
+
+#: Bound methods by name, cheapest first.
+METHOD_TABLE: dict[str, BoundMethod] = {
+    method.name: method
+    for method in (
+        BoundMethod("ibp", BoundEngine._ibp, activation_bounds=False, trainable=True,
+                    lirpa_name="IBP",
+                    summary="interval bounds through every layer (fastest, differentiable)"),
+        BoundMethod("crown-ibp", BoundEngine._crown_ibp, activation_bounds=True, trainable=True,
+                    lirpa_name="CROWN-IBP",
+                    summary="IBP intermediate bounds, linear relaxation for the output"),
+        BoundMethod("crown", BoundEngine._crown, activation_bounds=True, trainable=False,
+                    lirpa_name="CROWN", summary="linear relaxation everywhere"),
+        BoundMethod("alpha-crown", BoundEngine._alpha_crown, activation_bounds=True,
+                    trainable=False, lirpa_name="alpha-CROWN",
+                    summary="CROWN with optimised lower slopes (tightest, slowest)"),
+    )
 }
+
+#: Bound methods understood by the engine, cheapest first.
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def engine_for(module: nn.Module) -> BoundEngine:
+    """The bound engine of ``module``, built once and reused while its layers stay the same.
+
+    The engine holds its layers, so a layer replaced in the module gets a new identity and the
+    engine is rebuilt.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        If the module contains a layer the engine cannot handle.
+    """
+    signature = tuple(map(id, module.modules()))
+    cached = _ENGINES.get(module)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    engine = BoundEngine(module)
+    _ENGINES[module] = (signature, engine)
+    return engine
 
 
 def margin_lower_bounds(
     module: nn.Module,
     x: Tensor,
-    eps: float | Tensor,
+    eps: float | Tensor | Perturbation,
     reference: Tensor,
     *,
     method: str = "ibp",
@@ -523,10 +720,10 @@ def margin_lower_bounds(
 ) -> Tensor:
     """Lower bounds of the margins ``z_ref - z_j`` of ``module`` over an L-infinity ball.
 
-    This is the differentiable entry point used for certified training: no validation, no
-    chunking, and the module's current train/eval mode is used (in training mode BatchNorm uses
-    the statistics of the clean batch ``x``). ``ibp`` and ``crown-ibp`` (and ``crown``) are
-    differentiable with respect to the module's parameters.
+    A convenience for scripts and tests: no chunking, and the module's current train/eval mode
+    is used (in training mode BatchNorm uses the statistics of the clean batch ``x``). ``ibp``
+    and ``crown-ibp`` (and ``crown``) are differentiable with respect to the module's
+    parameters.
 
     Parameters
     ----------
@@ -534,13 +731,13 @@ def margin_lower_bounds(
         An ``nn.Sequential`` of supported layers.
     x : Tensor of shape (n, ...)
         Clean inputs on the module's device.
-    eps : float or Tensor
-        Radius of the L-infinity ball, broadcastable to ``x``.
+    eps : float, Tensor or Perturbation
+        Radius of the L-infinity ball (scalar or per feature), or a whole perturbation.
     reference : LongTensor of shape (n,)
         Class whose margins are bounded.
     method : {"ibp", "crown-ibp", "crown", "alpha-crown"}
     lower, upper : float or Tensor, optional
-        Input domain intersected with the ball.
+        Input domain intersected with the ball (with a scalar or tensor ``eps``).
     **options
         ``alpha_steps`` and ``alpha_lr`` for ``alpha-crown``.
 
@@ -549,7 +746,7 @@ def margin_lower_bounds(
     Tensor of shape (n, n_classes)
         Lower bounds; ``+inf`` in the reference column.
     """
-    engine = BoundEngine(module)
-    return engine.margin_lower_bounds(
-        x, eps, reference, method=method, lower=lower, upper=upper, **options
-    )
+    if not isinstance(eps, Perturbation):
+        eps = Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
+                                  device=x.device)
+    return engine_for(module).margin_lower_bounds(x, eps, reference, method=method, **options)

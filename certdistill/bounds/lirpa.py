@@ -11,16 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from certdistill.bounds.perturbation import input_box
+from certdistill.bounds.engine import METHOD_TABLE, BoundResult
+from certdistill.bounds.perturbation import Perturbation
 from certdistill.bounds.specification import margin_specification
-
-#: certdistill method name -> auto_LiRPA method name.
-LIRPA_METHODS = {
-    "ibp": "IBP",
-    "crown-ibp": "CROWN-IBP",
-    "crown": "CROWN",
-    "alpha-crown": "alpha-CROWN",
-}
 
 INSTALL_HINT = (
     "backend='auto_lirpa' needs the auto_LiRPA package, which could not be imported. "
@@ -66,31 +59,45 @@ class LirpaBounds:
         self._bounded.eval()
         return self._bounded
 
-    def margin_lower_bounds(
+    def bound(
         self,
         x: Tensor,
-        eps: float | Tensor,
-        reference: Tensor,
+        perturbation: Perturbation,
+        reference: Tensor | None = None,
         *,
         method: str = "crown",
-        lower: float | Tensor | None = None,
-        upper: float | Tensor | None = None,
         **_,
-    ) -> Tensor:
-        """Margin lower bounds, as :meth:`BoundEngine.margin_lower_bounds`."""
+    ) -> BoundResult:
+        """Clean logits and margin lower bounds, as :meth:`BoundEngine.bound`."""
         bounded = self._bounded_module(x)
-        center, radius = input_box(x, eps, lower, upper)
-        perturbation = self.lirpa.PerturbationLpNorm(
-            norm=float("inf"), x_L=center - radius, x_U=center + radius
-        )
-        bounded_x = self.lirpa.BoundedTensor(x, perturbation)
+        lower, upper = perturbation.bounds(x)
+        lirpa_perturbation = self.lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lower,
+                                                           x_U=upper)
+        bounded_x = self.lirpa.BoundedTensor(x, lirpa_perturbation)
         with torch.no_grad():
-            n_classes = self.module(x[:1]).shape[1]
+            logits = self.module(x)
+        if reference is None:
+            reference = logits.argmax(1)
+        n_classes = logits.shape[1]
         spec = margin_specification(reference, n_classes, dtype=x.dtype)
         # alpha-CROWN optimises slopes by gradient descent even when certifying.
         with torch.enable_grad():
             margins, _ = bounded.compute_bounds(
-                x=(bounded_x,), C=spec, method=LIRPA_METHODS[method], bound_upper=False
+                x=(bounded_x,), C=spec, method=METHOD_TABLE[method].lirpa_name,
+                bound_upper=False,
             )
         ref_column = torch.nn.functional.one_hot(reference, n_classes).bool()
-        return margins.detach().masked_fill(ref_column, float("inf"))
+        return BoundResult(logits, reference, margins.detach().masked_fill(ref_column,
+                                                                           float("inf")))
+
+    def margin_lower_bounds(
+        self,
+        x: Tensor,
+        perturbation: Perturbation,
+        reference: Tensor,
+        *,
+        method: str = "crown",
+        **options,
+    ) -> Tensor:
+        """Margin lower bounds, as :meth:`BoundEngine.margin_lower_bounds`."""
+        return self.bound(x, perturbation, reference, method=method, **options).margins

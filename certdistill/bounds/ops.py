@@ -1,22 +1,43 @@
 """Bound operations: one small class per supported layer type.
 
-Each operation knows three steps for the layer it wraps:
+Each operation knows the steps the engine (:mod:`certdistill.bounds.engine`) asks of the layer it
+wraps; the engine walks a list of operations and never asks what kind of layer one wraps.
 
-* ``forward(x)``: the plain forward pass (used to read batch statistics of the clean input);
+* ``forward(x)``: the plain forward pass in the layer's current mode;
 * ``interval(center, radius)``: interval bound propagation in centre/radius form;
-* ``backward(A, input_shape, bounds, alpha)``: the backward linear-relaxation step of CROWN.
+* ``propagate(x, center, radius, training)``: both in one step (training runs BatchNorm's
+  running-statistics update and Dropout's mask here, the same for the inputs and the bounds);
+* ``backward(A, input_shape, relaxation, alpha)``: the backward linear-relaxation step of CROWN.
   ``A`` has shape ``(n, S, *output_shape)`` and represents ``S`` linear functions ``A @ h`` of the
   layer's output ``h`` for each of the ``n`` samples. The step returns ``(A', b)`` such that
   ``A @ layer(z) >= A' @ z + b`` for every ``z`` inside the layer's input bounds, with ``b`` of
-  shape ``(n, S)``. For affine layers the inequality is an equality.
+  shape ``(n, S)``. For affine layers the inequality is an equality;
+* ``backward_patches`` and ``patch_geometry``: the same step on patches, for layers acting
+  locally on feature maps (``supports_patches``);
+* activations (``is_activation``, subclasses of :class:`ActivationOp`) also ``relax`` on their
+  input bounds (the lines of a :class:`Relaxation`, which their backward steps use), say which
+  inputs are ``unstable`` (not exact on the given bounds, so tighter bounds pay off) and give the
+  ``initial_lower_slope`` from which alpha-CROWN optimises.
 
-The engine (:mod:`certdistill.bounds.engine`) walks a list of these operations; it never asks what
-kind of layer an operation wraps.
+Adding a layer
+--------------
+Write one subclass of :class:`BoundOp` with the steps above (affine layers need ``forward``,
+``interval`` and ``backward``; set ``mixes_features`` when an output unit depends on several
+inputs), validate the layer's configuration in ``__init__`` (raise
+:class:`~certdistill.exceptions.UnsupportedLayerError` for what the class cannot bound), and
+register it::
+
+    register_op(MyLayer, MyLayerOp, note="stride 1 only")
+
+The supported-layer text of every error message and of the documentation is generated from the
+registry. Then add the layer to the random networks of the soundness tests (``tests/networks.py``)
+so that sampling, attacks and the MILP oracle check it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +81,15 @@ class BoundOp:
         raise NotImplementedError
 
     def propagate(
-        self, x: Tensor, center: Tensor, radius: Tensor
+        self, x: Tensor, center: Tensor, radius: Tensor, training: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Training step: the clean forward (updating running statistics) and the interval."""
-        x = self.forward(x, update_running_stats=True)
+        """The clean forward and the interval step in one.
+
+        With ``training``, the step is one of certified training: BatchNorm updates its running
+        statistics and Dropout draws one mask for the inputs and the bounds (kept for the
+        backward steps of the same pass).
+        """
+        x = self.forward(x, update_running_stats=training)
         return (x, *self.interval(center, radius))
 
     def interval(self, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,10 +99,25 @@ class BoundOp:
         self,
         A: Tensor,
         input_shape: torch.Size,
-        bounds: tuple[Tensor, Tensor] | None = None,
+        relaxation: Relaxation | None = None,
         alpha: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """Backward linear-relaxation step (see the module docstring); activations receive
+        their :class:`Relaxation` and optional optimised lower slopes ``alpha``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------- activation hooks
+    def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        """Linear lines bounding the activation on ``[lower, upper]`` (activations only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not an activation")
+
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Inputs whose relaxation is not exact on ``[lower, upper]`` (activations only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not an activation")
+
+    def initial_lower_slope(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Lower-line slope before optimisation: CROWN's choice, alpha-CROWN's start."""
+        raise NotImplementedError(f"{type(self).__name__} is not an activation")
 
     def patch_geometry(self, geometry: PatchGeometry) -> PatchGeometry:
         """Geometry on the input map of patches with ``geometry`` on the output map."""
@@ -86,7 +127,7 @@ class BoundOp:
         self,
         coeffs: Tensor,
         geometry: PatchGeometry,
-        bounds: tuple[Tensor, Tensor] | None = None,
+        relaxation: Relaxation | None = None,
     ) -> tuple[Tensor, PatchGeometry, Tensor | None]:
         """Backward step on patches (see :mod:`certdistill.bounds.patches`).
 
@@ -143,12 +184,12 @@ class LinearOp(BoundOp):
         return (F.linear(center, weight, self.layer.bias),
                 F.linear(radius, self.abs_weight(weight)))
 
-    def propagate(self, x, center, radius):
+    def propagate(self, x, center, radius, training=False):
         # Clean inputs and centres share the map: one call on the stacked batch is faster.
         x, center = self.forward(torch.cat([x, center])).split(x.shape[0])
         return x, center, F.linear(radius, self.abs_weight(self.layer.weight))
 
-    def backward(self, A, input_shape, bounds=None, alpha=None):
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
         bias = self.layer.bias
         bias_term = _flat_sum(A @ bias) if bias is not None else None
         return A @ self.layer.weight, bias_term
@@ -160,6 +201,11 @@ class Conv2dOp(BoundOp):
     mixes_features = True
 
     def __init__(self, layer: nn.Conv2d):
+        if layer.groups != 1 or _pair(layer.dilation) != (1, 1) or layer.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"{layer!r}: only Conv2d with groups=1, dilation=1 and padding_mode='zeros' is "
+                f"supported by the native engine. {supported_layers_text()}"
+            )
         self.layer = layer
         self.padding = _numeric_padding(layer)
         self.abs_weight = _AbsWeightCache()
@@ -175,11 +221,11 @@ class Conv2dOp(BoundOp):
         return (self._conv(center, weight, self.layer.bias),
                 self._conv(radius, self.abs_weight(weight), None))
 
-    def propagate(self, x, center, radius):
+    def propagate(self, x, center, radius, training=False):
         x, center = self.forward(torch.cat([x, center])).split(x.shape[0])
         return x, center, self._conv(radius, self.abs_weight(self.layer.weight), None)
 
-    def backward(self, A, input_shape, bounds=None, alpha=None):
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
         n, specs = A.shape[:2]
         # The transpose of a convolution is the gradient of its input.
         A_in = torch.nn.grad.conv2d_input(
@@ -195,7 +241,7 @@ class Conv2dOp(BoundOp):
 
     supports_patches = True
 
-    def backward_patches(self, coeffs, geometry, bounds=None):
+    def backward_patches(self, coeffs, geometry, relaxation=None):
         bias = self.layer.bias
         bias_term = coeffs.sum(dim=(-2, -1)) @ bias if bias is not None else None
         widened = _transpose_patches(coeffs, self.layer.weight, self.layer.stride)
@@ -299,7 +345,7 @@ class ElementwiseAffineOp(BoundOp):
         scale_v = self._channel_view(scale, center.dim())
         return center * scale_v + self._channel_view(shift, center.dim()), radius * scale_v.abs()
 
-    def backward(self, A, input_shape, bounds=None, alpha=None):
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
         scale, shift = self.affine()
         scale_v = self._channel_view(scale, A.dim() - 1)  # a sample's shape, channels first
         # Sum over positions first: no full-size product for the bias.
@@ -308,7 +354,7 @@ class ElementwiseAffineOp(BoundOp):
 
     supports_patches = True
 
-    def backward_patches(self, coeffs, geometry, bounds=None):
+    def backward_patches(self, coeffs, geometry, relaxation=None):
         # Positions outside the map were zeroed by the engine, so the shift sums correctly.
         scale, shift = self.affine()
         return coeffs * scale.view(-1, 1, 1), geometry, coeffs.sum(dim=(-2, -1)) @ shift
@@ -329,7 +375,7 @@ class AvgPool2dOp(BoundOp):
             layer.count_include_pad or self.padding == (0, 0)
         )
 
-    def backward_patches(self, coeffs, geometry, bounds=None):
+    def backward_patches(self, coeffs, geometry, relaxation=None):
         channels = coeffs.shape[3]
         divisor = self.layer.divisor_override or (self.kernel_size[0] * self.kernel_size[1])
         kernel = coeffs.new_full((channels, 1, *self.kernel_size), 1.0 / divisor)
@@ -346,7 +392,7 @@ class AvgPool2dOp(BoundOp):
         # Non-negative weights: the radius maps through the same pooling.
         return self.layer(center), self.layer(radius)
 
-    def backward(self, A, input_shape, bounds=None, alpha=None):
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
         n, specs = A.shape[:2]
         shape_holder = A.new_zeros(()).expand(n * specs, *input_shape)
         A_in = torch.ops.aten.avg_pool2d_backward(
@@ -378,7 +424,7 @@ class ReshapeOp(BoundOp):
     def interval(self, center, radius):
         return self.layer(center), self.layer(radius)
 
-    def backward(self, A, input_shape, bounds=None, alpha=None):
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
         return A.reshape(*A.shape[:2], *input_shape), None
 
 
@@ -394,41 +440,134 @@ class IdentityOp(BoundOp):
     def interval(self, center, radius):
         return center, radius
 
-    def backward(self, A, input_shape, bounds=None, alpha=None):
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
         return A, None
 
     supports_patches = True
 
-    def backward_patches(self, coeffs, geometry, bounds=None):
+    def backward_patches(self, coeffs, geometry, relaxation=None):
         return coeffs, geometry, None
 
 
 class DropoutOp(IdentityOp):
     """``nn.Dropout``: identity for certification; one thinned network per training step.
 
-    After the last activation the training pass folds the remaining affine layers into one
-    exact map, where Dropout stays the identity.
+    A training pass draws one mask and applies it to the inputs, the bounds and, in the backward
+    steps of the same pass (CROWN-IBP training), the linear functions: every bound of the step
+    describes the same thinned network. After the last activation the training pass folds the
+    remaining affine layers into one exact map, where Dropout stays the identity.
     """
 
-    def propagate(self, x, center, radius):
+    def __init__(self, layer: nn.Dropout):
+        super().__init__(layer)
+        self._mask: Tensor | None = None
+
+    def propagate(self, x, center, radius, training=False):
         layer = self.layer
-        if not (layer.training and layer.p > 0):
+        self._mask = None
+        if not (training and layer.training and layer.p > 0):
             return x, center, radius
         # The same mask on the inputs and the bounds: bounds of the thinned network.
         keep = (torch.rand_like(x) >= layer.p).to(x.dtype) / (1 - layer.p)
+        self._mask = keep
         return x * keep, center * keep, radius * keep
 
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
+        if self._mask is None:
+            return A, None
+        return A * self._mask.unsqueeze(1), None
 
-class ReLUOp(BoundOp):
+    @property
+    def supports_patches(self) -> bool:
+        return self._mask is None
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Lines bounding an activation ``f`` on its input bounds, per neuron.
+
+    ``lower_slope * z + lower_intercept <= f(z) <= upper_slope * z + upper_intercept`` for every
+    ``z`` in the bounds the relaxation was made for. All tensors have the shape of the
+    activation's input (batch first).
+
+    Attributes
+    ----------
+    lower_slope, upper_slope, upper_intercept : Tensor
+        The lines (the lower line's slope is where alpha-CROWN substitutes its own).
+    unstable : BoolTensor
+        Neurons whose lines are not exact (where a lower slope may be optimised).
+    lower_intercept : Tensor or None
+        ``None`` means zero (ReLU's lower lines go through the origin).
+    """
+
+    lower_slope: Tensor
+    upper_slope: Tensor
+    upper_intercept: Tensor
+    unstable: Tensor
+    lower_intercept: Tensor | None = None
+
+    def rows(self, samples: Tensor) -> Relaxation:
+        """The lines of the given samples (repeats allowed)."""
+        return Relaxation(
+            self.lower_slope[samples], self.upper_slope[samples], self.upper_intercept[samples],
+            self.unstable[samples],
+            None if self.lower_intercept is None else self.lower_intercept[samples],
+        )
+
+    def with_lower_slope(self, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """Lower and upper slopes with ``alpha`` (one more leading dimension, the spec rows)
+        on the unstable neurons, for a backward pass of shape ``(n, S, ...)``."""
+        lower = torch.where(self.unstable.unsqueeze(1), alpha, self.lower_slope.unsqueeze(1))
+        return lower, self.upper_slope.unsqueeze(1)
+
+
+class ActivationOp(BoundOp):
+    """Base of element-wise activations bounded by a linear :class:`Relaxation`.
+
+    A subclass gives ``forward``, ``interval``, :meth:`unstable`, :meth:`initial_lower_slope`
+    and :meth:`relax`; the backward steps (dense and patches) follow from the lines.
+    """
+
+    is_activation = True
+    supports_patches = True
+
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
+        if alpha is None:
+            lower_slope, upper_slope = (relaxation.lower_slope.unsqueeze(1),
+                                        relaxation.upper_slope.unsqueeze(1))
+        else:
+            lower_slope, upper_slope = relaxation.with_lower_slope(alpha)
+        # Positive coefficients take the lower line, negative ones the upper line.
+        A_in = A * torch.where(A >= 0, lower_slope, upper_slope)
+        bias = torch.einsum("nsd,nd->ns", A.clamp(max=0).flatten(2),
+                            relaxation.upper_intercept.flatten(1))
+        if relaxation.lower_intercept is not None:
+            bias = bias + torch.einsum("nsd,nd->ns", A.clamp(min=0).flatten(2),
+                                       relaxation.lower_intercept.flatten(1))
+        return A_in, bias
+
+    def backward_patches(self, coeffs, geometry, relaxation=None):
+        def windows(line: Tensor) -> Tensor:
+            return unfold_map(line, geometry).unsqueeze(1)
+
+        lower_slope, upper_slope = windows(relaxation.lower_slope), windows(
+            relaxation.upper_slope)
+        widened = coeffs * torch.where(coeffs >= 0, lower_slope, upper_slope)
+        bias = _window_sum(coeffs.clamp(max=0) * windows(relaxation.upper_intercept))
+        if relaxation.lower_intercept is not None:
+            bias = bias + _window_sum(coeffs.clamp(min=0) * windows(relaxation.lower_intercept))
+        return widened, geometry, bias
+
+
+class ReLUOp(ActivationOp):
     """``nn.ReLU`` with the triangle relaxation of CROWN.
 
     For an unstable neuron (``l < 0 < u``) the upper line is the chord
     ``u / (u - l) * (z - l)`` and the lower line is ``alpha * z`` with ``alpha`` in ``[0, 1]``.
     Without an explicit ``alpha`` the adaptive choice of CROWN is used: slope 1 when ``u > -l``,
-    else 0, which minimises the area between the two lines.
+    else 0, which minimises the area between the two lines. Stable neurons get exact lines
+    (slopes 1 and 1 when active, 0 and 0 when inactive).
     """
-
-    is_activation = True
 
     def __init__(self, layer: nn.ReLU):
         self.layer = layer
@@ -441,105 +580,88 @@ class ReLUOp(BoundOp):
         upper = F.relu(center + radius)
         return (upper + lower) / 2, (upper - lower) / 2
 
-    @staticmethod
-    def unstable(lower: Tensor, upper: Tensor) -> Tensor:
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
         return (lower < 0) & (upper > 0)
 
-    @staticmethod
-    def adaptive_lower_slope(lower: Tensor, upper: Tensor) -> Tensor:
-        """Lower slope of CROWN before any optimisation (also alpha-CROWN's starting point)."""
+    def initial_lower_slope(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """CROWN's adaptive lower slope (1 where ``u > -l``, else 0), alpha-CROWN's start."""
         return (upper > -lower).to(lower.dtype)
 
-    def relaxation(
-        self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(lower_slope, upper_slope, upper_intercept)``.
-
-        Stable neurons get exact lines (slopes 1 and 1 when active, 0 and 0 when inactive).
-        ``alpha``, when given, has one more leading dimension (the spec rows) than the bounds.
-        """
+    def relax(self, lower: Tensor, upper: Tensor) -> Relaxation:
         unstable = self.unstable(lower, upper)
         active = (lower >= 0).to(lower.dtype)
         # Guard the division; unstable neurons have upper - lower > 0.
         width = torch.where(unstable, upper - lower, torch.ones_like(lower))
         upper_slope = torch.where(unstable, upper / width, active)
         upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(lower))
-        if alpha is None:
-            lower_slope = torch.where(unstable, self.adaptive_lower_slope(lower, upper), active)
-        else:
-            lower_slope = torch.where(unstable.unsqueeze(1), alpha, active.unsqueeze(1))
-        return lower_slope, upper_slope, upper_intercept
-
-    def backward(self, A, input_shape, bounds=None, alpha=None):
-        lower, upper = bounds
-        lower_slope, upper_slope, upper_intercept = self.relaxation(lower, upper, alpha)
-        if alpha is None:
-            lower_slope = lower_slope.unsqueeze(1)
-        # Positive coefficients take the lower line, negative ones the upper line.
-        A_in = A * torch.where(A >= 0, lower_slope, upper_slope.unsqueeze(1))
-        negative = A.clamp(max=0).flatten(2)
-        bias = torch.einsum("nsd,nd->ns", negative, upper_intercept.flatten(1))
-        return A_in, bias
-
-    supports_patches = True
-
-    def backward_patches(self, coeffs, geometry, bounds=None):
-        lower, upper = bounds
-        lines = self.relaxation(lower, upper)
-        lower_slope, upper_slope, upper_intercept = (
-            unfold_map(line, geometry).unsqueeze(1) for line in lines
-        )
-        widened = coeffs * torch.where(coeffs >= 0, lower_slope, upper_slope)
-        return widened, geometry, _window_sum(coeffs.clamp(max=0) * upper_intercept)
+        lower_slope = torch.where(unstable, self.initial_lower_slope(lower, upper), active)
+        return Relaxation(lower_slope, upper_slope, upper_intercept, unstable)
 
 
-def _check_conv(layer: nn.Conv2d) -> None:
-    if layer.groups != 1 or _pair(layer.dilation) != (1, 1) or layer.padding_mode != "zeros":
-        raise UnsupportedLayerError(
-            f"{layer!r}: only Conv2d with groups=1, dilation=1 and padding_mode='zeros' is "
-            f"supported by the native engine. {SUPPORTED_LAYERS_TEXT}"
-        )
+@dataclass(frozen=True)
+class _Registration:
+    op_class: type[BoundOp]
+    note: str
 
 
-def _make_conv(layer: nn.Conv2d) -> Conv2dOp:
-    _check_conv(layer)
-    return Conv2dOp(layer)
+#: Layer type -> its bound operation, in registration order (see :func:`register_op`).
+OP_REGISTRY: dict[type[nn.Module], _Registration] = {}
 
 
-def _make_avgpool(layer: nn.AvgPool2d) -> AvgPool2dOp:
-    return AvgPool2dOp(layer)
+def register_op(layer_type: type[nn.Module], op_class: type[BoundOp], *, note: str = "") -> None:
+    """Make the native engine bound layers of ``layer_type`` with ``op_class``.
+
+    Matching is by exact type: a subclass of a registered layer may override ``forward`` and is
+    refused until it is registered itself.
+
+    Parameters
+    ----------
+    layer_type : type of torch.nn.Module
+        The layer class.
+    op_class : type of BoundOp
+        Its bound operation; ``op_class(layer)`` wraps one layer and raises
+        :class:`~certdistill.exceptions.UnsupportedLayerError` for configurations it cannot bound.
+    note : str, default=""
+        Restrictions shown in the supported-layer text, e.g. ``"groups=1, dilation=1"``.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"layer_type must be a torch.nn.Module class, got {layer_type!r}")
+    if not (isinstance(op_class, type) and issubclass(op_class, BoundOp)):
+        raise TypeError(f"op_class must be a BoundOp subclass, got {op_class!r}")
+    OP_REGISTRY[layer_type] = _Registration(op_class, note)
 
 
-#: Layer type -> factory of its bound operation. Subclasses match through their base class.
-OP_REGISTRY: dict[type[nn.Module], type[BoundOp] | callable] = {
-    nn.Linear: LinearOp,
-    nn.Conv2d: _make_conv,
-    nn.ReLU: ReLUOp,
-    nn.Flatten: ReshapeOp,
-    nn.Unflatten: ReshapeOp,
-    nn.BatchNorm1d: ElementwiseAffineOp,
-    nn.BatchNorm2d: ElementwiseAffineOp,
-    nn.AvgPool2d: _make_avgpool,
-    nn.Identity: IdentityOp,
-    nn.Dropout: DropoutOp,
-}
+def supported_layers_text() -> str:
+    """The sentence listing the supported layers, generated from the registry."""
+    names = [
+        f"{layer_type.__name__} ({entry.note})" if entry.note else layer_type.__name__
+        for layer_type, entry in OP_REGISTRY.items()
+    ]
+    return (f"Supported layers: {', '.join(names)} and nested Sequential. "
+            "For other layers use backend='auto_lirpa'.")
 
-SUPPORTED_LAYERS_TEXT = (
-    "Supported layers: Linear, Conv2d (groups=1, dilation=1), ReLU, Flatten, Unflatten, "
-    "BatchNorm1d, BatchNorm2d, AvgPool2d, Identity, Dropout and nested Sequential. "
-    "For other layers use backend='auto_lirpa'."
-)
+
+register_op(nn.Linear, LinearOp)
+register_op(nn.Conv2d, Conv2dOp, note="groups=1, dilation=1")
+register_op(nn.ReLU, ReLUOp)
+register_op(nn.Flatten, ReshapeOp)
+register_op(nn.Unflatten, ReshapeOp)
+register_op(nn.BatchNorm1d, ElementwiseAffineOp)
+register_op(nn.BatchNorm2d, ElementwiseAffineOp)
+register_op(nn.AvgPool2d, AvgPool2dOp)
+register_op(nn.Identity, IdentityOp)
+register_op(nn.Dropout, DropoutOp)
 
 
 def _op_for(layer: nn.Module, name: str) -> BoundOp:
     # Exact type first, so that a user subclass overriding forward() is not silently mis-bounded.
-    factory = OP_REGISTRY.get(type(layer))
-    if factory is None:
+    entry = OP_REGISTRY.get(type(layer))
+    if entry is None:
         raise UnsupportedLayerError(
             f"Layer '{name}' ({layer!r}) is not supported by the native bound engine. "
-            f"{SUPPORTED_LAYERS_TEXT}"
+            f"{supported_layers_text()}"
         )
-    return factory(layer)
+    return entry.op_class(layer)
 
 
 def build_ops(module: nn.Module) -> list[BoundOp]:
