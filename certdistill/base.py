@@ -21,7 +21,9 @@ Subclasses define the training objective by overriding :meth:`CertifiedNetBase.t
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
@@ -108,6 +111,10 @@ class Choice:
         if not any(value == option for option in self.options):
             raise ValueError(f"{name} must be one of {self.options}, got {value!r}.")
 
+
+#: Epochs of ``max_epochs=None``, and the fewest optimiser steps it trains for.
+_DEFAULT_EPOCHS = 60
+_MIN_STEPS = 500
 
 UNIT = Range(0.0, 1.0)
 NON_NEGATIVE = Range(0.0)
@@ -231,9 +238,14 @@ class CertifiedNetBase(NeuralNetClassifier):
         Learning-rate decay factor (1 disables the decay).
     grad_clip : float or None, default=10.0
         Maximum gradient norm (``None`` disables clipping).
-    criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose
-        As in skorch (defaults: cross-entropy, Adam, 5e-3, 60 epochs, batch 128, no internal
-        validation split, silent).
+    max_epochs : int or None, default=None
+        Training epochs per ``fit``. ``None`` trains 60 epochs, or more on a small data set, so
+        that training takes at least 500 optimiser steps: the warm-up, the eps ramp and the
+        learning-rate decay are fractions of the run, and on a few dozen samples 60 epochs are
+        too few steps to train at all. The epochs run are ``n_epochs_``.
+    criterion, optimizer, lr, batch_size, train_split, verbose
+        As in skorch (defaults: cross-entropy, Adam, 5e-3, batch 128, no internal validation
+        split, silent).
     **kwargs
         Further skorch parameters (``device``, ``callbacks``, ``module__*``, ``optimizer__*``,
         ``callbacks__*``, ...).
@@ -248,6 +260,8 @@ class CertifiedNetBase(NeuralNetClassifier):
         The trained network.
     history_ : skorch.History
         Training history, including the schedule values (``eps``, ``lr`` ...).
+    n_epochs_ : int
+        Epochs of the last ``fit`` (``max_epochs``, or the number chosen for ``None``).
     perturbation_ : Perturbation
         The validated perturbation at ``eps`` (with ``lower``/``upper``), for one sample.
     """
@@ -263,6 +277,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         "reg_tol": POSITIVE,
         "lr_gamma": POSITIVE,
         "grad_clip": Range(0.0, low_open=True, optional=True),
+        "max_epochs": Range(0, integer=True, optional=True),
     }
 
     def __init__(
@@ -287,7 +302,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         criterion=nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam,
         lr: float = 5e-3,
-        max_epochs: int = 60,
+        max_epochs: int | None = None,
         batch_size: int = 128,
         train_split=None,
         verbose: int = 0,
@@ -513,9 +528,32 @@ class CertifiedNetBase(NeuralNetClassifier):
         _reject_fit_params(self, fit_params)
         reset = not (self.warm_start and self.initialized_)
         X, y_enc = self._validate_fit_data(X, y, reset=reset)
+        self.n_epochs_ = self._epochs_for(len(X))
         with self._rng():
-            super().fit(X, y_enc, **fit_params)
+            super().fit(X, y_enc, epochs=self.n_epochs_)
+            self._warn_if_single_class(X)  # predicting draws a DataLoader seed: inside _rng
         return self
+
+    def _epochs_for(self, n_samples: int) -> int:
+        """``max_epochs``, or for ``None`` the default that reaches ``_MIN_STEPS`` steps."""
+        if self.max_epochs is not None:
+            return int(self.max_epochs)
+        batch_size = self.batch_size if self.batch_size and self.batch_size > 0 else n_samples
+        steps_per_epoch = max(1, math.ceil(n_samples / batch_size))
+        return max(_DEFAULT_EPOCHS, math.ceil(_MIN_STEPS / steps_per_epoch))
+
+    def _warn_if_single_class(self, X: np.ndarray) -> None:
+        """A fit whose network predicts one class for all its training data has collapsed."""
+        if len(self.classes_) < 2:
+            return
+        predicted = np.unique(self.predict_proba(X).argmax(axis=1))
+        if predicted.size == 1:
+            warnings.warn(
+                f"{type(self).__name__} predicts the single class {self.classes_[predicted[0]]} "
+                "for all its training data: the fit collapsed (too few optimiser steps, a "
+                "learning rate too high, or a radius eps too large for the data).",
+                ConvergenceWarning, stacklevel=3,
+            )
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training on ``X``, ``y`` (initialising on the first call).
@@ -542,10 +580,11 @@ class CertifiedNetBase(NeuralNetClassifier):
         first = not (self.initialized_ and hasattr(self, "n_features_in_"))
         X, y_enc = self._validate_fit_data(X, y, reset=first, classes=classes)
         offset = 0 if first else len(self.history_)
+        self.n_epochs_ = self._epochs_for(len(X))
         with self._rng(offset):
             if first:
                 self.initialize()
-            super().partial_fit(X, y_enc, **fit_params)
+            super().partial_fit(X, y_enc, epochs=self.n_epochs_)
         return self
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):

@@ -51,6 +51,10 @@ def ibp_init_(module: nn.Module) -> nn.Module:
     return module
 
 
+#: Largest input side at which the default CNN's first convolution keeps the full resolution.
+_FULL_RESOLUTION = 16
+
+
 def _check_sizes(name: str, sizes: Sequence[int]) -> tuple[int, ...]:
     sizes = tuple(int(s) for s in sizes)
     if any(s < 1 for s in sizes):
@@ -110,8 +114,10 @@ def make_cnn(
 ) -> nn.Sequential:
     """Build a small convolutional ReLU network for images.
 
-    The first convolution has a 3x3 kernel, stride 1 and padding 1; every later one has a 4x4
-    kernel, stride 2 and padding 1 (halving the resolution). While the resolution after the last
+    On inputs of at most 16 pixels a side the first convolution has a 3x3 kernel, stride 1 and
+    padding 1; every other one (the first too on larger inputs, where a full-resolution layer
+    would dominate the cost of certified training) has a 4x4 kernel, stride 2 and padding 1
+    (halving the resolution). While the resolution after the last
     convolution is still larger than 8, further stride-2 convolutions with the last channel count
     are appended. Fully connected layers of ``hidden_sizes`` follow, then the output layer. With the
     defaults and ``input_shape=(1, 8, 8)`` this is the network ``conv 32, conv 64 stride 2,
@@ -151,7 +157,7 @@ def make_cnn(
 
     def conv_block(c_in: int, c_out: int, first: bool) -> None:
         nonlocal h, w
-        if first:
+        if first and max(h, w) <= _FULL_RESOLUTION:
             layers.append(nn.Conv2d(c_in, c_out, 3, stride=1, padding=1))
         else:
             layers.append(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))

@@ -5,7 +5,8 @@ Each schedule sets one attribute of the net before every training batch (``curre
 per batch under ``history[-1, "batches", i, key]`` and per epoch (its value at the end of the
 epoch) under ``history[:, key]``.
 
-Progress is measured in optimisation steps: ``t = step / (max_epochs * batches_per_epoch)``, so a
+Progress is measured in optimisation steps: ``t = step / (epochs * batches_per_epoch)``, with
+``epochs`` the net's ``n_epochs_`` (``max_epochs``, or more to reach ``min_steps``), so a
 schedule is expressed in fractions of the whole run and is independent of the data size. Steps
 count over the whole history, so training continued with ``partial_fit`` carries on from where it
 stopped (and stays at the final value past the end).
@@ -42,6 +43,12 @@ def _validate_window(begin: float, end: float) -> None:
         raise ValueError(f"schedule window must satisfy 0 <= begin <= end, got {begin}, {end}")
 
 
+def _epochs(net) -> int:
+    """Epochs of the run: the estimator's ``n_epochs_`` (``max_epochs`` raised to reach its
+    ``min_steps``), or skorch's ``max_epochs``."""
+    return int(getattr(net, "n_epochs_", net.max_epochs))
+
+
 def _net_window(net) -> tuple[float, float]:
     warmup = float(getattr(net, "warmup", 0.0))
     ramp = float(getattr(net, "ramp", 0.5))
@@ -69,7 +76,7 @@ class _ProgressCallback(Callback):
         self._set(net, self.step_)
 
     def _progress(self, net, step: int) -> float:
-        total = max(1, int(net.max_epochs) * self.batches_per_epoch_)
+        total = max(1, _epochs(net) * self.batches_per_epoch_)
         return min(1.0, step / total)
 
     def _set(self, net, step: int) -> float:
@@ -261,7 +268,7 @@ class AlphaSchedule(LinearSchedule):
 
 
 class StepLR(Callback):
-    """Multiply the learning rate by ``gamma`` at fractions of ``max_epochs``.
+    """Multiply the learning rate by ``gamma`` at fractions of the run's epochs.
 
     Parameters
     ----------
@@ -274,7 +281,8 @@ class StepLR(Callback):
     Notes
     -----
     The rate of epoch ``e`` (0-based, counted over the whole history) is ``lr * gamma ** k``,
-    with ``k`` the number of milestones ``m`` such that ``e >= round(m * max_epochs)``.
+    with ``k`` the number of milestones ``m`` such that ``e >= round(m * epochs)`` (``epochs``:
+    the net's ``n_epochs_``, see :class:`~certdistill.base.CertifiedNetBase`'s ``min_steps``).
     The value is recorded as ``history[:, "lr"]``.
     """
 
@@ -286,7 +294,7 @@ class StepLR(Callback):
         milestones = net.lr_milestones if self.milestones is None else self.milestones
         gamma = float(net.lr_gamma if self.gamma is None else self.gamma)
         epoch = len(net.history) - 1
-        passed = sum(epoch >= round(float(m) * net.max_epochs) for m in (milestones or ()))
+        passed = sum(epoch >= round(float(m) * _epochs(net)) for m in (milestones or ()))
         lr = net.lr * gamma**passed
         for name in net._optimizers:
             optimizer = getattr(net, name + "_")

@@ -44,8 +44,9 @@ class CertifiedTeacher(CertifiedNetBase):
     module : torch.nn.Module, class or None, default=None
         The network (see :class:`~certdistill.base.CertifiedNetBase`). ``None`` builds an MLP for
         flat features or, with ``input_shape``, a small CNN.
-    method : {"crown-ibp", "ibp", "mtl-ibp"}, default="crown-ibp"
-        Certified training method.
+    method : {"ibp", "crown-ibp", "mtl-ibp"}, default="ibp"
+        Certified training method. IBP is the default: on the digits benchmark it certified as
+        much as CROWN-IBP at less than half the cost per step (README, training benchmark).
     beta_start, beta_end : float, default=(1.0, 0.0)
         CROWN-IBP mixing weight, interpolated over the ramp (``crown-ibp`` only).
     alpha : float, default=0.5
@@ -98,7 +99,7 @@ class CertifiedTeacher(CertifiedNetBase):
         self,
         module=None,
         *,
-        method: str = "crown-ibp",
+        method: str = "ibp",
         beta_start: float = 1.0,
         beta_end: float = 0.0,
         alpha: float = 0.5,

@@ -46,7 +46,10 @@ def test_cnn_downsamples_large_images():
     net = make_cnn((3, 28, 28), 4)
     out = net(torch.zeros(2, 3, 28, 28))
     assert out.shape == (2, 4)
-    assert sum(isinstance(m, nn.Conv2d) for m in net) == 3  # 28 -> 14 -> 7
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and convs[0].stride == (2, 2)  # 28 -> 14 -> 7, no full-res layer
+    small = [m for m in make_cnn((1, 8, 8), 4) if isinstance(m, nn.Conv2d)]
+    assert small[0].stride == (1, 1) and small[0].kernel_size == (3, 3)  # 8x8 keeps it
 
 
 @pytest.mark.parametrize(

@@ -375,3 +375,36 @@ def test_set_params_device_moves_a_fitted_network():
               if isinstance(v, torch.Tensor) and v.dim() > 0]
     assert states and {v.device.type for v in states} == {"meta"}
     assert net.device == "meta"
+
+
+# ------------------------------------------------------------------- small data sets
+@pytest.mark.parametrize(
+    "n, batch_size, max_epochs, expected",
+    [(125, 128, None, 500), (377, 128, None, 167), (1257, 128, None, 60), (125, 128, 7, 7),
+     (125, 16, None, 63)],
+)
+def test_default_epochs_reach_enough_optimiser_steps(n, batch_size, max_epochs, expected):
+    teacher = CertifiedTeacher(batch_size=batch_size, max_epochs=max_epochs)
+    assert teacher._epochs_for(n) == expected
+
+
+def test_default_epochs_train_a_tiny_data_set_and_schedules_stretch(small):
+    X, y = small
+    teacher = CertifiedTeacher(method="ibp", lr=1e-2, random_state=0,
+                               module__hidden_sizes=(16,)).fit(X[:40], y[:40])
+    assert teacher.n_epochs_ == len(teacher.history) == 500  # one batch per epoch
+    eps = teacher.history[:, "eps"]
+    assert eps[0] == 0.0 and eps[-1] == pytest.approx(teacher.eps_train)
+    assert teacher.score(X[:40], y[:40]) > 0.9
+
+
+def test_a_collapsed_fit_warns(small):
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y = small
+    net = nn.Sequential(nn.Linear(X.shape[1], 4))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    with pytest.warns(ConvergenceWarning, match="single class 2"):
+        CertifiedTeacher(net, lr=0.0, max_epochs=1, random_state=0).fit(X, y)
