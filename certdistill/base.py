@@ -21,6 +21,7 @@ Subclasses define the training objective by overriding :meth:`CertifiedNetBase.t
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from torch.utils.data import Dataset
 
 from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
+from certdistill.parallel import torch_threads
 from certdistill.schedules import EpsSchedule, StepLR
 
 __all__ = ["CertifiedNetBase"]
@@ -60,6 +62,18 @@ def _reject_fit_params(estimator, fit_params) -> None:
             f"{type(estimator).__name__}.fit got unexpected keyword arguments "
             f"{sorted(fit_params)}: sample_weight and extra forward arguments are not supported."
         )
+
+
+def _in_torch_threads(method):
+    """Run an estimator method with the estimator's ``torch_threads`` (see
+    :mod:`certdistill.parallel`); estimators pickled before the parameter existed have none."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch_threads(getattr(self, "torch_threads", None)):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @contextmanager
@@ -157,6 +171,12 @@ class CertifiedNetBase(NeuralNetClassifier):
         Learning-rate decay factor (1 disables the decay).
     grad_clip : float or None, default=10.0
         Maximum gradient norm (``None`` disables clipping).
+    torch_threads : int or None, default=None
+        Torch intra-op CPU threads while the estimator fits, predicts and certifies; the previous
+        number is restored afterwards. ``None`` leaves torch's setting as it is: all cores in a
+        plain Python process, but one in a dask worker process and ``cpu_count() // n_jobs`` in a
+        joblib worker process, so that parallel fits do not oversubscribe the cores (see
+        :mod:`certdistill.parallel`).
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose
         As in skorch; ``train_split=None`` trains on all the data (no internal validation).
     **kwargs
@@ -190,6 +210,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         lr_milestones: Sequence[float] = (0.7, 0.9),
         lr_gamma: float = 0.2,
         grad_clip: float | None = 10.0,
+        torch_threads: int | None = None,
         criterion=nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam,
         lr: float = 1e-3,
@@ -221,6 +242,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         self.lr_milestones = lr_milestones
         self.lr_gamma = lr_gamma
         self.grad_clip = grad_clip
+        self.torch_threads = torch_threads
 
     # ------------------------------------------------------------------ tags
     def __sklearn_tags__(self):
@@ -397,6 +419,7 @@ class CertifiedNetBase(NeuralNetClassifier):
             yield
 
     # ------------------------------------------------------------------ fit
+    @_in_torch_threads
     def fit(self, X, y, **fit_params):
         """Validate the data, build the network and train it from scratch.
 
@@ -421,6 +444,7 @@ class CertifiedNetBase(NeuralNetClassifier):
             super().fit(X, y_enc, **fit_params)
         return self
 
+    @_in_torch_threads
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training on ``X``, ``y`` (initialising on the first call).
 
@@ -680,6 +704,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         return {"loss": loss, "y_pred": logits}
 
     # ----------------------------------------------------------- prediction
+    @_in_torch_threads
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in the order of ``classes_``.
 
@@ -719,6 +744,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         y_enc = None if y is None else self._encode_labels(np.asarray(y).reshape(-1))
         return x, y_enc
 
+    @_in_torch_threads
     def certify(self, X, eps=None, method="crown", *, y=None, batch_size: int = 256):
         """Certify each sample's prediction (or label) in the L-infinity ball of radius eps.
 
@@ -770,6 +796,7 @@ class CertifiedNetBase(NeuralNetClassifier):
             method="+".join(methods),
         )
 
+    @_in_torch_threads
     def certified_radius(
         self, X, *, y=None, method: str = "crown", max_eps: float = 1.0, tol: float = 1e-3
     ) -> np.ndarray:

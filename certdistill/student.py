@@ -116,7 +116,10 @@ default="selective"
     lr_milestones, lr_gamma, grad_clip
         Step learning-rate decay and gradient clipping.
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
-        skorch parameters (defaults as :class:`~certdistill.CertifiedTeacher`).
+        skorch parameters (defaults as :class:`~certdistill.CertifiedTeacher`), and
+        ``torch_threads`` (torch CPU threads of ``fit``, ``predict`` and ``certify``, see
+        :class:`~certdistill.base.CertifiedNetBase`; the teacher's forward passes during the
+        student's ``fit`` use the student's setting).
 
     Attributes
     ----------

@@ -75,7 +75,8 @@ class CertifiedTeacher(CertifiedNetBase):
         Step learning-rate decay and gradient clipping.
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
         skorch parameters (defaults: cross-entropy, Adam, 5e-3, 60 epochs, batch 128, no
-        internal validation split, silent).
+        internal validation split, silent), and ``torch_threads`` (torch CPU threads of
+        ``fit``, ``predict`` and ``certify``, see :class:`~certdistill.base.CertifiedNetBase`).
 
     Attributes
     ----------
