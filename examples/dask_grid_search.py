@@ -114,6 +114,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30,
                         help="training epochs of the teacher and of each student")
-    parser.add_argument("--workers", type=int, default=2, help="dask worker processes")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="dask worker processes, of one thread each (with a single worker "
+                             "thread in all, joblib runs the search in this process)")
     args = parser.parse_args()
     main(args.epochs, args.workers)

@@ -110,7 +110,7 @@ def _cmdline(process) -> list[str]:
 
 
 def _searches(teacher):
-    """The three searches, as (id, search); each is fitted once sequentially, once on dask."""
+    """The three searches by name; each is fitted once with ``n_jobs=1``, once on dask."""
     scoring = {"certified": CertifiedAccuracy(EPS, method="ibp"), "accuracy": "accuracy",
                "threads": _fit_threads, "pid": _fit_pid}
     callbacks = [("threads", _RecordThreads())]
@@ -140,8 +140,9 @@ def _searches(teacher):
                                   "student-unfitted-teacher-randomized"])
 def test_search_on_dask_equals_sequential(name, client, data, teacher):
     X, y = data
-    sequential = clone(_searches(teacher)[name]).set_params(n_jobs=1).fit(X, y)
-    on_dask = clone(_searches(teacher)[name]).set_params(n_jobs=-1)
+    search = _searches(teacher)[name]
+    sequential = clone(search).set_params(n_jobs=1).fit(X, y)
+    on_dask = clone(search).set_params(n_jobs=-1)
     with joblib.parallel_backend("dask"):
         on_dask.fit(X, y)
 
@@ -194,9 +195,11 @@ def test_estimators_pickle_to_workers(client, data, teacher):
 
 
 def test_torch_threads_on_a_worker(client, data):
-    # The user's torch_threads wins over the worker's single thread, for the fit only.
+    # The user's torch_threads wins over the worker's single thread, for the fit only. (One
+    # epoch: two threads on a busy 2-core machine are slow, which is the point of the default.)
     estimator = CertifiedTeacher(eps=EPS, method="ibp", torch_threads=2,
-                                 callbacks=[("threads", _RecordThreads())], **TINY)
+                                 callbacks=[("threads", _RecordThreads())],
+                                 **{**TINY, "max_epochs": 1})
     during, after = client.submit(_fit_and_threads_after, estimator, *data, pure=False).result()
-    assert list(during) == [2] * TINY["max_epochs"]
+    assert list(during) == [2]
     assert after == float(os.environ.get("OMP_NUM_THREADS", 1))
