@@ -19,13 +19,17 @@ import time
 import joblib
 import numpy as np
 import torch
-from distributed import Client, LocalCluster
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 
 from certdistill import CertifiedAccuracy, CertifiedTeacher, DistilledStudent
+
+try:
+    from distributed import Client, LocalCluster
+except ImportError:
+    raise SystemExit('needs dask.distributed: pip install "certdistill[dask]"') from None
 
 EPS = 0.1
 SEED = 0
