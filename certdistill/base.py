@@ -21,6 +21,7 @@ Subclasses define the training objective by overriding :meth:`CertifiedNetBase.t
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -48,6 +49,7 @@ from certdistill.bounds import Perturbation, check_method, engine_for
 from certdistill.certify import DEFAULT_METHOD, Certificate, _Problem
 from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
+from certdistill.parallel import torch_threads
 from certdistill.schedules import EpsSchedule, StepLR
 
 __all__ = ["CertifiedNetBase", "Choice", "Range"]
@@ -134,6 +136,18 @@ def _reject_fit_params(estimator, fit_params) -> None:
             f"{type(estimator).__name__}.fit got unexpected keyword arguments "
             f"{sorted(fit_params)}: sample_weight and extra forward arguments are not supported."
         )
+
+
+def _in_torch_threads(method):
+    """Run an estimator method with the estimator's ``torch_threads`` (see
+    :mod:`certdistill.parallel`); estimators pickled before the parameter existed have none."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch_threads(getattr(self, "torch_threads", None)):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @contextmanager
@@ -238,6 +252,12 @@ class CertifiedNetBase(NeuralNetClassifier):
         Learning-rate decay factor (1 disables the decay).
     grad_clip : float or None, default=10.0
         Maximum gradient norm (``None`` disables clipping).
+    torch_threads : int or None, default=None
+        Torch intra-op CPU threads while the estimator fits, predicts and certifies; the previous
+        number is restored afterwards. ``None`` leaves torch's setting as it is: all cores in a
+        plain Python process, but one in a dask worker process and ``cpu_count() // n_jobs`` in a
+        joblib worker process, so that parallel fits do not oversubscribe the cores (see
+        :mod:`certdistill.parallel`).
     max_epochs : int or None, default=None
         Training epochs per ``fit``. ``None`` trains 60 epochs, or more on a small data set, so
         that training takes at least 500 optimiser steps: the warm-up, the eps ramp and the
@@ -299,6 +319,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         lr_milestones: Sequence[float] = (0.7, 0.9),
         lr_gamma: float = 0.2,
         grad_clip: float | None = 10.0,
+        torch_threads: int | None = None,
         criterion=nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam,
         lr: float = 5e-3,
@@ -334,6 +355,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         self.lr_milestones = lr_milestones
         self.lr_gamma = lr_gamma
         self.grad_clip = grad_clip
+        self.torch_threads = torch_threads
 
     # ------------------------------------------------------------------ tags
     def __sklearn_tags__(self):
@@ -508,6 +530,7 @@ class CertifiedNetBase(NeuralNetClassifier):
             yield
 
     # ------------------------------------------------------------------ fit
+    @_in_torch_threads
     def fit(self, X, y, **fit_params):
         """Validate the data, build the network and train it from scratch.
 
@@ -555,6 +578,7 @@ class CertifiedNetBase(NeuralNetClassifier):
                 ConvergenceWarning, stacklevel=3,
             )
 
+    @_in_torch_threads
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training on ``X``, ``y`` (initialising on the first call).
 
@@ -789,6 +813,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         return {"loss": loss, "y_pred": logits}
 
     # ----------------------------------------------------------- prediction
+    @_in_torch_threads
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in the order of ``classes_``.
 
@@ -829,6 +854,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         perturbation = self.perturbation_ if eps is None else self.perturbation_.with_eps(eps)
         return _Problem.create(self.module_, x, perturbation, y=labels, batch_size=batch_size)
 
+    @_in_torch_threads
     def certify(
         self, X, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *, y=None,
         batch_size: int = 256,
@@ -860,6 +886,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         methods = check_method(method)
         return self._certification_problem(X, y, eps, batch_size).certify(methods)
 
+    @_in_torch_threads
     def certified_radius(
         self, X, *, y=None, method: str | Sequence[str] = DEFAULT_METHOD, max_eps: float = 1.0,
         tol: float = 1e-3,

@@ -100,8 +100,10 @@ default="selective"
         :class:`~certdistill.base.CertifiedNetBase` (``eps``, ``eps_train_ratio``, ``warmup``,
         ``ramp``, ``kappa_start``/``kappa_end`` of ``L_cert``, ``reg_lambda``, ``reg_tol``,
         ``input_shape``, ``lower``, ``upper``, ``random_state``, the learning-rate schedule,
-        and skorch's parameters). ``input_shape``, ``lower`` and ``upper`` concern the student;
-        the teacher reshapes flat rows with its own ``input_shape``.
+        ``max_epochs``, ``torch_threads`` (the teacher's forward passes during the student's
+        ``fit`` use the student's setting), and skorch's parameters). ``input_shape``, ``lower``
+        and ``upper`` concern the student; the teacher reshapes flat rows with its own
+        ``input_shape``.
 
     Attributes
     ----------

@@ -60,8 +60,9 @@ class CertifiedTeacher(CertifiedNetBase):
         :class:`~certdistill.base.CertifiedNetBase`: ``eps`` (0.1), ``eps_train_ratio`` (1.5),
         ``warmup`` (0.05), ``ramp`` (0.5), ``kappa_start``/``kappa_end`` (1 -> 0, ``ibp`` and
         ``crown-ibp``), ``reg_lambda`` (0.5), ``reg_tol`` (0.5), ``input_shape``, ``lower``,
-        ``upper``, ``random_state``, ``lr_milestones``, ``lr_gamma``, ``grad_clip``; and
-        skorch's (``optimizer``, ``lr`` 5e-3, ``max_epochs`` 60, ``batch_size`` 128,
+        ``upper``, ``random_state``, ``lr_milestones``, ``lr_gamma``, ``grad_clip``,
+        ``torch_threads``, ``max_epochs`` (None: 60 epochs, or at least 500 optimiser steps on
+        small data); and skorch's (``optimizer``, ``lr`` 5e-3, ``batch_size`` 128,
         ``train_split`` None, ``verbose`` 0, ``device``, ``module__*``, ``callbacks__*``, ...).
 
     Attributes

@@ -1,5 +1,6 @@
-"""Every example runs (smoke level, short settings), and the tutorials quote them faithfully."""
+"""Every example runs (smoke level, short settings), and the docs quote them faithfully."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -11,11 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-TUTORIALS = ROOT / "docs" / "tutorials"
+DOCS = ROOT / "docs"
+TUTORIALS = DOCS / "tutorials"
 # "{tmp}" stands for a fresh temporary folder, so that examples write nothing into the checkout.
 SHORT_ARGS = {
     "breast_cancer_pipeline.py": ["--epochs", "3"],
     "certify_network.py": ["--epochs", "2"],
+    "dask_grid_search.py": ["--epochs", "2"],
     "grid_search.py": ["--epochs", "2"],
     "persistence.py": ["--epochs", "2"],
     "quickstart.py": ["--epochs", "2"],
@@ -23,10 +26,14 @@ SHORT_ARGS = {
 }
 # Files an example must leave in "{tmp}".
 OUTPUTS = {"radius_histograms.py": ["radius_histogram.png"]}
+# Modules of an optional extra an example needs (all of them are in the "test" extra).
+REQUIRES = {"dask_grid_search.py": "distributed"}
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_example_runs(script, tmp_path):
+    if script in REQUIRES and importlib.util.find_spec(REQUIRES[script]) is None:
+        pytest.skip(f"{script} needs {REQUIRES[script]}")
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in SHORT_ARGS.get(script, [])]
     # One thread, as in conftest.py: the examples' networks are tiny, and intra-op threads only
     # slow them down on a loaded machine.
@@ -41,14 +48,15 @@ def test_example_runs(script, tmp_path):
         assert (tmp_path / name).is_file(), f"{script} did not write {name}"
 
 
-# Code blocks of the tutorials that name their source, ```python title="examples/x.py".
+# Code blocks of the documentation that name their source, ```python title="examples/x.py".
 _QUOTE = re.compile(r'^```python title="(examples/[\w.]+)"\n(.*?)^```', re.MULTILINE | re.DOTALL)
 
 
 def _quotes():
-    for page in sorted(TUTORIALS.glob("*.md")):
+    for page in sorted(DOCS.rglob("*.md")):
+        name = page.relative_to(DOCS).with_suffix("").as_posix()
         for number, match in enumerate(_QUOTE.finditer(page.read_text(encoding="utf-8"))):
-            yield pytest.param(match.group(1), match.group(2), id=f"{page.stem}-{number}")
+            yield pytest.param(match.group(1), match.group(2), id=f"{name}-{number}")
 
 
 def _contains(source: list[str], quote: list[str]) -> bool:
