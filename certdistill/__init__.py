@@ -2,6 +2,7 @@
 
 from certdistill.certify import Certificate, certified_radius, certify
 from certdistill.exceptions import UnsupportedLayerError
+from certdistill.persistence import load, save
 from certdistill.scoring import CertifiedAccuracy
 from certdistill.student import DistilledStudent
 from certdistill.teacher import CertifiedTeacher
@@ -16,5 +17,7 @@ __all__ = [
     "UnsupportedLayerError",
     "certified_radius",
     "certify",
+    "load",
+    "save",
     "__version__",
 ]

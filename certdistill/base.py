@@ -22,6 +22,7 @@ Subclasses define the training objective by overriding :meth:`CertifiedNetBase.t
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -262,7 +263,27 @@ class CertifiedNetBase(NeuralNetClassifier):
         return np.asarray(eps, dtype=np.float32)
 
     # ------------------------------------------------------------ validation
+    #: Whether the training objective uses ``criterion``. The certified losses of the teacher and
+    #: the student compute their cross-entropies themselves, so they refuse any other criterion
+    #: rather than ignore it.
+    _uses_criterion = True
+
+    def _check_criterion(self) -> None:
+        if self._uses_criterion:
+            return
+        options = self.get_params_for("criterion")
+        if self.criterion is not nn.CrossEntropyLoss or options:
+            given = f"criterion={self.criterion!r}" + (
+                f" with criterion__* options {sorted(options)}" if options else "")
+            raise ValueError(
+                f"{type(self).__name__} does not use `criterion`: its certified losses are "
+                f"cross-entropies of clean and worst-case logits computed directly. Got {given}; "
+                "leave criterion at its default (torch.nn.CrossEntropyLoss) and drop the "
+                "criterion__* options."
+            )
+
     def _check_params(self) -> None:
+        self._check_criterion()
         eps = np.asarray(self.eps, dtype=np.float64)
         if not np.all(np.isfinite(eps)) or np.any(eps < 0):
             raise ValueError(f"eps must be finite and non-negative, got {self.eps!r}")
@@ -433,7 +454,9 @@ class CertifiedNetBase(NeuralNetClassifier):
         classes : array-like or None, default=None
             All classes, needed on the first call when ``y`` does not contain every class.
         **fit_params : dict
-            Passed to skorch.
+            ``epochs``: number of epochs to train (default ``max_epochs``), e.g. the epochs left
+            when resuming an interrupted run; the schedules continue from the number of steps in
+            ``history`` either way.
 
         Returns
         -------
@@ -442,7 +465,12 @@ class CertifiedNetBase(NeuralNetClassifier):
         if "_routing_method" in fit_params:
             # Called by fit(): the data were validated and encoded there.
             return super().partial_fit(X, y, classes=classes, **fit_params)
+        epochs = fit_params.pop("epochs", None)
         _reject_fit_params(self, fit_params)
+        if epochs is not None:
+            if not (isinstance(epochs, numbers.Integral) and epochs >= 0):
+                raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+            fit_params["epochs"] = int(epochs)
         first = not (self.initialized_ and hasattr(self, "n_features_in_"))
         X, y_enc = self._validate_fit_data(X, y, reset=first, classes=classes)
         offset = 0 if first else len(self.history_)
@@ -456,6 +484,27 @@ class CertifiedNetBase(NeuralNetClassifier):
         """Set the schedule attributes to their final values (callbacks override them)."""
         self.current_eps_ = self.eps_train
         super().on_train_begin(net, X=X, y=y, **kwargs)
+
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        """skorch's training loop; an interruption (Ctrl-C) is recorded and reported.
+
+        skorch ends training quietly on ``KeyboardInterrupt`` and keeps the weights reached, so
+        the estimator predicts and certifies with them. Here the last history row also gets
+        ``interrupted=True`` and a warning says how far training went.
+        """
+        try:
+            return super().fit_loop(X, y, epochs=epochs, **fit_params)
+        except KeyboardInterrupt:
+            if len(self.history):
+                self.history.record("interrupted", True)
+            warnings.warn(
+                f"{type(self).__name__}.fit was interrupted (KeyboardInterrupt) in epoch "
+                f"{len(self.history)}: the estimator keeps the weights reached so far (its "
+                "history ends with the interrupted epoch, marked interrupted=True).",
+                UserWarning,
+                stacklevel=2,
+            )
+            raise  # skorch's partial_fit catches it and ends training (on_train_end)
 
     # --------------------------------------------------------------- device
     def set_params(self, **kwargs):

@@ -116,7 +116,8 @@ default="selective"
     lr_milestones, lr_gamma, grad_clip
         Step learning-rate decay and gradient clipping.
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
-        skorch parameters (defaults as :class:`~certdistill.CertifiedTeacher`).
+        skorch parameters (defaults as :class:`~certdistill.CertifiedTeacher`; ``criterion``
+        must stay ``torch.nn.CrossEntropyLoss``, as there).
 
     Attributes
     ----------
@@ -223,6 +224,8 @@ default="selective"
         self.reg_tol = reg_tol
 
     # ------------------------------------------------------------ parameters
+    _uses_criterion = False
+
     def _check_params(self) -> None:
         super()._check_params()
         if self.loss not in DISTILLATION_LOSSES:

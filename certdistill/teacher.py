@@ -75,7 +75,9 @@ class CertifiedTeacher(CertifiedNetBase):
         Step learning-rate decay and gradient clipping.
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
         skorch parameters (defaults: cross-entropy, Adam, 5e-3, 60 epochs, batch 128, no
-        internal validation split, silent).
+        internal validation split, silent). ``criterion`` must stay
+        ``torch.nn.CrossEntropyLoss`` without ``criterion__*`` options (the certified losses
+        compute their cross-entropies directly): ``fit`` raises a ``ValueError`` otherwise.
 
     Attributes
     ----------
@@ -167,6 +169,8 @@ class CertifiedTeacher(CertifiedNetBase):
         self.reg_tol = reg_tol
 
     # ------------------------------------------------------------ schedules
+    _uses_criterion = False
+
     def _check_params(self) -> None:
         super()._check_params()
         if self.method not in TRAINING_METHODS:
