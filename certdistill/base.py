@@ -498,9 +498,10 @@ class CertifiedNetBase(NeuralNetClassifier):
             if len(self.history):
                 self.history.record("interrupted", True)
             warnings.warn(
-                f"{type(self).__name__}.fit was interrupted (KeyboardInterrupt) in epoch "
-                f"{len(self.history)}: the estimator keeps the weights reached so far (its "
-                "history ends with the interrupted epoch, marked interrupted=True).",
+                f"{type(self).__name__} training was interrupted (KeyboardInterrupt) in epoch "
+                f"{len(self.history)}, after {max(len(self.history) - 1, 0)} complete epochs: "
+                "the estimator keeps the weights reached so far (its history ends with the "
+                "interrupted epoch, marked interrupted=True).",
                 UserWarning,
                 stacklevel=2,
             )

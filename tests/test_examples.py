@@ -16,6 +16,7 @@ TUTORIALS = ROOT / "docs" / "tutorials"
 SHORT_ARGS = {
     "breast_cancer_pipeline.py": ["--epochs", "3"],
     "certify_network.py": ["--epochs", "2"],
+    "checkpoint_resume.py": ["--epochs", "4"],
     "grid_search.py": ["--epochs", "2"],
     "persistence.py": ["--epochs", "2"],
     "quickstart.py": ["--epochs", "2"],

@@ -18,9 +18,9 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from digits import small_digits
 from model_outputs import model_outputs
 from sklearn.base import clone
-from sklearn.datasets import load_digits
 from sklearn.frozen import FrozenEstimator
 from torch import nn
 
@@ -38,9 +38,7 @@ STUDENT = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2, random_sta
 @pytest.fixture(scope="module")
 def data():
     """240 digit images of 4 classes, scaled to [0, 1], with string labels."""
-    X, y = load_digits(return_X_y=True)
-    keep = y < 4
-    X, y = (X[keep] / 16.0).astype(np.float32)[:240], y[keep][:240]
+    X, y = small_digits(4, 240)
     return X, y, np.array(["zero", "one", "two", "three"])[y]
 
 
