@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from certdistill.exceptions import SafeFormatError
+
 __all__ = ["ARCHITECTURE_LAYERS", "describe_module", "build_module"]
 
 
@@ -46,10 +48,6 @@ _SUPPORTED_TEXT = (
 )
 
 
-class UnsupportedArchitectureError(ValueError):
-    """A network holds a layer the safe format cannot describe."""
-
-
 def _argument(layer: nn.Module, name: str):
     if name == "bias":  # a flag in the constructor, a tensor (or None) on the layer
         return layer.bias is not None
@@ -75,7 +73,7 @@ def describe_module(module: nn.Module, name: str = "module") -> dict:
 
     Raises
     ------
-    UnsupportedArchitectureError
+    SafeFormatError
         If a layer is not one of the supported types (subclasses included).
     """
     kind = type(module)
@@ -84,7 +82,7 @@ def describe_module(module: nn.Module, name: str = "module") -> dict:
                     for child_name, child in module.named_children()]
         return {"type": "Sequential", "children": children, "training": module.training}
     if kind not in ARCHITECTURE_LAYERS:
-        raise UnsupportedArchitectureError(
+        raise SafeFormatError(
             f"Layer '{name}' ({module!r}, type {kind.__module__}.{kind.__qualname__}) cannot be "
             f"stored in the safe format. {_SUPPORTED_TEXT} (exact types, no subclasses). Save "
             "this model with joblib instead (it stores any code, but load joblib files only "

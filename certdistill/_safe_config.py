@@ -32,12 +32,9 @@ from skorch.history import History
 from torch import nn
 
 from certdistill._architecture import build_module, describe_module
+from certdistill.exceptions import SafeFormatError
 
-__all__ = ["SafeFormatError", "from_config", "to_config"]
-
-
-class SafeFormatError(ValueError):
-    """An estimator holds something the safe format cannot store."""
+__all__ = ["from_config", "to_config"]
 
 
 #: Where classes given as parameters may come from: namespace -> (module, required base class).
@@ -122,7 +119,7 @@ class _Encoder:
             return self._seen_modules[id(module)]
         try:
             description = describe_module(module, "module")
-        except ValueError as error:
+        except SafeFormatError as error:
             raise SafeFormatError(f"Cannot store {where}: {error}") from None
         index = len(self.modules)
         self._seen_modules[id(module)] = index

@@ -7,3 +7,10 @@ class UnsupportedLayerError(TypeError):
 
 class NotFittedTeacherError(ValueError):
     """A student was given a teacher that has not been fitted and cannot be fitted here."""
+
+
+class SafeFormatError(ValueError):
+    """An estimator holds something the safe file format (:func:`certdistill.save`) cannot store:
+    a layer outside its list, a parameter that is not JSON data or a known class, or an
+    estimator class other than ``CertifiedTeacher`` and ``DistilledStudent``. Save it with joblib
+    instead (trusted files only)."""

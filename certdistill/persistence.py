@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from certdistill._safe_config import SafeFormatError, from_config, to_config
+from certdistill._safe_config import from_config, to_config
+from certdistill.exceptions import SafeFormatError
 
 __all__ = ["FORMAT_VERSION", "SafeFormatError", "load", "save"]
 

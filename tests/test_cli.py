@@ -48,6 +48,7 @@ def files(tmp_path_factory, digits):
     np.savez(folder / "unknown_label.npz", X=X_test, y=y_test + 100)
     joblib.dump({"not": "a model"}, folder / "dict.joblib")
     (folder / "garbage.joblib").write_bytes(b"not a pickle")
+    (folder / "garbage.cdsafe").write_bytes(b"certdistill-safe\n{}\n")
     (folder / "data.txt").write_text("1,2,3\n")
     return folder
 
@@ -168,6 +169,8 @@ ERRORS = {
     "not a model": (["certify", "{d}/dict.joblib", "{d}/test.npz"], "not a certdistill model"),
     "garbage joblib": (["report", "{d}/garbage.joblib", "--data", "{d}/test.npz"],
                        "cannot read model"),
+    "garbage safe file": (["certify", "{d}/garbage.cdsafe", "{d}/test.npz"],
+                          "cannot read model"),
     "missing teacher": (["distill", "{d}/train.npz", "--teacher", "{d}/none.joblib"],
                         "does not exist"),
     "radius with two methods": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--radius",
@@ -178,6 +181,29 @@ ERRORS = {
                         "49 features"),
     "no command": ([], "required"),
 }
+
+
+def test_safe_format_from_train_to_certify(files, tmp_path):
+    """``.cdsafe`` outputs are written in the safe format, and read back by every command."""
+    import certdistill
+
+    teacher, student = tmp_path / "teacher.cdsafe", tmp_path / "student.cdsafe"
+    assert main(["train", str(files / "train.npz"), "--method", "ibp", "--output", str(teacher),
+                 *TINY_MLP]) == 0
+    assert main(["distill", str(files / "train.npz"), "--teacher", str(teacher),
+                 "--output", str(student), *TINY_MLP]) == 0
+    assert student.read_bytes().startswith(b"certdistill-safe\n")
+    loaded = certdistill.load(student)  # no pickle involved
+    assert type(loaded.teacher_).__name__ == "CertifiedTeacher"
+    results = tmp_path / "certificates.csv"
+    assert main(["certify", str(student), str(files / "test.npz"), "--output", str(results),
+                 "--method", "crown"]) == 0
+    with open(results) as handle:
+        rows = list(csv.DictReader(handle))
+    data = np.load(files / "test.npz")
+    assert len(rows) == len(data["y"])
+    cert = loaded.certify(data["X"], eps=loaded.eps, method="crown", y=data["y"])
+    assert [row["certified"] for row in rows] == [str(c) for c in cert.certified]
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

@@ -3,7 +3,8 @@ certificates, across two fits and across saving and loading (joblib and the safe
 
 Tiny networks and few epochs: what is checked is equality, not quality. Every training path that
 draws random numbers is covered: data shuffling and weight initialisation (all), the PGD start of
-MTL-IBP and of the adversarial distillation loss, a teacher attacked by PGD, dropout.
+MTL-IBP and of the adversarial distillation loss, a teacher attacked by PGD, dropout, shuffled
+batches (``iterator_train__shuffle=True``; skorch keeps the data order by default).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ ESTIMATORS = {
                                               module__channels=(3,),
                                               module__hidden_sizes=(8,), **COMMON),
     "teacher-dropout": lambda t: CertifiedTeacher(_dropout_mlp, method="ibp", **COMMON),
+    "teacher-shuffled": lambda t: CertifiedTeacher(method="ibp", module__hidden_sizes=(16,),
+                                                   iterator_train__shuffle=True, **COMMON),
     "student-selective": lambda t: DistilledStudent(FrozenEstimator(t),
                                                     module__hidden_sizes=(8,), **COMMON),
     "student-adversarial": lambda t: DistilledStudent(FrozenEstimator(t), loss="adversarial",
