@@ -231,6 +231,25 @@ def test_interrupted_fit_saves_nothing(files, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().endswith("certdistill: interrupted")
 
 
+def test_fit_interrupted_in_its_last_epoch_saves_nothing(files, tmp_path, monkeypatch, capsys):
+    # All epochs have a history row, but the last one did not finish: still not a whole fit.
+    from certdistill.cli import _progress
+
+    original = _progress.FitProgress.on_epoch_end
+
+    def interrupt_last(self, net, **kwargs):
+        if len(net.history) == net.max_epochs:
+            raise KeyboardInterrupt
+        original(self, net, **kwargs)
+
+    monkeypatch.setattr(_progress.FitProgress, "on_epoch_end", interrupt_last)
+    model = tmp_path / "model.joblib"
+    assert main(["train", str(files / "train.npz"), "--output", str(model), *TINY_MLP]) == 130
+    assert not model.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("certdistill: interrupted") and "UserWarning" not in err
+
+
 def _run(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "certdistill", *args], capture_output=True,

@@ -60,7 +60,8 @@ pytestmark = pytest.mark.fuzz
 #: Examples checked and certificates compared (one per example, method and sample), reported at
 #: the end of the module.
 COUNTS = {"examples": 0, "certificates": 0, "skipped_after_budget": 0}
-_START = time.monotonic()
+#: When the first example started (the budget counts from there, not from collection).
+_START: list[float] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,7 +178,9 @@ def problems(draw):
 )
 @given(problems())
 def test_no_witness_beats_a_certified_margin(problem):
-    if TIME_BUDGET is not None and time.monotonic() - _START > TIME_BUDGET:
+    if not _START:
+        _START.append(time.monotonic())
+    if TIME_BUDGET is not None and time.monotonic() - _START[0] > TIME_BUDGET:
         COUNTS["skipped_after_budget"] += 1
         return
     net, x, eps, lower, upper = problem
