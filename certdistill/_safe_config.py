@@ -255,15 +255,19 @@ class _Decoder:
 
     def module(self, index: int) -> nn.Module:
         if index not in self._modules:
-            module = build_module(self.config["modules"][index])
+            # Built on the meta device: no memory and no random draws for weights that the
+            # stored tensors replace (assign=True, which also keeps their dtypes).
+            with torch.device("meta"):
+                module = build_module(self.config["modules"][index])
             prefix = f"modules.{index}."
             state = {key[len(prefix):]: tensor for key, tensor in self.tensors.items()
                      if key.startswith(prefix)}
             try:
-                # assign=True keeps the stored dtypes (a float64 network stays float64)
                 module.load_state_dict(state, strict=True, assign=True)
             except RuntimeError as error:
                 raise ValueError(f"the weights do not fit the architecture: {error}") from None
+            if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+                raise ValueError("the weights do not cover the whole architecture")
             self._modules[index] = module
         return self._modules[index]
 
