@@ -1,7 +1,8 @@
 """certdistill: certified robustness and certified distillation as scikit-learn estimators."""
 
 from certdistill.certify import Certificate, certified_radius, certify
-from certdistill.exceptions import UnsupportedLayerError
+from certdistill.exceptions import SafeFormatError, UnsupportedLayerError
+from certdistill.persistence import load, save
 from certdistill.scoring import CertifiedAccuracy
 from certdistill.student import DistilledStudent
 from certdistill.teacher import CertifiedTeacher
@@ -13,8 +14,11 @@ __all__ = [
     "CertifiedAccuracy",
     "CertifiedTeacher",
     "DistilledStudent",
+    "SafeFormatError",
     "UnsupportedLayerError",
     "certified_radius",
     "certify",
+    "load",
+    "save",
     "__version__",
 ]

@@ -395,6 +395,25 @@ class CertifiedNetBase(NeuralNetClassifier):
         return self.perturbation_.scaled(self.eps_train_ratio).to(device=self.device)
 
     # ------------------------------------------------------------ validation
+    #: Whether the training objective uses ``criterion``. The certified losses of the teacher and
+    #: the student compute their cross-entropies themselves, so they refuse any other criterion
+    #: rather than ignore it.
+    _uses_criterion = True
+
+    def _check_criterion(self) -> None:
+        if self._uses_criterion:
+            return
+        options = self.get_params_for("criterion")
+        if self.criterion is not nn.CrossEntropyLoss or options:
+            given = f"criterion={self.criterion!r}" + (
+                f" with criterion__* options {sorted(options)}" if options else "")
+            raise ValueError(
+                f"{type(self).__name__} does not use `criterion`: its certified losses are "
+                f"cross-entropies of clean and worst-case logits computed directly. Got {given}; "
+                "leave criterion at its default (torch.nn.CrossEntropyLoss) and drop the "
+                "criterion__* options."
+            )
+
     @classmethod
     def _all_parameter_ranges(cls) -> dict:
         ranges = {}
@@ -404,6 +423,7 @@ class CertifiedNetBase(NeuralNetClassifier):
 
     def _check_params(self) -> None:
         """Check every hyperparameter of the class's range tables (once, in ``fit``)."""
+        self._check_criterion()
         for name, allowed in self._all_parameter_ranges().items():
             allowed.check(name, getattr(self, name))
         if self.input_shape is not None:
@@ -415,6 +435,11 @@ class CertifiedNetBase(NeuralNetClassifier):
 
     def _sample_shape(self, n_features: int) -> tuple[int, ...]:
         return tuple(self.input_shape) if self.input_shape is not None else (int(n_features),)
+
+    def _set_perturbation(self, n_features: int) -> None:
+        """Validate ``eps`` and the domain into ``perturbation_`` (in ``fit``, or on loading)."""
+        self.perturbation_ = Perturbation.create(self.eps, self._sample_shape(n_features),
+                                                 lower=self.lower, upper=self.upper)
 
     def _flatten_nd(self, X):
         """Accept ``(n, *input_shape)`` arrays by flattening them to rows."""
@@ -443,8 +468,7 @@ class CertifiedNetBase(NeuralNetClassifier):
         X, y = validate_data(self, X, y, reset=reset, dtype=np.float32)
         self._check_n_features(X.shape[1])
         check_classification_targets(y)
-        self.perturbation_ = Perturbation.create(self.eps, self._sample_shape(X.shape[1]),
-                                                 lower=self.lower, upper=self.upper)
+        self._set_perturbation(X.shape[1])
         self._check_domain(X)
         if reset:
             if classes is not None:
@@ -591,7 +615,9 @@ class CertifiedNetBase(NeuralNetClassifier):
         classes : array-like or None, default=None
             All classes, needed on the first call when ``y`` does not contain every class.
         **fit_params : dict
-            Passed to skorch.
+            ``epochs``: number of epochs to train (default ``max_epochs``), e.g. the epochs left
+            when resuming an interrupted run; the schedules continue from the number of steps in
+            ``history`` either way.
 
         Returns
         -------
@@ -600,15 +626,21 @@ class CertifiedNetBase(NeuralNetClassifier):
         if "_routing_method" in fit_params:
             # Called by fit(): the data were validated and encoded there.
             return super().partial_fit(X, y, classes=classes, **fit_params)
+        epochs = fit_params.pop("epochs", None)
         _reject_fit_params(self, fit_params)
+        if epochs is not None and not (isinstance(epochs, numbers.Integral) and epochs >= 0):
+            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
         first = not (self.initialized_ and hasattr(self, "n_features_in_"))
         X, y_enc = self._validate_fit_data(X, y, reset=first, classes=classes)
         offset = 0 if first else len(self.history_)
-        self.n_epochs_ = self._epochs_for(len(X))
+        if first or not hasattr(self, "n_epochs_"):
+            # The planned length of the run, over which the schedules move.
+            self.n_epochs_ = self._epochs_for(len(X))
         with self._rng(offset):
             if first:
                 self.initialize()
-            super().partial_fit(X, y_enc, epochs=self.n_epochs_)
+            super().partial_fit(X, y_enc, epochs=self._epochs_for(len(X)) if epochs is None
+                                else int(epochs))
         return self
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
@@ -616,6 +648,28 @@ class CertifiedNetBase(NeuralNetClassifier):
         self.current_perturbation_ = self.training_perturbation()
         self.current_eps_ = self.current_perturbation_.eps_value
         super().on_train_begin(net, X=X, y=y, **kwargs)
+
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        """skorch's training loop; an interruption (Ctrl-C) is recorded and reported.
+
+        skorch ends training quietly on ``KeyboardInterrupt`` and keeps the weights reached, so
+        the estimator predicts and certifies with them. Here the last history row also gets
+        ``interrupted=True`` and a warning says how far training went.
+        """
+        try:
+            return super().fit_loop(X, y, epochs=epochs, **fit_params)
+        except KeyboardInterrupt:
+            if len(self.history):
+                self.history.record("interrupted", True)
+            warnings.warn(
+                f"{type(self).__name__} training was interrupted (KeyboardInterrupt) in epoch "
+                f"{len(self.history)}, after {max(len(self.history) - 1, 0)} complete epochs: "
+                "the estimator keeps the weights reached so far (its history ends with the "
+                "interrupted epoch, marked interrupted=True).",
+                UserWarning,
+                stacklevel=2,
+            )
+            raise  # skorch's partial_fit catches it and ends training (on_train_end)
 
     # --------------------------------------------------------------- device
     def set_params(self, **kwargs):

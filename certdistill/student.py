@@ -101,7 +101,8 @@ default="selective"
         ``ramp``, ``kappa_start``/``kappa_end`` of ``L_cert``, ``reg_lambda``, ``reg_tol``,
         ``input_shape``, ``lower``, ``upper``, ``random_state``, the learning-rate schedule,
         ``max_epochs``, ``torch_threads`` (the teacher's forward passes during the student's
-        ``fit`` use the student's setting), and skorch's parameters). ``input_shape``, ``lower``
+        ``fit`` use the student's setting), and skorch's parameters; ``criterion`` must stay
+        ``torch.nn.CrossEntropyLoss``, as ``fit`` checks). ``input_shape``, ``lower``
         and ``upper`` concern the student; the teacher reshapes flat rows with its own
         ``input_shape``.
 
@@ -174,6 +175,9 @@ default="selective"
         self.cache_teacher = cache_teacher
 
     # ------------------------------------------------------------ parameters
+    #: The certified losses compute their cross-entropies directly (``criterion`` is refused).
+    _uses_criterion = False
+
     def _schedule_callbacks(self) -> list:
         return [
             ("kappa_schedule", KappaSchedule()),

@@ -64,6 +64,8 @@ class CertifiedTeacher(CertifiedNetBase):
         ``torch_threads``, ``max_epochs`` (None: 60 epochs, or at least 500 optimiser steps on
         small data); and skorch's (``optimizer``, ``lr`` 5e-3, ``batch_size`` 128,
         ``train_split`` None, ``verbose`` 0, ``device``, ``module__*``, ``callbacks__*``, ...).
+        ``criterion`` must stay ``torch.nn.CrossEntropyLoss`` without ``criterion__*`` options
+        (the certified losses compute their cross-entropies directly): ``fit`` raises otherwise.
 
     Attributes
     ----------
@@ -117,6 +119,9 @@ class CertifiedTeacher(CertifiedNetBase):
         self.pgd_step_size = pgd_step_size
 
     # ------------------------------------------------------------ schedules
+    #: The certified losses compute their cross-entropies directly (``criterion`` is refused).
+    _uses_criterion = False
+
     def _schedule_callbacks(self) -> list:
         return [
             ("kappa_schedule", KappaSchedule()),

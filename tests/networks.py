@@ -20,6 +20,7 @@ SUPPORTED_LAYERS = (
     nn.Conv2d,
     nn.ReLU,
     nn.Flatten,
+    nn.Unflatten,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.AvgPool2d,
@@ -221,6 +222,57 @@ def make_cnn(
     if dropout:
         layers.append(nn.Dropout(0.5))
     layers.append(nn.Linear(prev, n_classes))
+    return _finish(nn.Sequential(*layers), gen, dtype)
+
+
+def make_unflatten_net(
+    d_in: int,
+    map_shape: tuple[int, int, int],
+    channels: int,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    kernel_size: int = 2,
+    batchnorm: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
+    """Random ``Linear - ReLU - Unflatten - Conv - [BN2d] - ReLU - Flatten - Linear``: flat
+    features mapped to a feature map and convolved (the one factory that uses ``Unflatten``).
+
+    Parameters
+    ----------
+    d_in : int
+        Number of input features.
+    map_shape : tuple of int
+        ``(C, H, W)`` of the feature map the first layer's output is unflattened to.
+    channels : int
+        Output channels of the convolution.
+    n_classes : int
+        Number of logits.
+    seed : int, default=0
+        Seed for weights and BatchNorm statistics.
+    kernel_size : int, default=2
+        Kernel of the convolution (stride 1, no padding); at most ``min(H, W)``.
+    batchnorm : bool, default=True
+        Insert a ``BatchNorm2d`` after the convolution.
+    dtype : torch.dtype, default=torch.float32
+        Parameter dtype.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        The network, in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    c, h, w = map_shape
+    kernel = min(kernel_size, h, w)
+    layers: list[nn.Module] = [nn.Linear(d_in, c * h * w), nn.ReLU(), nn.Unflatten(1, map_shape),
+                               nn.Conv2d(c, channels, kernel)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(channels))
+    out = channels * (h - kernel + 1) * (w - kernel + 1)
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(out, n_classes)]
     return _finish(nn.Sequential(*layers), gen, dtype)
 
 

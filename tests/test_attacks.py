@@ -143,11 +143,21 @@ def test_pgd_eval_mode_ignores_dropout_and_batch_statistics():
     a = pgd_attack(net, x, y, 0.2, steps=5, generator=torch.Generator().manual_seed(7))
     b = pgd_attack(net, x, y, 0.2, steps=5, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # Eval mode attacks each sample alone: attacking a subset gives the same points.
-    c = pgd_attack(net, x[:2], y[:2], 0.2, steps=5, generator=torch.Generator().manual_seed(7))
     d = pgd_attack(net.eval(), x, y, 0.2, steps=5, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, d, rtol=0, atol=0)
-    assert c.shape == (2, 4)
+    net.train()
+    # Eval mode attacks each sample alone: from the clean points (no random start, which would
+    # draw per batch), attacking a subset gives the same points as attacking the whole batch.
+    full = pgd_attack(net, x, y, 0.2, steps=5, random_start=False)
+    subset = pgd_attack(net, x[:2], y[:2], 0.2, steps=5, random_start=False)
+    torch.testing.assert_close(subset, full[:2], rtol=0, atol=0)
+    # What any attack must give: points of the ball, no better for the classifier than the clean
+    # point (an iterate of the walk), here strictly worse (the gradient is not zero).
+    assert (full - x).abs().max() <= 0.2 + 1e-6
+    with torch.no_grad():
+        clean_loss = nn.functional.cross_entropy(net.eval()(x), y, reduction="none")
+        attacked_loss = nn.functional.cross_entropy(net(full), y, reduction="none")
+    assert torch.all(attacked_loss > clean_loss)
 
 
 def test_pgd_more_restarts_never_hurt(trained):

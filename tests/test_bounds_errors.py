@@ -48,11 +48,18 @@ def test_bad_entry_in_per_feature_eps(mlp, x, bad):
         certify(mlp, x, torch.from_numpy(eps))
 
 
-def test_zero_eps_is_allowed(mlp, x):
-    cert = certify(mlp, x, 0.0)
-    assert cert.margins.shape == (5, 3)
-    cert = certify(mlp, x, np.zeros(4))
-    assert cert.margins.shape == (5, 3)
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_eps_is_allowed(mlp, x, method):
+    # A ball of radius 0 is the point itself: the margins are the clean ones.
+    with torch.no_grad():
+        z = mlp(torch.from_numpy(x)).double().numpy()
+    reference = z.argmax(1)
+    clean = z[np.arange(5), reference][:, None] - z
+    clean[np.arange(5), reference] = np.inf
+    for eps in (0.0, np.zeros(4)):
+        cert = certify(mlp, x, eps, method=method)
+        np.testing.assert_array_equal(cert.prediction, reference)
+        np.testing.assert_allclose(cert.margins, clean, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_max_eps_in_certified_radius(mlp, x):
@@ -120,14 +127,23 @@ def test_x_outside_the_domain(mlp, x, method):
         certify(mlp, x, 0.1, method=method, lower=np.array([0.0, 0.0, 0.0, 0.99]))
 
 
-def test_x_on_the_domain_boundary_is_fine(mlp, x):
+@pytest.mark.parametrize("method", METHODS)
+def test_x_on_the_domain_boundary_is_fine(mlp, x, method):
+    # On the boundary, the ball cut by the domain is the box [0, 0.1] (or [0.9, 1]): exactly the
+    # ball of radius 0.05 around 0.05 (or 0.95), so the certificates must be the same.
     x = x.copy()
     x[0, :] = 0.0
     x[1, :] = 1.0
-    cert = certify(mlp, x, 0.1, lower=0.0, upper=1.0)
-    assert cert.margins.shape == (5, 3)
-    cert = certify(mlp, x, 0.1, lower=0.0)
-    cert = certify(mlp, x, 0.1, upper=1.0)
+    reference = certify(mlp, x, 0.0).prediction
+    cut = certify(mlp, x, 0.1, method=method, lower=0.0, upper=1.0, y=reference)
+    moved = x.copy()
+    moved[0, :], moved[1, :] = 0.05, 0.95
+    inner = certify(mlp, moved[:2], 0.05, method=method, y=reference[:2])
+    np.testing.assert_allclose(cut.margins[:2], inner.margins, rtol=1e-5, atol=1e-5)
+    only_lower = certify(mlp, x[:1], 0.1, method=method, lower=0.0, y=reference[:1])
+    only_upper = certify(mlp, x[1:2], 0.1, method=method, upper=1.0, y=reference[1:2])
+    np.testing.assert_allclose(only_lower.margins, inner.margins[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(only_upper.margins, inner.margins[1:], rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------- y

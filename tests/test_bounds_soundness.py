@@ -16,7 +16,6 @@ modules, used for the MILP comparisons, with ``1e-6`` absolute.
 from __future__ import annotations
 
 import copy
-import itertools
 
 import numpy as np
 import pytest
@@ -26,7 +25,6 @@ from hypothesis import strategies as st
 from milp import exact_min_margins
 from milp import feasible_box as box
 from networks import (
-    POOLS,
     around,
     float64_copy,
     make_cnn,
@@ -37,90 +35,19 @@ from networks import (
     randomize_batchnorm,
 )
 from torch import nn
+from witnesses import (
+    ATOL,
+    assert_below,
+    logits64,
+    reference_of,
+    sampled_min_margins,
+)
 
 from certdistill import UnsupportedLayerError, certified_radius, certify
 from certdistill.attacks import min_margin_attack
 from certdistill.bounds import margin_lower_bounds
 
 METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
-RTOL = ATOL = 1e-5
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def logits64(net64: nn.Module, points: np.ndarray) -> np.ndarray:
-    """Float64 logits of a float64 eval-mode network on a batch of points."""
-    with torch.no_grad():
-        return net64(torch.as_tensor(points, dtype=torch.float64)).numpy()
-
-
-def sample_box(
-    lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator, n_random: int, n_corners: int
-) -> np.ndarray:
-    """Points of the box: centers, uniform samples and corners; shape ``(k, n, *shape)``.
-
-    All corners are taken when there are at most ``n_corners`` of them, random
-    corners otherwise. Corners matter: for a net that is affine on the box the
-    worst point is a corner.
-    """
-    d = lo[0].size
-    u = rng.random((n_random, *lo.shape))
-    points = [(lo + hi)[None] / 2, lo + (hi - lo) * u]
-    if 2**d <= n_corners:
-        signs = np.array(list(itertools.product([0.0, 1.0], repeat=d)))
-        signs = np.broadcast_to(signs[:, None, :], (len(signs), lo.shape[0], d))
-    else:
-        signs = rng.integers(0, 2, size=(n_corners, lo.shape[0], d)).astype(np.float64)
-    signs = signs.reshape((-1, *lo.shape))
-    points.append(lo + (hi - lo) * signs)
-    return np.concatenate(points, axis=0)
-
-
-def sampled_min_margins(
-    net: nn.Module,
-    x: np.ndarray,
-    reference: np.ndarray,
-    eps,
-    *,
-    lower=None,
-    upper=None,
-    seed: int = 0,
-    n_random: int = 300,
-    n_corners: int = 256,
-) -> np.ndarray:
-    """Smallest float64 margin ``z_ref - z_j`` over sampled points, ``(n, C)``, +inf at ref."""
-    net64 = float64_copy(net)
-    lo, hi = box(x, eps, lower, upper)
-    pts = sample_box(lo, hi, np.random.default_rng(seed), n_random, n_corners)
-    k, n = pts.shape[:2]
-    z = logits64(net64, pts.reshape(k * n, *pts.shape[2:])).reshape(k, n, -1)
-    zr = np.take_along_axis(z, np.broadcast_to(reference[None, :, None], (k, n, 1)), axis=2)
-    worst = (zr - z).min(axis=0)
-    worst[np.arange(n), reference] = np.inf
-    return worst
-
-
-def assert_below(bounds, witness, *, atol=ATOL, rtol=RTOL, what="witness") -> None:
-    """Assert ``bounds <= witness`` elementwise up to tolerance, with a precise message."""
-    bounds = np.asarray(bounds, dtype=np.float64)
-    witness = np.asarray(witness, dtype=np.float64)
-    assert bounds.shape == witness.shape, (bounds.shape, witness.shape)
-    finite = np.isfinite(witness)
-    # The reference column is +inf in both; elsewhere the bound must be finite-or-below.
-    assert np.array_equal(np.isinf(witness) & (witness > 0), np.isinf(bounds) & (bounds > 0))
-    slack = atol + rtol * np.abs(np.where(finite, witness, 0.0))
-    bad = finite & ~(bounds <= witness + slack)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise AssertionError(
-            f"unsound bound at sample {i}, class {j}: bound {bounds[i, j]:.9g} > "
-            f"{what} {witness[i, j]:.9g} ({bad.sum()} violations)"
-        )
-
-
-def reference_of(net: nn.Module, x: np.ndarray) -> np.ndarray:
-    return logits64(float64_copy(net), x).argmax(1)
 
 
 # ---------------------------------------------------------------------- the networks
@@ -280,9 +207,8 @@ def test_milp_optimum_is_never_below_the_bound(net, shape, domain):
 
 @pytest.mark.parametrize(("net", "shape"), _tiny_cases()[:4])
 @pytest.mark.parametrize("method", METHODS)
-def test_bounds_are_exact_when_every_relu_is_stable(net, shape, method):
-    # With a tiny eps no pre-activation changes sign, the net is affine on the ball and the
-    # linear relaxations (and IBP at eps = 0) lose nothing: catches sound-but-useless bounds.
+def test_bounds_are_exact_at_zero_eps(net, shape, method):
+    # At eps = 0 the ball is a point: every method must give the clean margins.
     rng = np.random.default_rng(16)
     x = random_inputs(rng, 3, shape).astype(np.float64)
     ref = reference_of(net, x)
@@ -291,11 +217,81 @@ def test_bounds_are_exact_when_every_relu_is_stable(net, shape, method):
     clean = z[np.arange(3), ref][:, None] - z
     clean[np.arange(3), ref] = np.inf
     np.testing.assert_allclose(cert0.margins, clean, atol=1e-9, rtol=1e-9)
-    if method == "ibp":
-        return
-    eps = 1e-6
-    exact = np.stack([r.witness_margin for r in exact_min_margins(net, x, ref, eps)])
-    np.testing.assert_allclose(certify(net, x, eps, method=method).margins, exact, atol=1e-6)
+
+
+def stable_relu_net(x: np.ndarray, eps: float, widths, n_classes: int, seed: int):
+    """A float64 MLP whose every ReLU is stable (always on or always off) on the balls around
+    ``x``, even according to interval bounds, so the network is affine there.
+
+    Returns the network (Linear-BatchNorm-ReLU-Dropout blocks, nested) and the affine map
+    ``(M, m)`` it computes on the balls, ``f(v) = M v + m``.
+    """
+    rng = np.random.default_rng(seed)
+    lo, hi = x - eps, x + eps
+    M, m = np.eye(x.shape[1]), np.zeros(x.shape[1])
+    blocks = []
+    for width in widths:
+        linear = nn.Linear(M.shape[0], width).double()
+        bn = nn.BatchNorm1d(width).double().eval()
+        w = rng.standard_normal((width, M.shape[0])) / np.sqrt(M.shape[0])
+        scale = rng.uniform(0.5, 1.5, width) * rng.choice([-1.0, 1.0], width, p=[0.2, 0.8])
+        mean, var = rng.normal(0, 0.5, width), rng.uniform(0.5, 2.0, width)
+        s = scale / np.sqrt(var + bn.eps)
+        # interval of the BatchNorm output without its shift; the shift then places the interval
+        # clear of zero: above for the units chosen active, below for the others
+        center = ((lo + hi) / 2 @ w.T - mean) * s
+        radius = ((hi - lo) / 2 @ np.abs(w).T) * np.abs(s)
+        active = rng.random(width) < 0.75
+        shift = np.where(active, 0.5 - (center - radius).min(0), -0.5 - (center + radius).max(0))
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w))
+            linear.bias.zero_()
+            bn.running_mean.copy_(torch.from_numpy(mean))
+            bn.running_var.copy_(torch.from_numpy(var))
+            bn.weight.copy_(torch.from_numpy(scale))
+            bn.bias.copy_(torch.from_numpy(shift))
+        lo = np.maximum(center + shift - radius, 0.0)
+        hi = np.maximum(center + shift + radius, 0.0)
+        gate = active.astype(np.float64)[:, None]
+        M, m = gate * (s[:, None] * w @ M), gate[:, 0] * (s * (w @ m - mean) + shift)
+        blocks.append(nn.Sequential(linear, bn, nn.ReLU(), nn.Dropout(0.3)))
+    head = nn.Linear(M.shape[0], n_classes).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(rng.standard_normal((n_classes, M.shape[0]))))
+        head.bias.copy_(torch.from_numpy(rng.standard_normal(n_classes)))
+    w, b = head.weight.detach().numpy(), head.bias.detach().numpy()
+    return nn.Sequential(*blocks, head).eval(), (w @ M, w @ m + b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_linear_relaxations_are_exact_where_the_net_is_affine_and_ibp_is_not(seed):
+    # Every ReLU is stable on the ball, so the margin is affine there and its minimum has the
+    # closed form c.x0 + d - |c|.eps. The linear relaxations (CROWN-IBP, CROWN, alpha-CROWN)
+    # lose nothing on a stable ReLU and must attain it; IBP, which bounds |W2||W1| instead of
+    # |W2 W1|, must be strictly looser: a test IBP-quality bounds cannot pass.
+    rng = np.random.default_rng(100 + seed)
+    x = rng.standard_normal((4, 5))
+    eps = 0.15
+    net, (M, m) = stable_relu_net(x, eps, (8, 6), 4, seed)
+    z = x @ M.T + m
+    np.testing.assert_allclose(logits64(net, x), z, rtol=1e-10, atol=1e-10)  # the affine map
+    ref = z.argmax(1)
+    c = M[ref][:, None, :] - M[None]  # (n, C, d)
+    exact = (c * x[:, None]).sum(2) + (m[ref][:, None] - m) - eps * np.abs(c).sum(2)
+    exact[np.arange(4), ref] = np.inf
+    finite = np.isfinite(exact)
+    # the closed form is attained: the corner x0 - eps sign(c) of the ball reaches it
+    corner = x[:, None] - eps * np.sign(c)
+    zc = logits64(net, corner.reshape(-1, 5)).reshape(4, 4, 4)
+    attained = np.take_along_axis(zc, ref[:, None, None].repeat(4, 1), 2)[..., 0] - \
+        zc[:, np.arange(4), np.arange(4)]
+    np.testing.assert_allclose(attained[finite], exact[finite], rtol=1e-9, atol=1e-9)
+    for method in ("crown-ibp", "crown", "alpha-crown"):
+        margins = certify(net, x, eps, method=method).margins
+        np.testing.assert_allclose(margins, exact, rtol=1e-9, atol=1e-9, err_msg=method)
+    ibp = certify(net, x, eps, method="ibp").margins
+    assert_below(ibp, exact, atol=1e-9, rtol=0, what="exact optimum (ibp)")
+    assert np.all(ibp[finite] < exact[finite] - 1e-3), (exact - ibp)[finite].min()
 
 
 def test_milp_oracle_matches_brute_force():
@@ -365,80 +361,8 @@ def test_ibp_is_exact_when_every_layer_before_the_last_keeps_boxes_exact(layers)
         np.testing.assert_allclose(margins, exact, atol=1e-6, rtol=0)
 
 
-# ------------------------------------------------------------ hypothesis: architectures
-
-
-@st.composite
-def problems(draw):
-    """A random architecture of supported layers, inputs, eps (scalar or array) and domain."""
-    seed = draw(st.integers(0, 2**16))
-    n_classes = draw(st.integers(2, 4))
-    if draw(st.booleans()):
-        d = draw(st.integers(1, 6))
-        widths = draw(st.lists(st.integers(1, 8), min_size=0, max_size=3))
-        net = make_mlp(
-            d,
-            widths,
-            n_classes,
-            seed=seed,
-            batchnorm=draw(st.booleans()),
-            dropout=draw(st.booleans()),
-            identity=draw(st.booleans()),
-            nested=draw(st.booleans()),
-            weight_scale=draw(st.sampled_from([0.5, 1.0, 2.0])),
-            bn_affine=draw(st.booleans()),
-        )
-        shape: tuple[int, ...] = (d,)
-    else:
-        shape = (draw(st.integers(1, 3)), draw(st.integers(2, 6)), draw(st.integers(2, 6)))
-        kernel = draw(st.integers(1, 3))
-        net = make_cnn(
-            shape,
-            draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)),
-            n_classes,
-            seed=seed,
-            kernel_size=kernel,
-            stride=draw(st.integers(1, 2)),
-            padding=draw(st.integers(0, 1)),
-            batchnorm=draw(st.booleans()),
-            avgpool=draw(st.sampled_from(POOLS)),
-            dropout=draw(st.booleans()),
-            hidden=draw(st.sampled_from([None, 3, 8])),
-            nested=draw(st.booleans()),
-            bn_affine=draw(st.booleans()),
-        )
-    if draw(st.booleans()):  # an extra level of nesting around everything
-        net = nn.Sequential(nn.Identity(), net).eval()
-    rng = np.random.default_rng(seed)
-    domain = draw(st.booleans())
-    x = random_inputs(rng, draw(st.integers(1, 3)), shape, unit=domain)
-    eps_kind = draw(st.sampled_from(["zero", "scalar", "array"]))
-    if eps_kind == "zero":
-        eps = 0.0
-    elif eps_kind == "scalar":
-        eps = draw(st.floats(1e-4, 0.5))
-    else:
-        eps = 0.3 * rng.random(shape)
-    kw = dict(lower=0.0, upper=1.0) if domain else {}
-    return net, x, eps, kw
-
-
-@settings(max_examples=200, deadline=10_000)
-@given(problems())
-def test_property_random_architectures_are_sound(problem):
-    net, x, eps, kw = problem
-    ref = reference_of(net, x)
-    witness = sampled_min_margins(net, x, ref, eps, n_random=100, n_corners=64, **kw)
-    bounds = {}
-    for method in METHODS:
-        cert = certify(net, x, eps, method=method, **kw)
-        np.testing.assert_array_equal(cert.prediction, ref)
-        assert cert.margins.shape == witness.shape
-        assert not np.isnan(cert.margins).any()
-        assert_below(cert.margins, witness, what=f"sampled margin ({method})")
-        bounds[method] = cert.margins
-    finite = np.isfinite(witness)
-    assert (bounds["alpha-crown"][finite] >= bounds["crown"][finite] - 1e-5).all()
+# ------------------------------------------------------------ hypothesis: tiny nets vs MILP
+# (random architectures against sampled points and PGD: tests/test_fuzz_soundness.py)
 
 
 @settings(max_examples=60, deadline=20_000)
@@ -557,32 +481,42 @@ def test_margin_lower_bounds_in_eval_mode_matches_certify(network, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_certified_radius_is_certified_and_in_range(network, method):
+@pytest.mark.parametrize("domain", [False, True], ids=["no-domain", "unit-domain"])
+def test_certified_radius_is_certified_maximal_and_in_range(network, method, domain):
     net, shape = network
     rng = np.random.default_rng(25)
-    x = random_inputs(rng, 6, shape, unit=True)
-    max_eps = 0.5
-    radius = certified_radius(
-        net, x, method=method, lower=0.0, upper=1.0, max_eps=max_eps, tol=1e-3
-    )
-    assert radius.shape == (6,)
+    # Some random nets predict one class on the whole unit box (radius max_eps there); without
+    # a domain a large max_eps leaves every net a finite radius to check for maximality.
+    n, max_eps, tol = 6, (0.5 if domain else 4.0), 1e-3
+    x = random_inputs(rng, n, shape, unit=True)
+    domain_kw = dict(lower=0.0, upper=1.0) if domain else {}
+    kw = dict(method=method, **domain_kw)
+    radius = certified_radius(net, x, max_eps=max_eps, tol=tol, **kw)
+    assert radius.shape == (n,)
     assert ((radius >= 0) & (radius <= max_eps)).all()
-    pos = radius > 0
-    if pos.any():
-        for i in np.flatnonzero(pos):
-            cert = certify(net, x[i : i + 1], float(radius[i]), method=method, lower=0.0, upper=1.0)
-            assert cert.certified[0], (i, radius[i])
+    assert (radius > 0).any()
+    if not domain:
+        assert (radius < max_eps).all()  # the maximality check below has work to do
+    for i in range(n):
+        row = x[i : i + 1]
+        cert = certify(net, row, float(radius[i]), **kw)
+        assert cert.certified[0] == (radius[i] > 0), (i, radius[i])
+        # Near-maximal: a little above the radius the method no longer certifies (bisection
+        # leaves the true radius of the method within tol above the returned one).
+        if radius[i] < max_eps:
+            above = certify(net, row, float(radius[i]) + 2 * tol, **kw)
+            assert not above.certified[0], (i, radius[i])
+        if radius[i] > 0:
             # Soundness of the radius: an attack at that radius finds no counterexample.
             attacked = min_margin_attack(
                 float64_copy(net),
-                x[i : i + 1],
+                row,
                 cert.prediction,
                 float(radius[i]),
                 steps=20,
                 restarts=2,
-                lower=0.0,
-                upper=1.0,
                 generator=torch.Generator().manual_seed(0),
+                **domain_kw,
             )
             assert (attacked.numpy() > -ATOL).all()
 
@@ -612,22 +546,13 @@ class _DoubledReLU(nn.ReLU):
         return 2.0 * super().forward(x) - 0.5
 
 
+def _conv_net(**conv) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 3, 3, **conv), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+
+
+#: Unusual but supported configurations: bounded soundly.
 UNUSUAL = {
-    "conv-padding-same": lambda: nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)
-    ),
-    "conv-padding-reflect": lambda: nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(48, 3),
-    ),
-    "conv-padding-circular": lambda: nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(48, 3),
-    ),
+    "conv-padding-same": lambda: _conv_net(padding="same"),
     "conv-asymmetric": lambda: nn.Sequential(
         nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)),
         nn.ReLU(),
@@ -637,30 +562,55 @@ UNUSUAL = {
     "relu-inplace": lambda: nn.Sequential(
         nn.Flatten(), nn.Linear(32, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)
     ),
-    "relu-subclass": lambda: nn.Sequential(
-        nn.Flatten(), nn.Linear(32, 8), _DoubledReLU(), nn.Linear(8, 3)
-    ),
     "flatten-first": lambda: nn.Sequential(
         nn.Flatten(), nn.BatchNorm1d(32), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 3)
     ),
 }
 
+#: Configurations the engine must reject, and a pattern naming the offending layer.
+REJECTED = {
+    "conv-padding-reflect": (lambda: _conv_net(padding=1, padding_mode="reflect"),
+                             r"Conv2d\(2, 3.*padding_mode=reflect"),
+    "conv-padding-circular": (lambda: _conv_net(padding=1, padding_mode="circular"),
+                              r"Conv2d\(2, 3.*padding_mode=circular"),
+    "conv-padding-same-even-kernel": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(48, 3)),
+        r"Conv2d\(2, 3, kernel_size=\(2, 2\).*padding='same' with an even kernel"),
+    "conv-dilation": (lambda: _conv_net(padding=2, dilation=2), r"Conv2d\(2, 3.*dilation"),
+    "relu-subclass": (
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(32, 8), _DoubledReLU(), nn.Linear(8, 3)),
+        r"Layer '2' \(_DoubledReLU\(\)\) is not supported"),
+}
+
 
 @pytest.mark.parametrize("name", sorted(UNUSUAL))
-def test_unusual_layers_are_sound_or_rejected(name):
-    # The contract does not say whether these are supported; bounds that are silently wrong
-    # are the one outcome that is not acceptable.
+def test_unusual_supported_layers_are_sound(name):
     torch.manual_seed(31)
     net = UNUSUAL[name]()
     randomize_batchnorm(net, torch.Generator().manual_seed(0)).eval()
     x = random_inputs(np.random.default_rng(32), 3, (2, 4, 4))
     for method in METHODS:
-        try:
-            cert = certify(net, x, 0.1, method=method)
-        except UnsupportedLayerError:
-            continue
+        cert = certify(net, x, 0.1, method=method)
         witness = sampled_min_margins(net, x, cert.prediction, 0.1)
         assert_below(cert.margins, witness, what=f"sampled margin ({method})")
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED))
+def test_unsupported_layer_configurations_are_rejected(name):
+    # Silently wrong bounds are the one outcome that is not acceptable: these must be refused,
+    # by every method, with a message that names the layer.
+    make, pattern = REJECTED[name]
+    torch.manual_seed(31)
+    net = make().eval()
+    x = random_inputs(np.random.default_rng(32), 3, (2, 4, 4))
+    with torch.no_grad():
+        net(torch.from_numpy(x))  # the network itself runs: only the engine refuses it
+    for method in METHODS:
+        with pytest.raises(UnsupportedLayerError, match=pattern):
+            certify(net, x, 0.1, method=method)
+        with pytest.raises(UnsupportedLayerError, match=pattern):
+            certified_radius(net, x, method=method)
 
 
 # --------------------------------------------------------------- state and gradients

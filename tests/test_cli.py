@@ -48,6 +48,7 @@ def files(tmp_path_factory, digits):
     np.savez(folder / "unknown_label.npz", X=X_test, y=y_test + 100)
     joblib.dump({"not": "a model"}, folder / "dict.joblib")
     (folder / "garbage.joblib").write_bytes(b"not a pickle")
+    (folder / "garbage.cdsafe").write_bytes(b"certdistill-safe\n{}\n")
     (folder / "data.txt").write_text("1,2,3\n")
     return folder
 
@@ -168,6 +169,8 @@ ERRORS = {
     "not a model": (["certify", "{d}/dict.joblib", "{d}/test.npz"], "not a certdistill model"),
     "garbage joblib": (["report", "{d}/garbage.joblib", "--data", "{d}/test.npz"],
                        "cannot read model"),
+    "garbage safe file": (["certify", "{d}/garbage.cdsafe", "{d}/test.npz"],
+                          "cannot read model"),
     "missing teacher": (["distill", "{d}/train.npz", "--teacher", "{d}/none.joblib"],
                         "does not exist"),
     "radius with two methods": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--radius",
@@ -178,6 +181,29 @@ ERRORS = {
                         "49 features"),
     "no command": ([], "required"),
 }
+
+
+def test_safe_format_from_train_to_certify(files, tmp_path):
+    """``.cdsafe`` outputs are written in the safe format, and read back by every command."""
+    import certdistill
+
+    teacher, student = tmp_path / "teacher.cdsafe", tmp_path / "student.cdsafe"
+    assert main(["train", str(files / "train.npz"), "--method", "ibp", "--output", str(teacher),
+                 *TINY_MLP]) == 0
+    assert main(["distill", str(files / "train.npz"), "--teacher", str(teacher),
+                 "--output", str(student), *TINY_MLP]) == 0
+    assert student.read_bytes().startswith(b"certdistill-safe\n")
+    loaded = certdistill.load(student)  # no pickle involved
+    assert type(loaded.teacher_).__name__ == "CertifiedTeacher"
+    results = tmp_path / "certificates.csv"
+    assert main(["certify", str(student), str(files / "test.npz"), "--output", str(results),
+                 "--method", "crown"]) == 0
+    with open(results) as handle:
+        rows = list(csv.DictReader(handle))
+    data = np.load(files / "test.npz")
+    assert len(rows) == len(data["y"])
+    cert = loaded.certify(data["X"], eps=loaded.eps, method="crown", y=data["y"])
+    assert [row["certified"] for row in rows] == [str(c) for c in cert.certified]
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
@@ -203,6 +229,25 @@ def test_interrupted_fit_saves_nothing(files, tmp_path, monkeypatch, capsys):
     assert main(["train", str(files / "train.npz"), "--output", str(model), *TINY_MLP]) == 130
     assert not model.exists()
     assert capsys.readouterr().err.strip().endswith("certdistill: interrupted")
+
+
+def test_fit_interrupted_in_its_last_epoch_saves_nothing(files, tmp_path, monkeypatch, capsys):
+    # All epochs have a history row, but the last one did not finish: still not a whole fit.
+    from certdistill.cli import _progress
+
+    original = _progress.FitProgress.on_epoch_end
+
+    def interrupt_last(self, net, **kwargs):
+        if len(net.history) == net.max_epochs:
+            raise KeyboardInterrupt
+        original(self, net, **kwargs)
+
+    monkeypatch.setattr(_progress.FitProgress, "on_epoch_end", interrupt_last)
+    model = tmp_path / "model.joblib"
+    assert main(["train", str(files / "train.npz"), "--output", str(model), *TINY_MLP]) == 130
+    assert not model.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("certdistill: interrupted") and "UserWarning" not in err
 
 
 def _run(*args):

@@ -19,6 +19,7 @@ SHORT_ARGS = {
     "breast_cancer_pipeline.py": ["--epochs", "3"],
     "certify_network.py": ["--epochs", "2"],
     "dask_grid_search.py": ["--epochs", "2"],
+    "checkpoint_resume.py": ["--epochs", "4"],
     "grid_search.py": ["--epochs", "2"],
     "persistence.py": ["--epochs", "2"],
     "quickstart.py": ["--epochs", "2"],

@@ -14,7 +14,15 @@ from torch import nn
 from certdistill.bounds import BoundEngine, Perturbation
 from certdistill.losses import certified_loss, shi_regularizer, worst_case_logits
 from certdistill.models import ibp_init_, make_cnn, make_mlp
-from certdistill.schedules import EpsSchedule, KappaSchedule, LinearSchedule
+from certdistill.schedules import (
+    AlphaSchedule,
+    BetaSchedule,
+    DistillWeightSchedule,
+    EpsSchedule,
+    KappaSchedule,
+    LinearSchedule,
+    TemperatureSchedule,
+)
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -191,3 +199,97 @@ def test_linear_schedules():
     assert custom.value_at(0.25) == pytest.approx(2.5)
     with pytest.raises(ValueError, match="window"):
         LinearSchedule("x_", "x", 0, 1, begin=0.8, stop=0.2).resolve(_FakeNet())
+
+
+# ----------------------------------------------------------------- values at known points
+def test_shi_regularizer_values_by_hand():
+    tol = 0.5
+    # One ReLU layer, input radius 0.1. Tightness: mean radius 2.05 / 4 = 0.5125, so
+    # relu(0.5 - 0.1 / 0.5125) / 0.5 = 0.609756. Units: active (c - r > 0) = {0}, inactive
+    # (c + r < 0) = {1, 3}. Mean ratio (1.0 / 4) / (2.1 / 4) = 0.476190; with mean(c) = -0.15 the
+    # variance ratio is 1.15^2 / (1.85^2 + 0.05^2) = 1.3225 / 3.425 = 0.386131; balance term
+    # (0.5 - 0.476190 + 0.5 - 0.386131) / 0.5 = 0.275358.
+    layer_a = (torch.tensor([[1.0, -2.0, 0.5, -0.1]]), torch.tensor([[0.5, 0.5, 1.0, 0.05]]))
+    r0 = torch.full((1, 2), 0.1)
+    assert shi_regularizer([layer_a], r0, tol).item() == pytest.approx(
+        0.609756 + 0.275358, abs=1e-5)
+    # A layer with no inactive unit adds no balance term (its ratios are undefined) and, as
+    # tight as the input (0.1 / 0.1 = 1 > tol), no tightness term: the mean halves.
+    layer_b = (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.1, 0.1]]))
+    assert shi_regularizer([layer_a, layer_b], r0, tol).item() == pytest.approx(
+        (0.609756 + 0.275358) / 2, abs=1e-5)
+    # Ratios above one are folded to 1/q: mean ratio (3 / 2) / (1 / 2) = 3 -> 1/3, variance
+    # ratio 4 / 4 = 1; tightness off (1.0 / 0.1 = 10): (0.5 - 1/3) / 0.5.
+    layer_c = (torch.tensor([[3.0, -1.0]]), torch.tensor([[0.1, 0.1]]))
+    value = shi_regularizer([layer_c], torch.ones(1, 2), tol).item()
+    assert value == pytest.approx((0.5 - 1 / 3) / 0.5, abs=1e-6)
+    # Balanced, tight layers cost nothing.
+    layer_d = (torch.tensor([[1.0, -1.0]]), torch.tensor([[0.1, 0.1]]))
+    assert shi_regularizer([layer_d], torch.full((1, 2), 0.1), tol).item() == 0.0
+
+
+def test_eps_schedule_values():
+    # Smooth shape: v(s) = (256/13) s^4 up to s = 1/4, then 1 - (16/13)(1 - s).
+    cb = EpsSchedule()
+    cb.resolve(_FakeNet())  # eps 0.2, warm-up 0.1, ramp 0.5
+    assert cb.value_at(0.05) == 0.0
+    assert cb.value_at(0.1 + 0.5 / 8) == pytest.approx(0.2 / 208)  # s = 1/8
+    assert cb.value_at(0.1 + 0.5 / 4) == pytest.approx(0.2 / 13)  # s = 1/4
+    assert cb.value_at(0.1 + 0.5 / 2) == pytest.approx(0.2 * 5 / 13)  # s = 1/2
+    assert cb.value_at(0.6) == pytest.approx(0.2)
+    per_feature = EpsSchedule(eps=np.array([0.1, 0.0, 0.3]), warmup=0.0, ramp=1.0,
+                              shape="linear")
+    per_feature.resolve(_FakeNet())
+    np.testing.assert_allclose(per_feature.value_at(0.25), [0.025, 0.0, 0.075], rtol=1e-6)
+    assert per_feature.value_at(0.25).dtype == np.float32
+
+
+class _FakeStudent(_FakeNet):
+    beta_start, beta_end = 1.0, 0.2
+    alpha = 0.3
+    distill_weight, distill_weight_end = 0.8, None
+    temperature, temperature_end = 6.0, 2.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # window = eps ramp [0.1, 0.6]; values at t = 0, 0.1, 0.35 (middle), 0.475, 0.6, 1
+        (BetaSchedule(), [1.0, 1.0, 0.6, 0.4, 0.2, 0.2]),
+        (AlphaSchedule(), [0.3] * 6),
+        (AlphaSchedule(start=1.0, end=0.0), [1.0, 1.0, 0.5, 0.25, 0.0, 0.0]),
+        (DistillWeightSchedule(), [0.8] * 6),
+        (TemperatureSchedule(), [6.0, 6.0, 4.0, 3.0, 2.0, 2.0]),
+        (KappaSchedule(begin=0.0, stop=1.0), [1.0, 0.9, 0.65, 0.525, 0.4, 0.0]),
+    ],
+    ids=["beta", "alpha-constant", "alpha-given", "distill-weight-constant", "temperature",
+         "kappa-own-window"],
+)
+def test_linear_schedule_values(schedule, expected):
+    schedule.resolve(_FakeStudent())
+    got = [schedule.value_at(t) for t in (0.0, 0.1, 0.35, 0.475, 0.6, 1.0)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_schedules_in_a_fit_follow_the_optimisation_steps():
+    """Batch k of a run of S steps gets the value at progress k / S; the learning rate of epoch
+    e is lr * gamma ** (milestones passed)."""
+    from sklearn.datasets import load_digits
+
+    from certdistill import CertifiedTeacher
+
+    X, y = load_digits(return_X_y=True)
+    X, y = (X[:90] / 16).astype(np.float32), y[:90]
+    teacher = CertifiedTeacher(eps=0.2, eps_train_ratio=1.0, warmup=0.25, ramp=0.5,
+                               max_epochs=4, batch_size=30, lr=0.1, lr_milestones=(0.5, 0.75),
+                               lr_gamma=0.5, module__hidden_sizes=(8,), random_state=0).fit(X, y)
+    reference = EpsSchedule()
+    reference.resolve(teacher)
+    kappa = KappaSchedule()
+    kappa.resolve(teacher)
+    steps = 4 * 3
+    eps = [v for e in range(4) for v in teacher.history[e, "batches", :, "eps"]]
+    np.testing.assert_allclose(eps, [reference.value_at(k / steps) for k in range(steps)])
+    kappas = [v for e in range(4) for v in teacher.history[e, "batches", :, "kappa"]]
+    np.testing.assert_allclose(kappas, [kappa.value_at(k / steps) for k in range(steps)])
+    assert teacher.history[:, "lr"] == pytest.approx([0.1, 0.1, 0.05, 0.025])

@@ -230,16 +230,19 @@ def test_certify_api(fitted, small):
         X[:50], method="ibp").certified.sum()
 
 
-def test_certified_radius_consistent(fitted, small):
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_certified_radius_consistent(fitted, small, method):
     X, y = small
-    radius = fitted.certified_radius(X[:20], y=y[:20], method="ibp", max_eps=0.5, tol=1e-3)
-    assert radius.shape == (20,) and np.all((radius >= 0) & (radius <= 0.5))
-    inside = radius > 0
-    for r, x, label in zip(radius[inside][:5], X[:20][inside][:5], y[:20][inside][:5],
-                           strict=False):
-        assert fitted.certify(x[None], eps=float(r), y=[label], method="ibp").certified[0]
-        assert not fitted.certify(x[None], eps=float(r) + 2e-3, y=[label],
-                                  method="ibp").certified[0]
+    max_eps, tol = 0.5, 1e-3
+    radius = fitted.certified_radius(X[:20], y=y[:20], method=method, max_eps=max_eps, tol=tol)
+    assert radius.shape == (20,) and np.all((radius >= 0) & (radius <= max_eps))
+    assert 0 < np.count_nonzero(radius) and np.all(radius < max_eps)
+    for r, x, label in zip(radius, X[:20], y[:20], strict=True):
+        # certified at the radius (with the label: robustly correct), not a little above it
+        assert fitted.certify(x[None], eps=float(r), y=[label], method=method).certified[0] == (
+            r > 0)
+        assert not fitted.certify(x[None], eps=float(r) + 2 * tol, y=[label],
+                                  method=method).certified[0]
 
 
 def test_training_raises_certified_accuracy(digits):
@@ -333,8 +336,11 @@ def test_pipeline_on_breast_cancer():
         n_jobs=2,
     ).fit(Xtr, ytr)
     assert grid.best_estimator_.score(Xte, yte) > 0.85
-    assert 0.0 <= grid.score(Xte, yte) <= 1.0
+    # refit="certified": the search scores with certified accuracy through the pipeline
+    assert grid.score(Xte, yte) == CertifiedAccuracy(0.01)(grid.best_estimator_, Xte, yte)
     final = grid.best_estimator_[-1]
+    scaled = grid.best_estimator_[0].transform(Xte)
+    assert grid.score(Xte, yte) == final.certified_accuracy(scaled, yte, eps=0.01)
     assert final.n_features_in_ == 30 and list(final.classes_) == [0, 1]
 
 

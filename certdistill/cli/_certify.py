@@ -204,8 +204,9 @@ def add_certify_parser(commands, parents) -> None:
             "certified_radius."
         ),
     )
-    parser.add_argument("model", help="model .joblib file (from certdistill train or distill); "
-                                      "joblib files can run code: load only trusted files")
+    parser.add_argument("model", help="model .joblib or .cdsafe file (from certdistill train "
+                                      "or distill); joblib files can run code: load only "
+                                      "trusted files (.cdsafe files run none)")
     add_data_arguments(parser)
     parser.add_argument("--eps", type=nonnegative_float,
                         help="radius of the ball, in feature units (default: the model's eps)")
@@ -236,8 +237,9 @@ def add_report_parser(commands, parents) -> None:
         ),
     )
     parser.add_argument("models", nargs="+", metavar="model",
-                        help="model .joblib files (from certdistill train or distill); joblib "
-                             "files can run code: load only trusted files")
+                        help="model .joblib or .cdsafe files (from certdistill train or "
+                             "distill); joblib files can run code: load only trusted files "
+                             "(.cdsafe files run none)")
     add_data_arguments(parser, flag=True)
     parser.add_argument("--eps", type=nonnegative_float, nargs="+",
                         help="radii to evaluate at, e.g. --eps 0.05 0.1 (default: the models' "

@@ -1,4 +1,5 @@
-"""Files of the command line: data (``.npz``, ``.csv``), models (joblib) and result tables."""
+"""Files of the command line: data (``.npz``, ``.csv``), models (joblib or the safe format) and
+result tables."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from certdistill.cli._args import CLIError
 __all__ = [
     "DATA_SUFFIXES",
     "MODEL_SUFFIXES",
+    "SAFE_SUFFIX",
     "TABLE_SUFFIXES",
     "Dataset",
     "check_features",
@@ -29,7 +31,10 @@ __all__ = [
 ]
 
 DATA_SUFFIXES = (".npz", ".csv")
-MODEL_SUFFIXES = (".joblib", ".pkl", ".pickle")
+MODEL_SUFFIXES = (".joblib", ".pkl", ".pickle", ".cdsafe")
+#: Suffix of models in the safe format (:mod:`certdistill.persistence`), which loads without
+#: running code from the file.
+SAFE_SUFFIX = ".cdsafe"
 TABLE_SUFFIXES = (".csv", ".json", ".md")
 
 
@@ -203,9 +208,10 @@ def _checked(X, y, path: Path) -> Dataset:
 
 # -------------------------------------------------------------------------------- models
 def load_model(path: str | Path):
-    """Load a fitted certdistill estimator saved with joblib.
+    """Load a fitted certdistill estimator saved with joblib (or in the safe format: ``.cdsafe``).
 
-    joblib files are pickles: loading one can run code, so load only files you trust.
+    joblib files are pickles: loading one can run code, so load only files you trust. ``.cdsafe``
+    files (:func:`certdistill.save`) load without running code from the file.
 
     Parameters
     ----------
@@ -227,7 +233,7 @@ def load_model(path: str | Path):
 
     path = _existing_file(path, MODEL_SUFFIXES, "model file")
     try:
-        model = joblib.load(path)
+        model = _load(path) if path.suffix.lower() == SAFE_SUFFIX else joblib.load(path)
     except Exception as error:  # noqa: BLE001 - unpickling raises anything; report it as one line
         raise CLIError(
             f"cannot read model {str(path)!r}: {type(error).__name__}: {error}"
@@ -243,12 +249,33 @@ def load_model(path: str | Path):
     return model
 
 
+def _load(path: Path):
+    from certdistill.persistence import load
+
+    return load(path)
+
+
 def save_model(model, path: Path) -> None:
-    """Save ``model`` with joblib, creating the folder if needed."""
+    """Save ``model`` (joblib, or the safe format for ``.cdsafe``), creating the folder if
+    needed.
+
+    Raises
+    ------
+    CLIError
+        If the model holds something the safe format cannot store.
+    """
     import joblib
 
+    from certdistill.persistence import SafeFormatError, save
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, path)
+    if path.suffix.lower() != SAFE_SUFFIX:
+        joblib.dump(model, path)
+        return
+    try:
+        save(model, path)
+    except SafeFormatError as error:
+        raise CLIError(f"cannot save {str(path)!r} in the safe format: {error}") from None
 
 
 def check_features(model, data: Dataset, model_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 from skorch.callbacks import Callback
 
@@ -67,11 +68,16 @@ def fit_with_progress(model, X, y, desc: str, *, quiet: bool = False) -> float:
     model.set_params(callbacks=[*(original or []), ("cli_progress", FitProgress(desc, quiet))])
     try:
         start = time.perf_counter()
-        model.fit(X, y)
+        with warnings.catch_warnings():
+            # the command reports an interruption itself ("certdistill: interrupted")
+            warnings.filterwarnings("ignore", message=".*interrupted", category=UserWarning)
+            model.fit(X, y)
         seconds = time.perf_counter() - start
     finally:
         model.set_params(callbacks=original)
-    if len(model.history_) < getattr(model, "n_epochs_", model.max_epochs):
+    history = model.history_
+    if len(history) < getattr(model, "n_epochs_", model.max_epochs) or (
+            len(history) and history[-1].get("interrupted")):
         # skorch ends a fit quietly on Ctrl-C; the command must stop too, not save a model
         # trained for part of its epochs as if it were complete.
         raise KeyboardInterrupt

@@ -132,8 +132,9 @@ def _add_fit_arguments(parser: argparse.ArgumentParser, cls: type, default_outpu
     parser.add_argument("--device", type=device, default="cpu",
                         help="torch device, e.g. cuda (default cpu)")
     parser.add_argument("--output", default=default_output,
-                        help=f"where to save the fitted model with joblib (.joblib, .pkl; "
-                             f"default {default_output})")
+                        help=f"where to save the fitted model: .joblib or .pkl with joblib, "
+                             f".cdsafe in the safe format that loads without running code "
+                             f"(default {default_output})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -182,7 +183,7 @@ def add_distill_parser(commands, parents) -> None:
     )
     add_data_arguments(parser)
     parser.add_argument("--teacher", required=True,
-                        help="the teacher's .joblib file (from certdistill train)")
+                        help="the teacher's .joblib or .cdsafe file (from certdistill train)")
     parser.add_argument("--eps", type=nonnegative_float,
                         help="L-infinity radius to train and certify for (default: the "
                              "teacher's)")
