@@ -1,5 +1,6 @@
 """certdistill: certified robustness and certified distillation as scikit-learn estimators."""
 
+from certdistill.bounds import Perturbation
 from certdistill.certify import Certificate, certified_radius, certify
 from certdistill.exceptions import SafeFormatError, UnsupportedLayerError
 from certdistill.persistence import load, save
@@ -14,6 +15,7 @@ __all__ = [
     "CertifiedAccuracy",
     "CertifiedTeacher",
     "DistilledStudent",
+    "Perturbation",
     "SafeFormatError",
     "UnsupportedLayerError",
     "certified_radius",

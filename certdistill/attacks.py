@@ -22,7 +22,7 @@ from torch import nn
 
 from certdistill.bounds.perturbation import Perturbation
 
-__all__ = ["min_margin_attack", "pgd_attack"]
+__all__ = ["min_margin_attack", "pgd_attack", "targeted_attack"]
 
 _LOSSES = ("ce", "margin")
 _MODES = ("eval", "current")
@@ -259,6 +259,49 @@ def min_margin_attack(
         the true minimum), ``+inf`` in the reference column.
     """
     x = _prepare_input(module, x)
+    perturbation = _perturbation(x, eps, lower, upper)
+    margins, _ = targeted_attack(module, x, reference, perturbation, steps=steps,
+                                 restarts=restarts, generator=generator)
+    return margins
+
+
+def targeted_attack(
+    module: nn.Module,
+    x: torch.Tensor,
+    reference,
+    perturbation: Perturbation,
+    *,
+    steps: int = 50,
+    restarts: int = 5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targeted PGD towards every class: the smallest margins found and where.
+
+    The ``n * n_classes`` attacks run as one batch in eval mode (the module's modes are
+    restored). Restart 0 starts at ``x``, the others uniformly in the set.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Classifier returning logits of shape ``(n, n_classes)``.
+    x : torch.Tensor
+        Clean inputs of the module's dtype and device, shape ``(n, *input_shape)``.
+    reference : torch.Tensor or numpy.ndarray
+        Reference class per sample, shape ``(n,)``.
+    perturbation : Perturbation
+        The set around each input.
+    steps, restarts : int
+        Signed-gradient steps per restart, and restarts.
+    generator : torch.Generator, optional
+        Source of randomness for the random starts.
+
+    Returns
+    -------
+    margins : torch.Tensor of shape (n, n_classes)
+        Smallest ``z_ref - z_j`` found per target ``j`` (``+inf`` at the reference).
+    points : torch.Tensor of shape (n, n_classes, *input_shape)
+        Where each was found (inside the set).
+    """
     n = x.shape[0]
     ref = (
         torch.as_tensor(
@@ -269,9 +312,10 @@ def min_margin_attack(
     )
     if ref.shape[0] != n:
         raise ValueError(f"reference has {ref.shape[0]} entries for {n} inputs.")
-    perturbation = _perturbation(x, eps, lower, upper)
     lo, hi = _feasible_box(x, perturbation)
     step = 2.5 * perturbation.eps / max(steps, 1)
+    if perturbation.per_sample:
+        step = step.expand_as(x)
 
     with _attack_mode(module, "eval"):
         with torch.no_grad():
@@ -283,10 +327,12 @@ def min_margin_attack(
         target = torch.arange(n_classes, device=x.device).repeat_interleave(n)
         step_r = torch.broadcast_to(step, x.shape).repeat(rep) if step.dim() else step
         best = torch.full((xr.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+        best_x = xr.clone()
 
         def margin(z: torch.Tensor) -> torch.Tensor:
             return z.gather(1, refr[:, None]).squeeze(1) - z.gather(1, target[:, None]).squeeze(1)
 
+        view = (-1,) + (1,) * (x.dim() - 1)
         with torch.enable_grad():
             for r in range(restarts):
                 x_adv = xr.clone() if r == 0 else _uniform_in_box(lor, hir, generator)
@@ -294,13 +340,16 @@ def min_margin_attack(
                     x_adv.requires_grad_(True)
                     val = margin(module(x_adv))
                     with torch.no_grad():
-                        best = torch.minimum(best, val)
+                        better = val < best
+                        best = torch.where(better, val, best)
+                        best_x = torch.where(better.view(view), x_adv, best_x)
                     if it == steps:
                         break
                     (grad,) = torch.autograd.grad(val.sum(), x_adv)
                     with torch.no_grad():
                         x_adv = torch.minimum(torch.maximum(x_adv - step_r * grad.sign(), lor), hir)
 
-    out = best.detach().reshape(n_classes, n).T.clone()
-    out[torch.arange(n, device=x.device), ref] = float("inf")
-    return out
+    margins = best.detach().reshape(n_classes, n).T.clone()
+    margins[torch.arange(n, device=x.device), ref] = float("inf")
+    points = best_x.detach().reshape(n_classes, n, *x.shape[1:]).transpose(0, 1)
+    return margins, points

@@ -45,12 +45,13 @@ from skorch.utils import to_tensor
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from certdistill.bounds import Perturbation, check_method, engine_for
+from certdistill.bounds import Perturbation, engine_for
 from certdistill.certify import DEFAULT_METHOD, Certificate, _Problem
 from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
 from certdistill.parallel import torch_threads
 from certdistill.schedules import EpsSchedule, StepLR
+from certdistill.verify.cascade import CascadeOptions, check_stages
 
 __all__ = ["CertifiedNetBase", "Choice", "Range"]
 
@@ -911,7 +912,8 @@ class CertifiedNetBase(NeuralNetClassifier):
     @_in_torch_threads
     def certify(
         self, X, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *, y=None,
-        batch_size: int = 256,
+        batch_size: int = 256, timeout: float = 10.0, budget: float | None = None,
+        verbose: int = 0,
     ) -> Certificate:
         """Certify each sample's prediction (or label) in the L-infinity ball of radius eps.
 
@@ -922,14 +924,21 @@ class CertifiedNetBase(NeuralNetClassifier):
         eps : float, array-like or None, default=None
             Radius; ``None`` uses the estimator's ``eps``.
         method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
-            Bound method (``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``), or a
-            cascade of them: each runs only on the samples the previous ones left open, and per
-            margin the largest of the (all sound) bounds is kept.
+            A stage or a cascade of stages, each run on the samples the previous ones left
+            open: the bound methods ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``,
+            and ``"attack"``, ``"bab"``, ``"milp"``; ``"complete"`` decides every sample
+            (certified or falsified) within its ``timeout`` (see :func:`certdistill.certify`).
         y : array-like of shape (n_samples,) or None, default=None
             Labels (of the type seen in ``fit``): the certificate then says the sample is
             robustly classified *correctly*.
         batch_size : int, default=256
             Samples bounded at once.
+        timeout : float, default=10.0
+            Seconds of branch and bound and MILP per sample.
+        budget : float or None, default=None
+            Seconds for the whole call.
+        verbose : int, default=0
+            A progress bar for the search stages when > 0.
 
         Returns
         -------
@@ -937,13 +946,14 @@ class CertifiedNetBase(NeuralNetClassifier):
             ``prediction`` holds class indices into ``classes_`` (``classes_[prediction]`` are the
             labels); ``margins`` columns follow ``classes_``.
         """
-        methods = check_method(method)
-        return self._certification_problem(X, y, eps, batch_size).certify(methods)
+        stages = check_stages(method)
+        options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose)
+        return self._certification_problem(X, y, eps, batch_size).certify(stages, options)
 
     @_in_torch_threads
     def certified_radius(
         self, X, *, y=None, method: str | Sequence[str] = DEFAULT_METHOD, max_eps: float = 1.0,
-        tol: float = 1e-3,
+        tol: float = 1e-3, timeout: float = 10.0,
     ) -> np.ndarray:
         """Largest certified L-infinity radius of each sample (bisection on eps).
 
@@ -958,6 +968,8 @@ class CertifiedNetBase(NeuralNetClassifier):
             Upper end of the search.
         tol : float, default=1e-3
             Bisection tolerance.
+        timeout : float, default=10.0
+            Seconds of branch and bound and MILP per sample and radius tried.
 
         Returns
         -------
@@ -967,12 +979,14 @@ class CertifiedNetBase(NeuralNetClassifier):
             raise ValueError(f"max_eps must be a positive finite number, got {max_eps!r}.")
         if not (np.isfinite(tol) and tol > 0):
             raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
-        methods = check_method(method)
+        stages = check_stages(method)
         problem = self._certification_problem(X, y, 0.0)
-        return problem.radius(methods, max_eps=float(max_eps), tol=float(tol))
+        return problem.radius(stages, max_eps=float(max_eps), tol=float(tol),
+                              options=CascadeOptions(timeout=timeout))
 
     def certified_accuracy(
-        self, X, y, eps=None, method: str | Sequence[str] = DEFAULT_METHOD
+        self, X, y, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *,
+        timeout: float = 10.0, budget: float | None = None,
     ) -> float:
         """Fraction of samples certified robustly correct at radius ``eps``.
 
@@ -984,10 +998,13 @@ class CertifiedNetBase(NeuralNetClassifier):
         eps : float or None, default=None
             Radius; ``None`` uses the estimator's ``eps``.
         method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
-            Bound method(s), as in :meth:`certify`.
+            Stage(s), as in :meth:`certify` (``"complete"`` for complete verification).
+        timeout, budget : float
+            As in :meth:`certify`.
 
         Returns
         -------
         float
         """
-        return float(np.mean(self.certify(X, eps=eps, method=method, y=y).certified))
+        return float(np.mean(self.certify(X, eps=eps, method=method, y=y, timeout=timeout,
+                                          budget=budget).certified))

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from certdistill.bounds import Perturbation, check_method, engine_for
+from certdistill.bounds import Perturbation, engine_for
+from certdistill.verify.cascade import (
+    CLEAN_PREDICTION,
+    Cascade,
+    CascadeOptions,
+    CascadeState,
+    check_stages,
+)
 
 __all__ = [
     "BACKENDS",
@@ -38,9 +45,6 @@ DEFAULT_METHOD: tuple[str, ...] = ("ibp", "crown-ibp", "crown")
 
 #: Per-sample outcomes of a certification.
 STATUSES = ("certified", "falsified", "unknown")
-
-#: ``decided_by`` of a sample refuted by its clean prediction (wrong against the label).
-CLEAN_PREDICTION = "clean-prediction"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ def certify(
     upper=None,
     batch_size: int = 256,
     backend: str = "native",
+    timeout: float = 10.0,
+    budget: float | None = None,
+    verbose: int = 0,
 ) -> Certificate:
     """Certify that each sample's reference class wins everywhere in an L-infinity ball.
 
@@ -121,34 +128,58 @@ def certify(
         Radius of the ball: a scalar or an array broadcastable to one sample (per feature); or a
         :class:`~certdistill.bounds.Perturbation` (then ``lower`` and ``upper`` must be None).
     method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
-        Bound method (``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``), or a cascade of
-        them tried in order, each on the samples the previous ones left open.
+        A stage or a cascade of stages tried in order, each on the samples the previous ones
+        left open: the bound methods ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``
+        (incomplete: they certify or leave the sample ``unknown``), ``"attack"`` (PGD towards
+        every class; falsifies), ``"bab"`` (branch and bound over ReLUs) and ``"milp"`` (exact
+        mixed-integer program). ``"complete"`` is the whole cascade
+        (:data:`~certdistill.verify.cascade.COMPLETE`): every sample is certified or falsified
+        unless its ``timeout`` or the ``budget`` runs out.
     y : array-like of shape (n,), optional
         Integer labels in ``[0, n_classes)``. When given, the certificate says the sample is
-        robustly *correct*; otherwise that the clean prediction is robust.
+        robustly *correct* (a wrong clean prediction falsifies it); otherwise that the clean
+        prediction is robust.
     lower, upper : float or array-like, optional
         Input domain (e.g. ``0`` and ``1`` for images) intersected with the ball.
     batch_size : int, default=256
         Samples bounded at once; bounds memory use.
     backend : {"native", "auto_lirpa"}, default="native"
+        Engine of the bound stages.
+    timeout : float, default=10.0
+        Seconds of branch and bound and MILP per sample (ReLU networks only).
+    budget : float or None, default=None
+        Seconds for the whole call; samples still open when it runs out stay ``unknown``.
+    verbose : int, default=0
+        A progress bar on stderr for the search stages when > 0.
 
     Returns
     -------
     Certificate
+        Per sample: ``status`` certified / falsified / unknown, the ``margins`` lower bounds,
+        the stage that ``decided_by`` it and a ``counterexample`` for falsified samples.
 
     Raises
     ------
     ValueError
         For NaN or infinite inputs, a negative or non-finite eps, a shape that does not fit the
-        module, ``lower > upper``, inputs outside the domain, labels outside the classes, or an
-        unknown method.
+        module, ``lower > upper``, inputs outside the domain, labels outside the classes, an
+        unknown method, a non-positive timeout or budget, or complete verification of a module
+        with non-ReLU activations.
     UnsupportedLayerError
         If the native engine cannot handle a layer of the module.
+
+    Notes
+    -----
+    A sample is ``certified`` only by lower bounds that are positive, or by a MILP whose dual
+    bound exceeds :data:`~certdistill.verify.milp.MILP_TOLERANCE`; it is ``falsified`` only by an
+    input of the ball and the domain at which the module (its own precision, eval mode) and a
+    float64 copy of it both prefer another class.
     """
-    methods = check_method(method)
+    stages = check_stages(method)
+    options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose)
     problem = _Problem.create(module, X, eps, y=y, lower=lower, upper=upper,
                               batch_size=batch_size, backend=backend)
-    return problem.certify(methods)
+    return problem.certify(stages, options)
 
 
 def certified_radius(
@@ -163,6 +194,7 @@ def certified_radius(
     tol: float = 1e-3,
     batch_size: int = 256,
     backend: str = "native",
+    timeout: float = 10.0,
 ) -> np.ndarray:
     """Largest certified L-infinity radius of each sample, by bisection on eps.
 
@@ -186,22 +218,26 @@ def certified_radius(
         As in :func:`certify`.
     backend : {"native", "auto_lirpa"}, default="native"
         As in :func:`certify`.
+    timeout : float, default=10.0
+        As in :func:`certify`, at each radius tried.
 
     Returns
     -------
     ndarray of shape (n,)
         A radius at which each sample is certified (0 where not even the clean point is: a
         misclassified or tied sample). The true certifiable radius of the method lies within
-        ``tol`` above it.
+        ``tol`` above it; with ``method="complete"``, unless a sample's timeout ran out, the
+        bisection brackets the sample's exact robust radius.
     """
     if not (np.isfinite(max_eps) and max_eps > 0):
         raise ValueError(f"max_eps must be a positive finite number, got {max_eps!r}.")
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
-    methods = check_method(method)
+    stages = check_stages(method)
+    options = CascadeOptions(timeout=timeout)
     problem = _Problem.create(module, X, 0.0, y=y, lower=lower, upper=upper,
                               batch_size=batch_size, backend=backend)
-    return problem.radius(methods, max_eps=float(max_eps), tol=float(tol))
+    return problem.radius(stages, max_eps=float(max_eps), tol=float(tol), options=options)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -338,77 +374,48 @@ class _Problem:
         return cls(module, X, perturbation, labels, n_classes, int(batch_size), backend)
 
     # ------------------------------------------------------------- cascade
-    def _stages(self, methods: Sequence[str], X: Tensor, perturbation: Perturbation,
-                labels: Tensor | None):
-        """Run the cascade; return reference, margins, decided_by (as method indices), falsified.
+    def _cascade(self, options: CascadeOptions | None) -> Cascade:
+        return Cascade(self.module, _bounder(self.module, self.backend), self.batch_size,
+                       options)
 
-        ``decided`` holds, per sample, the index of the method that certified it (-1: none).
-        """
-        n = X.shape[0]
-        device = X.device
-        margins = torch.full((n, self.n_classes), float("-inf"), dtype=X.dtype, device=device)
-        reference = labels.clone() if labels is not None else torch.empty(
-            n, dtype=torch.long, device=device)
-        decided = torch.full((n,), -1, dtype=torch.long, device=device)
-        falsified = torch.zeros(n, dtype=torch.bool, device=device)
-        open_rows = torch.arange(n, device=device)
+    def _run(self, stages: Sequence[str], X: Tensor, perturbation: Perturbation,
+             labels: Tensor | None, options: CascadeOptions | None) -> CascadeState:
         with torch.no_grad(), eval_mode(self.module):
-            bounder = _bounder(self.module, self.backend)
-            for stage, name in enumerate(methods):
-                if open_rows.numel() == 0:
-                    break
-                for start in range(0, open_rows.numel(), self.batch_size):
-                    rows = open_rows[start:start + self.batch_size]
-                    result = bounder.bound(
-                        X[rows], perturbation.for_rows(rows),
-                        None if stage == 0 and labels is None else reference[rows],
-                        method=name,
-                    )
-                    if stage == 0:
-                        reference[rows] = result.reference
-                        if labels is not None:
-                            falsified[rows] = result.logits.argmax(1) != labels[rows]
-                    margins[rows] = torch.maximum(margins[rows], result.margins)
-                now = (margins[open_rows] > 0).all(1)
-                decided[open_rows[now]] = stage
-                open_rows = open_rows[~now & ~falsified[open_rows]]
-        return reference, margins, decided, falsified
+            return self._cascade(options).run(stages, X, perturbation, labels, self.n_classes)
 
-    def certify(self, methods: Sequence[str]) -> Certificate:
-        reference, margins, decided, falsified = self._stages(
-            methods, self.X, self.perturbation, self.labels)
-        margins_np = margins.cpu().numpy()
-        certified = decided.cpu().numpy() >= 0
-        falsified_np = falsified.cpu().numpy() & ~certified
+    def certify(self, stages: Sequence[str], options: CascadeOptions | None = None
+                ) -> Certificate:
+        state = self._run(stages, self.X, self.perturbation, self.labels, options)
+        certified = state.certified.cpu().numpy()
+        falsified = state.falsified.cpu().numpy()
         status = np.full(len(certified), "unknown", dtype=object)
         status[certified] = "certified"
-        status[falsified_np] = "falsified"
-        names = np.array([*methods, ""], dtype=object)
-        decided_by = names[decided.cpu().numpy()]  # -1 picks ""
-        decided_by[falsified_np] = CLEAN_PREDICTION
-        counterexample = np.full(tuple(self.X.shape), np.nan, dtype=np.float64)
-        # A wrong clean prediction: the clean input itself is in the ball and the domain.
-        counterexample[falsified_np] = self.X[torch.as_tensor(falsified_np)].cpu().double().numpy()
+        status[falsified] = "falsified"
+        names = np.array([*stages, ""], dtype=object)
+        decided_by = names[state.decided.cpu().numpy()]  # -1 picks ""
+        clean = state.extras.get("clean")
+        if clean is not None:
+            decided_by[clean.cpu().numpy()] = CLEAN_PREDICTION
         return Certificate(
-            prediction=reference.cpu().numpy(),
-            margins=margins_np,
+            prediction=state.reference.cpu().numpy(),
+            margins=state.margins.cpu().numpy(),
             certified=certified,
             eps=self.perturbation.eps_value,
-            method="+".join(methods),
+            method="+".join(stages),
             status=status.astype(str),
             decided_by=decided_by.astype(str),
-            counterexample=counterexample,
+            counterexample=state.counterexample.cpu().double().numpy(),
         )
 
-    def radius(self, methods: Sequence[str], *, max_eps: float, tol: float) -> np.ndarray:
+    def radius(self, stages: Sequence[str], *, max_eps: float, tol: float,
+               options: CascadeOptions | None = None) -> np.ndarray:
         n = self.X.shape[0]
         dtype, device = self.X.dtype, self.X.device
 
         def certified_at(radii: Tensor, rows: Tensor) -> Tensor:
             perturbation = self.perturbation.with_sample_radii(radii)
             labels = None if self.labels is None else self.labels[rows]
-            _, _, decided, _ = self._stages(methods, self.X[rows], perturbation, labels)
-            return decided >= 0
+            return self._run(stages, self.X[rows], perturbation, labels, options).certified
 
         low = torch.zeros(n, dtype=dtype, device=device)
         high = torch.full((n,), max_eps, dtype=dtype, device=device)

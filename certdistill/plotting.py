@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from certdistill.certify import DEFAULT_METHOD
+
 if TYPE_CHECKING:  # pragma: no cover - for type hints only
     from matplotlib.axes import Axes
 
@@ -103,7 +105,7 @@ def certified_accuracy_curve(
     X,
     y,
     eps_grid,
-    method: str = "crown",
+    method: str | Sequence[str] = DEFAULT_METHOD,
     **certify_kwargs,
 ) -> np.ndarray:
     """Certified accuracy at each radius of a grid, from one certified-radius computation.
@@ -126,8 +128,8 @@ def certified_accuracy_curve(
         True labels.
     eps_grid : array-like of shape (n_eps,)
         Non-negative radii, in any order.
-    method : {"crown", "ibp", "crown-ibp", "alpha-crown"}, default="crown"
-        Bound method of the certificates.
+    method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
+        Bound method, or cascade of methods, of the certificates.
     **certify_kwargs
         Passed on to ``certified_radius``: for a network ``lower``, ``upper``, ``tol``,
         ``batch_size``, ``backend``; for an estimator whatever its method accepts (e.g. ``tol``).

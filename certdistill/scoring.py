@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from certdistill.certify import DEFAULT_METHOD
+
 __all__ = ["CertifiedAccuracy"]
 
 
@@ -21,9 +23,13 @@ class CertifiedAccuracy:
     ----------
     eps : float or array-like
         Radius of the L-infinity ball.
-    method : str or sequence of str, default="crown"
-        Bound method(s) of :meth:`~certdistill.base.CertifiedNetBase.certify`; with several,
-        each sample keeps the largest of their sound lower bounds.
+    method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
+        Stage or cascade of :meth:`~certdistill.base.CertifiedNetBase.certify`; ``"complete"``
+        scores by complete verification (samples left unknown count as not certified).
+    timeout : float, default=10.0
+        Seconds of branch and bound and MILP per sample (search stages only).
+    budget : float or None, default=None
+        Seconds per scoring call (search stages only).
 
     Notes
     -----
@@ -34,9 +40,12 @@ class CertifiedAccuracy:
     ``MinMaxScaler``).
     """
 
-    def __init__(self, eps, method: str | Sequence[str] = "crown"):
+    def __init__(self, eps, method: str | Sequence[str] = DEFAULT_METHOD, *,
+                 timeout: float = 10.0, budget: float | None = None):
         self.eps = eps
         self.method = method
+        self.timeout = timeout
+        self.budget = budget
 
     def __call__(self, estimator, X, y, sample_weight=None) -> float:
         """Certified accuracy of ``estimator`` on ``X``, ``y``.
@@ -67,10 +76,12 @@ class CertifiedAccuracy:
                 f"CertifiedAccuracy needs an estimator with a 'certify' method, got "
                 f"{type(final).__name__}"
             )
+        certified = final.certify(X, eps=self.eps, method=self.method, y=y,
+                                  timeout=self.timeout, budget=self.budget).certified
         if sample_weight is None:
-            return float(final.certified_accuracy(X, y, eps=self.eps, method=self.method))
-        certified = final.certify(X, eps=self.eps, method=self.method, y=y).certified
+            return float(np.mean(certified))
         return float(np.average(certified, weights=np.asarray(sample_weight)))
 
     def __repr__(self) -> str:
-        return f"CertifiedAccuracy(eps={self.eps!r}, method={self.method!r})"
+        return (f"CertifiedAccuracy(eps={self.eps!r}, method={self.method!r}, "
+                f"timeout={self.timeout!r}, budget={self.budget!r})")

@@ -110,8 +110,8 @@ def test_train_distill_certify_report_npz(fitted, files, tmp_path, capsys):
     with open(results) as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == N_TEST
-    assert list(rows[0]) == ["index", "label", "prediction", "certified", "margin",
-                             "certified_radius"]
+    assert list(rows[0]) == ["index", "label", "prediction", "certified", "status",
+                             "decided_by", "margin", "certified_radius"]
     for row in rows:
         assert (row["certified"] == "True") == (float(row["margin"]) > 0)
 
@@ -119,8 +119,23 @@ def test_train_distill_certify_report_npz(fitted, files, tmp_path, capsys):
     assert main(["certify", str(teacher), str(files / "test.npz"), "--eps", "0.02",
                  "--output", str(as_json)]) == 0
     summary = json.loads(as_json.read_text())
-    assert summary["eps"] == 0.02 and summary["method"] == "ibp+crown-ibp"
+    assert summary["eps"] == 0.02 and summary["method"] == "ibp+crown-ibp+crown"
     assert len(summary["samples"]) == N_TEST
+
+    complete = tmp_path / "complete.csv"
+    capsys.readouterr()
+    assert main(["certify", str(student), str(files / "test.npz"), "--method", "complete",
+                 "--quiet", "--output", str(complete)]) == 0
+    printed = capsys.readouterr().out
+    assert "by complete verification" in printed and "undecided: 0" in printed
+    with open(complete) as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["status"] for row in rows} <= {"certified", "falsified"}
+    for row in rows:
+        assert (row["certified"] == "True") == (row["status"] == "certified")
+    assert main(["certify", str(student), str(files / "test.npz"), "--method", "ibp",
+                 "complete"]) == 2
+    assert "complete is a whole cascade" in capsys.readouterr().err
 
     capsys.readouterr()
     for suffix in (".md", ".csv", ".json"):
@@ -173,9 +188,9 @@ ERRORS = {
                           "cannot read model"),
     "missing teacher": (["distill", "{d}/train.npz", "--teacher", "{d}/none.joblib"],
                         "does not exist"),
-    "radius with two methods": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--radius",
-                                 "--method", "ibp", "crown"], "one --method"),
-    "unknown method": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--method", "milp"],
+    "complete in a cascade": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--method",
+                               "ibp", "complete"], "complete is a whole cascade"),
+    "unknown method": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--method", "lp"],
                        "invalid choice"),
     "bad input shape": (["train", "{d}/test.npz", "--input-shape", "1,7,7", "--epochs", "1"],
                         "49 features"),

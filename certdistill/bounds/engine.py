@@ -41,6 +41,7 @@ __all__ = [
     "BoundMethod",
     "BoundResult",
     "IntervalPass",
+    "SubdomainBounds",
     "check_method",
     "engine_for",
     "margin_lower_bounds",
@@ -131,6 +132,39 @@ class IntervalPass:
     input_radius: Tensor
     reference: Tensor
     _state: _Propagation | None = field(default=None, repr=False)
+
+
+@dataclass
+class SubdomainBounds:
+    """Result of :meth:`BoundEngine.bound_subdomains` (one row per subdomain).
+
+    Attributes
+    ----------
+    margins : Tensor of shape (d, n_classes)
+        Lower bounds of ``z_ref - z_j`` on the subdomain; ``+inf`` for the reference and the
+        margins closed before.
+    bounds : dict of int to (Tensor, Tensor)
+        The tightened bounds of every activation's input on the subdomain.
+    relaxations : dict of int to Relaxation
+        The relaxation of every activation on those bounds.
+    coefficients : dict of int to Tensor
+        For the worst margin of each subdomain, the coefficients of the linear bound on each
+        activation's output, shape ``(d, *output_shape)``: the weight each neuron's relaxation
+        has in the bound (for branching scores).
+    candidate : Tensor of shape (d, *sample_shape)
+        The input minimising the linear lower bound of the worst margin (a candidate
+        counterexample; it may lie outside the subdomain).
+    infeasible : BoolTensor of shape (d,)
+        Subdomains whose bounds contradict each other somewhere (lower above upper): they
+        contain no input.
+    """
+
+    margins: Tensor
+    bounds: dict[int, tuple[Tensor, Tensor]]
+    relaxations: dict[int, Relaxation]
+    coefficients: dict[int, Tensor]
+    candidate: Tensor
+    infeasible: Tensor
 
 
 @dataclass(frozen=True)
@@ -230,6 +264,7 @@ class BoundEngine:
         self._activation_indices = [i for i, op in enumerate(self.ops) if op.is_activation]
         last_activation = self._activation_indices[-1] if self._activation_indices else -1
         self._tail_start = last_activation + 1
+        self._shape_cache: dict[tuple[int, ...], list[torch.Size]] = {}
 
     # ------------------------------------------------------------------ public
     def bound(
@@ -372,6 +407,112 @@ class BoundEngine:
         state = self._sweep(x, perturbation, record_bounds=True)
         return [state.ibp_bounds[index] for index in self._activation_indices]
 
+    def affine_segments(self, sample_shape) -> list[tuple[Tensor, Tensor]]:
+        """Dense ``(W, b)`` of the affine maps between the activations, in network order.
+
+        The first maps the flattened input to the first activation's input, each next one an
+        activation's output to the next activation's input, the last one the last activation's
+        output to the logits; the network is ``W_L act(... act(W_1 x + b_1) ...) + b_L``. The
+        module should be in eval mode (BatchNorm's running statistics, no Dropout).
+
+        Parameters
+        ----------
+        sample_shape : tuple of int
+            Shape of one input sample.
+
+        Returns
+        -------
+        list of (Tensor, Tensor)
+            ``W`` of shape ``(out_features, in_features)`` and ``b`` of shape ``(out_features,)``
+            in the module's dtype.
+        """
+        dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
+        device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
+        probe = torch.zeros(1, *sample_shape, dtype=dtype, device=device)
+        state = self._sweep(probe, _ZeroPerturbation, record_bounds=False)
+        ends = [*self._activation_indices, len(self.ops)]
+        starts = [0, *(index + 1 for index in self._activation_indices)]
+        segments = []
+        for start, end in zip(starts, ends, strict=True):
+            shape = state.logits.shape[1:] if end == len(self.ops) else state.input_shapes[end]
+            width = numel(shape)
+            rows = torch.eye(width, dtype=dtype, device=device).view(1, width, *shape)
+            A, bias = self._backward(rows, state, end=end, start=start)
+            segments.append((A.reshape(width, -1), bias.reshape(width)))
+        return segments
+
+    def bound_subdomains(
+        self,
+        center: Tensor,
+        radius: Tensor,
+        bounds: dict[int, tuple[Tensor, Tensor]],
+        reference: Tensor,
+        *,
+        closed: Tensor | None = None,
+    ) -> SubdomainBounds:
+        """CROWN margin bounds of subdomains given by bounds on every activation's input.
+
+        Each subdomain ``d`` is the part of the box ``center[d] +- radius[d]`` on which every
+        activation input lies within ``bounds`` (branch and bound fixes a ReLU's phase by
+        setting its lower bound or its upper bound to 0). The intermediate bounds are tightened
+        by CROWN under those constraints, then the margins are bounded; everything is valid on
+        the subdomain (not on the whole box). The module should be in eval mode.
+
+        Parameters
+        ----------
+        center, radius : Tensor of shape (d, *sample_shape)
+            The input box of each subdomain.
+        bounds : dict of int to (Tensor, Tensor)
+            Activation op index -> ``(lower, upper)`` of shape ``(d, *input_shape)``, valid on the
+            subdomain (e.g. its parent's, with the new split applied).
+        reference : LongTensor of shape (d,)
+            Reference class of each subdomain's sample.
+        closed : BoolTensor of shape (d, n_classes), optional
+            Margins already proven for the subdomain (reported as ``+inf`` without bounding).
+
+        Returns
+        -------
+        SubdomainBounds
+        """
+        shapes = self._input_shapes(center)
+        state = _Propagation(center=center, radius=radius, input_shapes=shapes,
+                             ibp_bounds=dict(bounds))
+        self._crown_intermediate_bounds(state)
+        spec = margin_specification(reference, self._n_classes(center), dtype=center.dtype)
+        record: dict[int, Tensor] = {}
+        A, bias = self._backward(spec, state, end=len(self.ops), record=record)
+        margins = self._concretize(A, bias, center, radius)
+        margins = _mask_reference(margins, reference)
+        if closed is not None:
+            margins = margins.masked_fill(closed, float("inf"))
+        worst = margins.argmin(1)
+        rows = torch.arange(center.shape[0], device=center.device)
+        # The input minimising the linear lower bound of the worst margin: a candidate point.
+        sign = torch.sign(A[rows, worst])
+        candidate = center - radius * sign
+        infeasible = torch.zeros(center.shape[0], dtype=torch.bool, device=center.device)
+        for lower, upper in state.bounds.values():
+            infeasible |= (lower > upper).flatten(1).any(1)
+        return SubdomainBounds(
+            margins=margins, bounds=state.bounds, relaxations=state.relaxations,
+            coefficients={k: a[rows, worst] for k, a in record.items()},
+            candidate=candidate, infeasible=infeasible,
+        )
+
+    def _input_shapes(self, x: Tensor) -> list[torch.Size]:
+        """Input shape of every op for samples shaped like ``x``'s (cached)."""
+        key = tuple(x.shape[1:])
+        shapes = self._shape_cache.get(key)
+        if shapes is None:
+            probe = x[:1].detach()
+            state = self._sweep(probe, _ZeroPerturbation, record_bounds=False)
+            shapes = [*state.input_shapes, state.logits.shape[1:]]
+            self._shape_cache[key] = shapes
+        return shapes
+
+    def _n_classes(self, x: Tensor) -> int:
+        return int(self._input_shapes(x)[-1][0])
+
     # --------------------------------------------------------------- passes
     def _sweep(
         self, x: Tensor, perturbation: Perturbation, *, record_bounds: bool,
@@ -405,11 +546,17 @@ class BoundEngine:
         end: int,
         start: int = 0,
         alphas: dict[int, Tensor] | None = None,
+        record: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Propagate ``A`` from the output of op ``end - 1`` back to the input of op ``start``."""
+        """Propagate ``A`` from the output of op ``end - 1`` back to the input of op ``start``.
+
+        With ``record``, the coefficients reaching each activation's output are kept in it.
+        """
         bias = A.new_zeros(A.shape[:2])
         for index in range(end - 1, start - 1, -1):
             op = self.ops[index]
+            if record is not None and op.is_activation:
+                record[index] = A
             alpha = alphas.get(index) if alphas else None
             A, bias_term = op.backward(
                 A, state.input_shapes[index], state.relaxations.get(index), alpha
@@ -656,6 +803,14 @@ class BoundEngine:
             with torch.no_grad():
                 best = torch.maximum(best, self._final_backward(detached, spec, alphas))
         return best
+
+
+class _ZeroPerturbation:
+    """The box of the clean input itself (for sweeps that only need shapes)."""
+
+    @staticmethod
+    def box(x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, torch.zeros_like(x)
 
 
 def _mask_reference(margins: Tensor, reference: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from certdistill.certify import DEFAULT_METHOD
 from certdistill.cli._args import (
     CLIError,
     UsageError,
@@ -35,8 +36,8 @@ from certdistill.cli._evaluate import (
 
 __all__ = ["add_certify_parser", "add_report_parser", "run_certify", "run_report"]
 
-#: Bound methods of the ``--method`` options (certified by any of those given).
-DEFAULT_METHODS = ("ibp", "crown-ibp")
+#: Bound methods of the ``--method`` options (a cascade: certified by any of those given).
+DEFAULT_METHODS = DEFAULT_METHOD
 
 REPORT_COLUMNS = {
     "model": ("model", "{}"),
@@ -72,7 +73,14 @@ def _scalar_eps(model, path) -> float:
 
 
 def _methods_text(methods) -> str:
+    if list(methods) == ["complete"]:
+        return "complete verification"
     return methods[0] if len(methods) == 1 else " or ".join(methods) + " (either suffices)"
+
+
+def _method(methods: list[str]):
+    """The ``method`` argument of ``certify``: one name, or the cascade as a tuple."""
+    return methods[0] if len(methods) == 1 else tuple(methods)
 
 
 def run_certify(args: argparse.Namespace) -> int:
@@ -80,32 +88,37 @@ def run_certify(args: argparse.Namespace) -> int:
     output = None if args.output is None else check_suffix(args.output, (".csv", ".json"),
                                                            "--output")
     methods = list(dict.fromkeys(args.method))
-    if args.radius and len(methods) != 1:
-        raise UsageError("--radius computes the radius of one bound method: give one --method")
+    if "complete" in methods and len(methods) > 1:
+        raise UsageError("--method complete is a whole cascade: give it alone")
+    method = _method(methods)
     [(_, model)], data = _load_checked(args, [args.model])
     eps = _scalar_eps(model, args.model) if args.eps is None else args.eps
     if args.radius and args.max_eps < eps:
         raise UsageError(f"--max-eps {args.max_eps:g} must be at least eps {eps:g}")
 
     prediction = model.predict(data.X)
-    model.certify(data.X[:2], eps=eps, method=methods, y=data.y[:2])  # untimed warm-up
+    model.certify(data.X[:2], eps=eps, method=method, y=data.y[:2],
+                  timeout=args.timeout)  # untimed warm-up
     start = time.perf_counter()
-    certificate = model.certify(data.X, eps=eps, method=methods, y=data.y,
-                                batch_size=args.batch_size)
+    certificate = model.certify(data.X, eps=eps, method=method, y=data.y,
+                                batch_size=args.batch_size, timeout=args.timeout,
+                                verbose=int(not args.quiet))
     seconds = time.perf_counter() - start
     # The label's logit minus the largest other logit, bounded below over the ball.
     margin = certificate.margins.min(axis=1)
     records = [
         {"index": i, "label": label, "prediction": predicted, "certified": bool(certified),
-         "margin": float(m)}
-        for i, (label, predicted, certified, m) in enumerate(
-            zip(data.y.tolist(), prediction.tolist(), certificate.certified, margin,
+         "status": status, "decided_by": stage, "margin": float(m)}
+        for i, (label, predicted, certified, status, stage, m) in enumerate(
+            zip(data.y.tolist(), prediction.tolist(), certificate.certified,
+                certificate.status.tolist(), certificate.decided_by.tolist(), margin,
                 strict=True))
     ]
     radius = None
     if args.radius:
-        radius = model.certified_radius(data.X, y=data.y, method=methods[0],
-                                        max_eps=args.max_eps, tol=args.tol)
+        radius = model.certified_radius(data.X, y=data.y, method=method,
+                                        max_eps=args.max_eps, tol=args.tol,
+                                        timeout=args.timeout)
         for record, r in zip(records, radius.tolist(), strict=True):
             record["certified_radius"] = r
 
@@ -117,8 +130,13 @@ def run_certify(args: argparse.Namespace) -> int:
     print(f"certified accuracy at eps {eps:g} by {_methods_text(methods)}: "
           f"{certificate.certified_fraction:.1%} ({int(certificate.certified.sum()):,} / {n:,}; "
           f"{n / max(seconds, 1e-9):,.0f} samples/s)")
+    falsified = int(np.sum(certificate.status == "falsified"))
+    unknown = int(np.sum(certificate.status == "unknown"))
+    print(f"falsified (a counterexample in the ball, or a wrong clean prediction): {falsified:,}"
+          f"; undecided: {unknown:,}")
     if radius is not None:
-        print(f"certified radius ({methods[0]}, searched up to {args.max_eps:g}): median "
+        print(f"certified radius ({_methods_text(methods)}, searched up to {args.max_eps:g}): "
+              f"median "
               f"{np.median(radius):.3g}, mean {np.mean(radius):.3g}")
     if output is not None:
         if output.suffix.lower() == ".json":
@@ -152,7 +170,8 @@ def run_report(args: argparse.Namespace) -> int:
         clean = model.score(data.X, data.y)
         for eps in eps_values:
             certified, throughput = certified_accuracy_timed(
-                model, data.X, data.y, eps, methods, batch_size=args.batch_size
+                model, data.X, data.y, eps, methods, batch_size=args.batch_size,
+                timeout=args.timeout,
             )
             rows.append({
                 "model": name,
@@ -177,14 +196,18 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _add_method_argument(parser: argparse.ArgumentParser) -> None:
-    from certdistill.bounds import METHODS
+    from certdistill.verify import STAGES
 
-    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
-                        metavar="METHOD",
-                        help="bound method(s) of the certificate; with several, a sample is "
-                             "certified when any of them proves it. One of "
-                             f"{', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)}; "
-                             "crown is tighter and slower)")
+    parser.add_argument("--method", nargs="+", choices=[*STAGES, "complete"],
+                        default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help="stage(s) of the certificate; with several, a cascade: each runs on "
+                             "the samples the previous ones left open. Bound methods "
+                             "(ibp, crown-ibp, crown, alpha-crown) certify, attack falsifies, "
+                             "bab and milp decide; 'complete' (alone) is the whole cascade, "
+                             "which certifies or falsifies every sample within --timeout. "
+                             f"Default: {' '.join(DEFAULT_METHODS)}")
+    parser.add_argument("--timeout", type=positive_float, default=10.0,
+                        help="seconds of branch and bound and MILP per sample (default 10)")
     parser.add_argument("--batch-size", type=positive_int, default=256,
                         help="samples bounded at once; lower it if memory runs out "
                              "(default 256)")
@@ -199,7 +222,8 @@ def add_certify_parser(commands, parents) -> None:
             "Certify, for each sample of a labelled data file, that a saved model classifies "
             "it correctly everywhere in the L-infinity ball of radius eps. Print the clean and "
             "certified accuracy and, with --output, write one row per sample: index, label, "
-            "prediction, certified, margin (a lower bound of the label's logit minus the "
+            "prediction, certified, status (certified, falsified or unknown), decided_by (the "
+            "stage that settled it), margin (a lower bound of the label's logit minus the "
             "largest other logit over the ball; positive means certified) and, with --radius, "
             "certified_radius."
         ),
@@ -213,7 +237,7 @@ def add_certify_parser(commands, parents) -> None:
     _add_method_argument(parser)
     parser.add_argument("--radius", action="store_true",
                         help="also compute each sample's largest certified radius by "
-                             "bisection (one --method; 0 for misclassified samples)")
+                             "bisection (with --method; 0 for misclassified samples)")
     parser.add_argument("--max-eps", type=positive_float, default=1.0,
                         help="upper end of the radius search (default 1.0)")
     parser.add_argument("--tol", type=positive_float, default=1e-3,
@@ -221,6 +245,8 @@ def add_certify_parser(commands, parents) -> None:
     parser.add_argument("--output",
                         help="per-sample results file, .csv or .json (by extension; default: "
                              "print the summary only)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar for branch and bound and MILP")
     parser.set_defaults(handler=run_certify)
 
 
