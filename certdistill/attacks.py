@@ -274,11 +274,14 @@ def targeted_attack(
     steps: int = 50,
     restarts: int = 5,
     generator: torch.Generator | None = None,
+    targets: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Targeted PGD towards every class: the smallest margins found and where.
 
-    The ``n * n_classes`` attacks run as one batch in eval mode (the module's modes are
-    restored). Restart 0 starts at ``x``, the others uniformly in the set.
+    The attacks (one per sample and target class) run as one batch in eval mode (the module's
+    modes are restored). Restart 0 starts at ``x`` (or ``start``), the others uniformly in the
+    set.
 
     Parameters
     ----------
@@ -294,13 +297,18 @@ def targeted_attack(
         Signed-gradient steps per restart, and restarts.
     generator : torch.Generator, optional
         Source of randomness for the random starts.
+    targets : BoolTensor of shape (n, n_classes), optional
+        The classes to attack towards per sample (default: all but the reference).
+    start : torch.Tensor of shape (n, *input_shape), optional
+        Starting point of the first restart instead of ``x`` (e.g. a bound's minimiser).
 
     Returns
     -------
     margins : torch.Tensor of shape (n, n_classes)
-        Smallest ``z_ref - z_j`` found per target ``j`` (``+inf`` at the reference).
+        Smallest ``z_ref - z_j`` found per target ``j`` (``+inf`` at the reference and the
+        classes not attacked).
     points : torch.Tensor of shape (n, n_classes, *input_shape)
-        Where each was found (inside the set).
+        Where each was found (inside the set; ``x`` where not attacked).
     """
     n = x.shape[0]
     ref = (
@@ -313,29 +321,30 @@ def targeted_attack(
     if ref.shape[0] != n:
         raise ValueError(f"reference has {ref.shape[0]} entries for {n} inputs.")
     lo, hi = _feasible_box(x, perturbation)
-    step = 2.5 * perturbation.eps / max(steps, 1)
-    if perturbation.per_sample:
-        step = step.expand_as(x)
+    step = (2.5 * perturbation.eps / max(steps, 1)).expand_as(x)
 
     with _attack_mode(module, "eval"):
         with torch.no_grad():
             n_classes = module(x[:1]).shape[1]
-        # Row k * n + i attacks sample i towards class k.
-        rep = (n_classes,) + (1,) * (x.dim() - 1)
-        xr, lor, hir = x.repeat(rep), lo.repeat(rep), hi.repeat(rep)
-        refr = ref.repeat(n_classes)
-        target = torch.arange(n_classes, device=x.device).repeat_interleave(n)
-        step_r = torch.broadcast_to(step, x.shape).repeat(rep) if step.dim() else step
-        best = torch.full((xr.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
-        best_x = xr.clone()
+        if targets is None:
+            targets = torch.ones(n, n_classes, dtype=torch.bool, device=x.device)
+        targets = targets.clone()
+        targets[torch.arange(n, device=x.device), ref] = False
+        # One row per attacked (sample, class) pair.
+        sample, target = targets.nonzero(as_tuple=True)
+        first = (x if start is None else start.detach().to(x))[sample]
+        lor, hir, refr, step_r = lo[sample], hi[sample], ref[sample], step[sample]
+        best = torch.full((sample.numel(),), float("inf"), dtype=x.dtype, device=x.device)
+        best_x = first.clone()
 
         def margin(z: torch.Tensor) -> torch.Tensor:
             return z.gather(1, refr[:, None]).squeeze(1) - z.gather(1, target[:, None]).squeeze(1)
 
         view = (-1,) + (1,) * (x.dim() - 1)
         with torch.enable_grad():
-            for r in range(restarts):
-                x_adv = xr.clone() if r == 0 else _uniform_in_box(lor, hir, generator)
+            for r in range(restarts if sample.numel() else 0):
+                x_adv = (torch.minimum(torch.maximum(first, lor), hir) if r == 0
+                         else _uniform_in_box(lor, hir, generator))
                 for it in range(steps + 1):
                     x_adv.requires_grad_(True)
                     val = margin(module(x_adv))
@@ -349,7 +358,8 @@ def targeted_attack(
                     with torch.no_grad():
                         x_adv = torch.minimum(torch.maximum(x_adv - step_r * grad.sign(), lor), hir)
 
-    margins = best.detach().reshape(n_classes, n).T.clone()
-    margins[torch.arange(n, device=x.device), ref] = float("inf")
-    points = best_x.detach().reshape(n_classes, n, *x.shape[1:]).transpose(0, 1)
+    margins = torch.full((n, n_classes), float("inf"), dtype=x.dtype, device=x.device)
+    margins[sample, target] = best.detach()
+    points = x.detach().unsqueeze(1).repeat(1, n_classes, *([1] * (x.dim() - 1)))
+    points[sample, target] = best_x.detach()
     return margins, points

@@ -13,7 +13,7 @@ import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,6 +75,8 @@ class Certificate:
     counterexample : ndarray of shape (n, *sample_shape)
         An input in the ball and the domain at which the decision differs from the reference,
         where ``status == "falsified"``; NaN elsewhere.
+    stage_seconds : dict of str to float
+        Wall-clock seconds of each stage that ran.
     """
 
     prediction: np.ndarray
@@ -85,6 +87,7 @@ class Certificate:
     status: np.ndarray
     decided_by: np.ndarray
     counterexample: np.ndarray
+    stage_seconds: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prediction)
@@ -405,6 +408,7 @@ class _Problem:
             status=status.astype(str),
             decided_by=decided_by.astype(str),
             counterexample=state.counterexample.cpu().double().numpy(),
+            stage_seconds=dict(state.extras.get("stage_seconds", {})),
         )
 
     def radius(self, stages: Sequence[str], *, max_eps: float, tol: float,

@@ -499,6 +499,118 @@ class BoundEngine:
             candidate=candidate, infeasible=infeasible,
         )
 
+    def bound_split_subdomains(
+        self,
+        center: Tensor,
+        radius: Tensor,
+        bounds: dict[int, tuple[Tensor, Tensor]],
+        splits: dict[int, Tensor],
+        reference: Tensor,
+        *,
+        closed: Tensor | None = None,
+        steps: int = 20,
+        alpha_lr: float = 0.1,
+        beta_lr: float = 0.05,
+    ) -> SubdomainBounds:
+        """Margin bounds of subdomains defined by ReLU splits, by beta-CROWN.
+
+        Unlike :meth:`bound_subdomains` the intermediate bounds are not tightened: ``bounds``
+        (valid on the subdomain, with every split ReLU's bound set to 0 on its side) give the
+        relaxations, and the split constraints ``sign * z >= 0`` enter the final bound through
+        Lagrangian terms ``-beta * sign * z`` (Wang et al. 2021). The lower slopes (alpha) and the
+        multipliers (beta >= 0) are optimised by projected Adam for ``steps`` steps; every
+        ``alpha`` in ``[0, 1]`` and ``beta >= 0`` gives a sound bound, so the best bound seen per
+        margin is kept.
+
+        Parameters
+        ----------
+        center, radius : Tensor of shape (d, *sample_shape)
+            The input box of each subdomain.
+        bounds : dict of int to (Tensor, Tensor)
+            Activation op index -> ``(lower, upper)`` of shape ``(d, *input_shape)``.
+        splits : dict of int to Tensor
+            Activation op index -> sign of each neuron's split, shape ``(d, *input_shape)``:
+            ``+1`` for ``z >= 0``, ``-1`` for ``z <= 0``, ``0`` if not split.
+        reference : LongTensor of shape (d,)
+            Reference class of each subdomain's sample.
+        closed : BoolTensor of shape (d, n_classes), optional
+            Margins already proven (not optimised, reported as ``+inf``).
+        steps : int, default=20
+            Optimisation steps (0: plain CROWN on the given bounds).
+        alpha_lr, beta_lr : float
+            Adam learning rates of the slopes and of the multipliers.
+
+        Returns
+        -------
+        SubdomainBounds
+            ``bounds`` are the given ones; ``infeasible`` is all False (infeasible subdomains get
+            large bounds from beta instead).
+        """
+        shapes = self._input_shapes(center)
+        state = _Propagation(center=center.detach(), radius=radius.detach(), input_shapes=shapes)
+        for index, (lower, upper) in bounds.items():
+            self._set_bounds(state, index, lower.detach(), upper.detach())
+        n_classes = self._n_classes(center)
+        done = torch.nn.functional.one_hot(reference, n_classes).bool()
+        if closed is not None:
+            done = done | closed
+        # Bound only the open margins: per subdomain its open classes, worst first, padded by
+        # repeating the first one (a repeated row is bounded twice, harmlessly).
+        n_open = int((~done).sum(1).max()) if center.shape[0] else 0
+        n_open = max(n_open, 1)
+        order = torch.argsort(done.to(torch.int8), dim=1, stable=True)[:, :n_open]
+        valid = ~done.gather(1, order)
+        classes = torch.where(valid, order, order[:, :1])
+        ignore = ~valid
+        eye = torch.eye(n_classes, dtype=center.dtype, device=center.device)
+        spec = eye[reference].unsqueeze(1) - eye[classes]
+        alphas, betas = {}, {}
+        for index in self._activation_indices:
+            lower, upper = state.bounds[index]
+            start = self.ops[index].initial_lower_slope(lower, upper)
+            alphas[index] = start.unsqueeze(1).expand(-1, n_open, *start.shape[1:]).clone()
+            sign = splits[index].to(center.dtype)
+            betas[index] = (torch.zeros_like(alphas[index]), sign)
+        best = torch.full(spec.shape[:2], float("-inf"), dtype=center.dtype,
+                          device=center.device)
+        parameters = [*alphas.values(), *(beta for beta, _ in betas.values())]
+        optimizer = torch.optim.Adam([
+            {"params": list(alphas.values()), "lr": alpha_lr},
+            {"params": [beta for beta, _ in betas.values()], "lr": beta_lr},
+        ])
+        for parameter in parameters:
+            parameter.requires_grad_(steps > 0)
+        with torch.enable_grad():
+            for step in range(steps + 1):
+                record: dict[int, Tensor] | None = {} if step == steps else None
+                A, bias = self._backward(spec, state, end=len(self.ops), alphas=alphas,
+                                         betas=betas, record=record)
+                margins = self._concretize(A, bias, state.center, state.radius)
+                best = torch.maximum(best, margins.detach())
+                if step == steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                (-margins.masked_fill(ignore, 0.0).sum()).backward(inputs=parameters)
+                optimizer.step()
+                with torch.no_grad():
+                    for alpha in alphas.values():
+                        alpha.clamp_(0.0, 1.0)
+                    for beta, _ in betas.values():
+                        beta.clamp_(min=0.0)
+        selected = best.masked_fill(ignore, float("inf"))
+        worst = selected.argmin(1)
+        rows = torch.arange(center.shape[0], device=center.device)
+        candidate = state.center - state.radius * torch.sign(A.detach()[rows, worst])
+        margins = torch.full((center.shape[0], n_classes), float("inf"), dtype=center.dtype,
+                             device=center.device)
+        margins.scatter_(1, classes, selected)  # padding rows repeat an open class's value
+        return SubdomainBounds(
+            margins=margins, bounds=state.bounds, relaxations=state.relaxations,
+            coefficients={k: a.detach()[rows, worst] for k, a in record.items()},
+            candidate=candidate,
+            infeasible=torch.zeros(center.shape[0], dtype=torch.bool, device=center.device),
+        )
+
     def _input_shapes(self, x: Tensor) -> list[torch.Size]:
         """Input shape of every op for samples shaped like ``x``'s (cached)."""
         key = tuple(x.shape[1:])
@@ -547,10 +659,14 @@ class BoundEngine:
         start: int = 0,
         alphas: dict[int, Tensor] | None = None,
         record: dict[int, Tensor] | None = None,
+        betas: dict[int, tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Propagate ``A`` from the output of op ``end - 1`` back to the input of op ``start``.
 
         With ``record``, the coefficients reaching each activation's output are kept in it.
+        ``betas`` maps an activation op index to ``(beta, sign)``: the Lagrangian term
+        ``-beta * sign * z`` of the split constraints ``sign * z >= 0`` on that activation's input
+        ``z`` is added where the pass reaches it (beta-CROWN).
         """
         bias = A.new_zeros(A.shape[:2])
         for index in range(end - 1, start - 1, -1):
@@ -561,6 +677,9 @@ class BoundEngine:
             A, bias_term = op.backward(
                 A, state.input_shapes[index], state.relaxations.get(index), alpha
             )
+            if betas is not None and index in betas:
+                beta, sign = betas[index]
+                A = A - beta * sign.unsqueeze(1)
             if bias_term is not None:
                 bias = bias + bias_term
         return A, bias

@@ -1,30 +1,30 @@
-"""Branch and bound over unstable ReLUs, batched over subdomains of many samples.
+"""Branch and bound over unstable ReLUs, batched over the subdomains of many samples.
 
-Each open sample starts as one subdomain: its input box with the CROWN bounds of every ReLU's
-input. A round takes the subdomains with the lowest margin bounds (up to ``batch_size``, from all
-samples together), splits each on one unstable ReLU (its input ``>= 0`` in one child, ``<= 0``
-in the other; the split sets a bound to 0, which makes that ReLU's relaxation exact) and bounds
-all children at once with the engine's CROWN under their constraints
-(:meth:`~certdistill.bounds.BoundEngine.bound_subdomains`). A child whose margins are all
-positive, or whose bounds contradict each other (no input satisfies its splits), is closed. The
-input minimising each child's linear bound is tried as a counterexample. A sample is certified
-when none of its subdomains is left, falsified when a candidate flips the module's decision.
+Each open sample is first bounded by CROWN (its root: the intermediate bounds of every ReLU's
+input, kept for the whole search). A subdomain is the root with some ReLUs split: the input of a
+split ReLU is ``>= 0`` (active) or ``<= 0`` (inactive). A round takes the subdomains with the
+lowest margin bounds (up to ``batch_size`` children, from all samples together), splits each on
+one unstable ReLU and bounds all children at once with beta-CROWN
+(:meth:`~certdistill.bounds.BoundEngine.bound_split_subdomains`): the split ReLU's relaxation
+becomes exact on its side, the split constraints enter the bound through optimised Lagrangian
+multipliers, the lower slopes are optimised as in alpha-CROWN. A child whose open margins are
+all positive is closed; the input minimising each child's linear bound is tried as a
+counterexample. A sample is certified when none of its subdomains is left, falsified when a
+candidate flips the module's decision, unknown when its time runs out.
 
 The ReLU to split is the one whose relaxation costs the worst margin most: for an unstable
 neuron with a negative coefficient ``a`` in the bound, the upper line's intercept
 ``-u l / (u - l)`` loses ``|a|`` times that (the intercept score of BaBSR, Bunel et al. 2020).
 
-Split constraints only enter through the relaxations (plain split fixing, no beta-CROWN
-Lagrangian terms), so a subdomain whose ReLUs are all fixed may still be bounded below zero; such
-a leaf is decided exactly by a linear program over its input region
-(:class:`~certdistill.verify.milp.MarginMilp` with no binary left), which makes the search
-complete.
+A subdomain with every unstable ReLU split is a linear region of the network; if its bound is
+still not positive, a linear program over the region decides it exactly
+(:class:`~certdistill.verify.milp.MarginMilp` without binaries), so the search is complete.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from certdistill.verify.counterexamples import Judge
 from certdistill.verify.milp import MarginMilp
 
 __all__ = ["BabResult", "branch_and_bound"]
+
+#: Subdomains per round whose bound minimisers start a short attack.
+_SEARCHED = 64
 
 
 @dataclass
@@ -61,64 +64,44 @@ class BabResult:
 
 @dataclass
 class _Queue:
-    """Open subdomains, one row each."""
+    """Open subdomains, one row each: the sample, the splits, the bounds of the margins."""
 
     sample: Tensor
-    bounds: dict[int, tuple[Tensor, Tensor]]
+    splits: dict[int, Tensor]  # int8, flat per activation: +1 active, -1 inactive, 0 free
     margins: Tensor
-    closed: Tensor
-    layer: Tensor  # activation op index of the chosen split, -1 if none is left
-    neuron: Tensor  # flat index of the chosen split in that layer
-    depth: Tensor
+    layer: Tensor  # activation op index of the next split, -1 when every unstable ReLU is split
+    neuron: Tensor  # flat index of the next split in that layer
 
     def __len__(self) -> int:
         return int(self.sample.numel())
 
     def take(self, rows: Tensor) -> _Queue:
-        return _Queue(self.sample[rows], {k: (lo[rows], up[rows]) for k, (lo, up) in
-                                          self.bounds.items()},
-                      self.margins[rows], self.closed[rows], self.layer[rows],
-                      self.neuron[rows], self.depth[rows])
+        return _Queue(self.sample[rows], {k: v[rows] for k, v in self.splits.items()},
+                      self.margins[rows], self.layer[rows], self.neuron[rows])
 
-    def extend(self, other: _Queue) -> _Queue:
-        if len(self) == 0:
-            return other
-        return _Queue(
-            torch.cat([self.sample, other.sample]),
-            {k: (torch.cat([lo, other.bounds[k][0]]), torch.cat([up, other.bounds[k][1]]))
-             for k, (lo, up) in self.bounds.items()},
-            torch.cat([self.margins, other.margins]), torch.cat([self.closed, other.closed]),
-            torch.cat([self.layer, other.layer]), torch.cat([self.neuron, other.neuron]),
-            torch.cat([self.depth, other.depth]),
-        )
+    @staticmethod
+    def concat(parts: list[_Queue]) -> _Queue:
+        parts = [part for part in parts if len(part)] or parts[:1]
+        return _Queue(torch.cat([p.sample for p in parts]),
+                      {k: torch.cat([p.splits[k] for p in parts]) for k in parts[0].splits},
+                      torch.cat([p.margins for p in parts]), torch.cat([p.layer for p in parts]),
+                      torch.cat([p.neuron for p in parts]))
 
 
-@dataclass
-class _Budget:
-    """Per-sample seconds and overall deadline of the search."""
-
-    timeout: float
-    deadline: float
-    spent: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    def exhausted(self) -> np.ndarray:
-        return self.spent >= self.timeout
-
-
-def _scores(result, layers: list[int]) -> tuple[Tensor, Tensor]:
-    """The split of each subdomain: activation op index and flat neuron (-1: none unstable)."""
-    best_score, best_layer, best_neuron = None, None, None
+def _choose_splits(result, layers: list[int], splits: dict[int, Tensor]
+                   ) -> tuple[Tensor, Tensor]:
+    """The ReLU each subdomain splits next (activation op index, flat neuron; -1: none left)."""
+    best_score = best_layer = best_neuron = None
     for index in layers:
         relaxation = result.relaxations[index]
         coefficient = result.coefficients[index].flatten(1)
-        unstable = relaxation.unstable.flatten(1)
+        free = relaxation.unstable.flatten(1) & (splits[index] == 0)
+        lower, upper = (bound.flatten(1) for bound in result.bounds[index])
         intercept = relaxation.upper_intercept.flatten(1)
-        lower, upper = result.bounds[index]
-        lower, upper = lower.flatten(1), upper.flatten(1)
         # The upper line's loss, and a small term that prefers wide relaxations on ties.
         score = (coefficient.clamp(max=0).neg() * intercept
                  + 1e-4 * coefficient.abs() * torch.minimum(upper, -lower).clamp(min=0))
-        score = torch.where(unstable, score + 1e-12, torch.full_like(score, -1.0))
+        score = torch.where(free, score + 1e-12, torch.full_like(score, -1.0))
         value, neuron = score.max(1)
         if best_score is None:
             best_score, best_neuron = value, neuron
@@ -128,28 +111,37 @@ def _scores(result, layers: list[int]) -> tuple[Tensor, Tensor]:
         best_score = torch.where(better, value, best_score)
         best_neuron = torch.where(better, neuron, best_neuron)
         best_layer = torch.where(better, torch.full_like(neuron, index), best_layer)
-    none_left = best_score < 0
-    return best_layer.masked_fill(none_left, -1), best_neuron
+    return best_layer.masked_fill(best_score < 0, -1), best_neuron
 
 
-def _split(queue: _Queue) -> _Queue:
+def _children(queue: _Queue) -> _Queue:
     """Two children per subdomain: the chosen ReLU's input ``>= 0`` and ``<= 0``."""
     rows = torch.arange(len(queue), device=queue.sample.device)
-    children = {}
-    for index, (lower, upper) in queue.bounds.items():
-        lower_flat, upper_flat = lower.flatten(1), upper.flatten(1)
-        active_lower, inactive_upper = lower_flat.clone(), upper_flat.clone()
+    splits = {}
+    for index, split in queue.splits.items():
+        active, inactive = split.clone(), split.clone()
         here = queue.layer == index
-        neurons = queue.neuron[here]
-        active_lower[rows[here], neurons] = active_lower[rows[here], neurons].clamp(min=0)
-        inactive_upper[rows[here], neurons] = inactive_upper[rows[here], neurons].clamp(max=0)
-        children[index] = (torch.cat([active_lower, lower_flat]).view(-1, *lower.shape[1:]),
-                           torch.cat([upper_flat, inactive_upper]).view(-1, *upper.shape[1:]))
+        active[rows[here], queue.neuron[here]] = 1
+        inactive[rows[here], queue.neuron[here]] = -1
+        splits[index] = torch.cat([active, inactive])
+
     def twice(values: Tensor) -> Tensor:
         return torch.cat([values, values])
 
-    return _Queue(twice(queue.sample), children, twice(queue.margins), twice(queue.closed),
-                  twice(queue.layer), twice(queue.neuron), twice(queue.depth) + 1)
+    return _Queue(twice(queue.sample), splits, twice(queue.margins), twice(queue.layer),
+                  twice(queue.neuron))
+
+
+def _split_bounds(root: dict[int, tuple[Tensor, Tensor]], samples: Tensor,
+                  splits: dict[int, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+    """The root bounds of each subdomain's sample with its split ReLUs bounded by 0."""
+    bounds = {}
+    for index, (lower, upper) in root.items():
+        lower, upper = lower[samples], upper[samples]
+        split = splits[index].view_as(lower)
+        bounds[index] = (torch.where(split > 0, lower.clamp(min=0), lower),
+                         torch.where(split < 0, upper.clamp(max=0), upper))
+    return bounds
 
 
 def branch_and_bound(
@@ -160,12 +152,14 @@ def branch_and_bound(
     radius: Tensor,
     corners: tuple[Tensor, Tensor],
     reference: Tensor,
-    root_bounds: dict[int, tuple[Tensor, Tensor]],
+    interval_bounds: dict[int, tuple[Tensor, Tensor]],
     *,
     timeout: float,
     deadline: float,
     batch_size: int = 512,
     max_domains: int = 200_000,
+    steps: int = 20,
+    search=None,
     on_round=None,
 ) -> BabResult:
     """Decide the samples by branch and bound (see the module docstring).
@@ -177,7 +171,7 @@ def branch_and_bound(
     judge : Judge
         Checks candidate counterexamples on the module.
     milp : MarginMilp
-        Decides the leaves exactly.
+        Decides the fully split subdomains exactly.
     center, radius : Tensor of shape (n, *sample_shape)
         The input box of each sample (for bounds).
     corners : (Tensor, Tensor)
@@ -185,8 +179,9 @@ def branch_and_bound(
         :func:`~certdistill.verify.counterexamples.inner_box`).
     reference : LongTensor of shape (n,)
         Class each sample must keep.
-    root_bounds : dict of int to (Tensor, Tensor)
-        Bounds of every activation's input on each box (the CROWN stage's).
+    interval_bounds : dict of int to (Tensor, Tensor)
+        IBP bounds of every activation's input on each box (the root's CROWN bounds start
+        from them).
     timeout : float
         Seconds of search per sample (its share of the rounds); past it the sample stays open.
     deadline : float
@@ -195,6 +190,12 @@ def branch_and_bound(
         Subdomains bounded at once (memory grows with it).
     max_domains : int, default=200000
         Open subdomains kept at most; past it the samples with the most are given up.
+    steps : int, default=20
+        Optimisation steps of alpha and beta per bound.
+    search : callable, optional
+        ``search(samples, starts, targets) -> points``: a short attack from the minimisers of
+        the worst subdomains' bounds towards their worst class (``targets``, a boolean mask of
+        shape ``(k, n_classes)``); its points are tried as counterexamples.
     on_round : callable, optional
         Called after every round with the number of samples decided so far.
 
@@ -211,37 +212,41 @@ def branch_and_bound(
     spent = np.zeros(n)
     domains = np.zeros(n, dtype=np.int64)
     lower_box, upper_box = corners
-    layers = sorted(root_bounds)
+    layers = sorted(interval_bounds)
 
-    def bound(children: _Queue) -> _Queue:
-        rows = children.sample
-        result = engine.bound_subdomains(center[rows], radius[rows], children.bounds,
-                                         reference[rows], closed=children.closed)
-        np.add.at(domains, rows.cpu().numpy(), 1)
-        flipped, points = judge.flips(result.candidate, reference[rows], lower_box[rows],
+    def check(rows: Tensor, candidates: Tensor) -> None:
+        flipped, points = judge.flips(candidates, reference[rows], lower_box[rows],
                                       upper_box[rows])
         for row in flipped.nonzero().squeeze(1).tolist():
             sample = int(rows[row])
             if not falsified[sample]:
                 falsified[sample] = True
                 counterexample[sample] = points[row]
-        layer, neuron = _scores(result, layers)
-        closed = result.margins > 0
-        done = closed.all(1) | result.infeasible
-        return _Queue(rows, result.bounds, result.margins, closed, layer, neuron,
-                      children.depth).take((~done).nonzero().squeeze(1))
+
+    def keep_open(rows: Tensor, result, splits: dict[int, Tensor]) -> _Queue:
+        np.add.at(domains, rows.cpu().numpy(), 1)
+        check(rows, result.candidate)
+        if search is not None:
+            # Promising subdomains: a few attack steps from their bounds' minimisers.
+            worst = result.margins.min(1).values
+            chosen = torch.argsort(worst)[:_SEARCHED]
+            chosen = chosen[(worst[chosen] < 0) & ~falsified[rows[chosen]]]
+            if chosen.numel():
+                targets = torch.nn.functional.one_hot(result.margins[chosen].argmin(1),
+                                                      result.margins.shape[1]).bool()
+                check(rows[chosen], search(rows[chosen], result.candidate[chosen], targets))
+        layer, neuron = _choose_splits(result, layers, splits)
+        done = (result.margins > 0).all(1) | result.infeasible
+        return _Queue(rows, splits, result.margins, layer, neuron).take(
+            (~done).nonzero().squeeze(1))
 
     start = time.perf_counter()
-    n_classes = engine._n_classes(center)
-    root = _Queue(
-        torch.arange(n, device=device), dict(root_bounds),
-        torch.zeros(n, n_classes, dtype=center.dtype, device=device),
-        torch.zeros(n, n_classes, dtype=torch.bool, device=device),
-        torch.zeros(n, dtype=torch.long, device=device),
-        torch.zeros(n, dtype=torch.long, device=device),
-        torch.zeros(n, dtype=torch.long, device=device),
-    )
-    queue = bound(root)
+    everyone = torch.arange(n, device=device)
+    root = engine.bound_subdomains(center, radius, interval_bounds, reference)
+    root_bounds = root.bounds
+    no_splits = {k: torch.zeros(n, lower[0].numel(), dtype=torch.int8, device=device)
+                 for k, (lower, _) in root_bounds.items()}
+    queue = keep_open(everyone, root, no_splits)
     spent += (time.perf_counter() - start) / max(n, 1)
 
     while True:
@@ -253,55 +258,67 @@ def branch_and_bound(
         given_up |= over
         if on_round is not None:
             on_round(int((certified | falsified).sum()))
-        if len(queue) == 0 or bool(over.all()) or time.perf_counter() >= deadline:
-            break
         queue = queue.take((~given_up[queue.sample]).nonzero().squeeze(1))
-        if len(queue) == 0:
+        if len(queue) == 0 or time.perf_counter() >= deadline:
             break
         if len(queue) > max_domains:
             # Give up the samples with the most subdomains until the queue fits.
-            order = torch.argsort(torch.bincount(queue.sample, minlength=n), descending=True)
-            while len(queue) > max_domains:
-                given_up[order[0]] = True
-                order = order[1:]
-                queue = queue.take((~given_up[queue.sample]).nonzero().squeeze(1))
+            counts = torch.bincount(queue.sample, minlength=n)
+            remaining = len(queue)
+            for sample in torch.argsort(counts, descending=True).tolist():
+                if remaining <= max_domains:
+                    break
+                given_up[sample] = True
+                remaining -= int(counts[sample])
             continue
         round_start = time.perf_counter()
         worst = queue.margins.min(1).values
-        picked = torch.argsort(worst)[: max(1, batch_size // 2)]
-        batch = queue.take(picked)
-        rest = torch.ones(len(queue), dtype=torch.bool, device=device)
-        rest[picked] = False
-        queue = queue.take(rest.nonzero().squeeze(1))
+        picked = torch.zeros(len(queue), dtype=torch.bool, device=device)
+        picked[torch.argsort(worst)[: max(1, batch_size // 2)]] = True
+        batch, queue = queue.take(picked.nonzero().squeeze(1)), queue.take(
+            (~picked).nonzero().squeeze(1))
         leaves = batch.layer < 0
         if bool(leaves.any()):
-            _decide_leaves(batch.take(leaves.nonzero().squeeze(1)), judge, milp, lower_box,
-                           upper_box, reference, falsified, given_up, counterexample,
-                           deadline)
+            _decide_leaves(batch.take(leaves.nonzero().squeeze(1)), root_bounds, judge, milp,
+                           corners, reference, falsified, given_up, counterexample, deadline)
             batch = batch.take((~leaves).nonzero().squeeze(1))
         if len(batch):
-            queue = queue.extend(bound(_split(batch)))
+            children = _children(batch)
+            rows = children.sample
+            result = engine.bound_split_subdomains(
+                center[rows], radius[rows], _split_bounds(root_bounds, rows, children.splits),
+                {k: v.view(len(children), *root_bounds[k][0].shape[1:])
+                 for k, v in children.splits.items()},
+                reference[rows], closed=children.margins > 0, steps=steps,
+            )
+            queue = _Queue.concat([queue, keep_open(rows, result, children.splits)])
         share = np.bincount(batch.sample.cpu().numpy(), minlength=n) if len(batch) else 0
         elapsed = time.perf_counter() - round_start
         spent += elapsed * share / max(np.sum(share), 1)
     return BabResult(certified & ~falsified, falsified, counterexample, spent, domains)
 
 
-def _decide_leaves(leaves: _Queue, judge: Judge, milp: MarginMilp, lower_box: Tensor,
-                   upper_box: Tensor, reference: Tensor, falsified: Tensor, given_up: Tensor,
-                   counterexample: Tensor, deadline: float) -> None:
-    """Subdomains with every ReLU fixed: one linear program each (exact on the region)."""
+def _decide_leaves(leaves: _Queue, root_bounds: dict[int, tuple[Tensor, Tensor]], judge: Judge,
+                   milp: MarginMilp, corners: tuple[Tensor, Tensor], reference: Tensor,
+                   falsified: Tensor, given_up: Tensor, counterexample: Tensor,
+                   deadline: float) -> None:
+    """Subdomains with every unstable ReLU split: one linear program each (exact there)."""
+    lower_box, upper_box = corners
+    bounds = _split_bounds(root_bounds, leaves.sample, leaves.splits)
     for row in range(len(leaves)):
         sample = int(leaves.sample[row])
         if falsified[sample] or given_up[sample]:
             continue
-        bounds = [_numpy_bounds(*leaves.bounds[k], row) for k in sorted(leaves.bounds)]
-        open_classes = (~leaves.closed[row]).nonzero().squeeze(1).tolist()
-        open_classes = [j for j in open_classes if j != int(reference[sample])]
-        order = sorted(open_classes, key=lambda j: float(leaves.margins[row, j]))
+        leaf_bounds = [(lower[row].flatten().double().cpu().numpy(),
+                        upper[row].flatten().double().cpu().numpy())
+                       for lower, upper in (bounds[k] for k in sorted(bounds))]
+        ref = int(reference[sample])
+        margins = leaves.margins[row]
+        classes = sorted((j for j in range(margins.numel()) if j != ref and margins[j] <= 0),
+                         key=lambda j: float(margins[j]))
         outcome = milp.solve(lower_box[sample].double().cpu().numpy(),
-                             upper_box[sample].double().cpu().numpy(), bounds,
-                             int(reference[sample]), order, deadline=deadline)
+                             upper_box[sample].double().cpu().numpy(), leaf_bounds, ref, classes,
+                             deadline=deadline)
         if outcome.proven:
             continue
         if outcome.candidate is not None:
@@ -315,9 +332,3 @@ def _decide_leaves(leaves: _Queue, judge: Judge, milp: MarginMilp, lower_box: Te
                 counterexample[sample] = points[0]
                 continue
         given_up[sample] = True  # an undecided leaf: the sample stays unknown
-
-
-def _numpy_bounds(lower: Tensor, upper: Tensor, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """One subdomain's bounds of one activation, flat float64 arrays (for the MILP)."""
-    return (lower[row].flatten().double().cpu().numpy(),
-            upper[row].flatten().double().cpu().numpy())

@@ -47,6 +47,9 @@ _SEARCH_STAGES = ("attack", "bab", "milp")
 #: Every stage a cascade may name, cheapest first.
 STAGES: tuple[str, ...] = (*METHODS, *_SEARCH_STAGES)
 
+#: Share of a sample's ``timeout`` that branch and bound may use; the exact MILP gets the rest.
+_BAB_SHARE = 0.7
+
 #: ``decided_by`` of a sample refuted by its clean prediction (wrong against the label).
 CLEAN_PREDICTION = "clean-prediction"
 
@@ -191,10 +194,13 @@ class Cascade:
                 break
             if time.perf_counter() >= deadline:
                 break
+            stage_start = time.perf_counter()
             if name in METHODS:
                 self._bound_stage(stage, name, X, perturbation, labels, state)
             else:
                 getattr(self, f"_{name}_stage")(stage, X, perturbation, state, deadline)
+            state.extras.setdefault("stage_seconds", {})[name] = (time.perf_counter()
+                                                                  - stage_start)
             still_open = (state.decided[state.open_rows] < 0) & ~state.falsified[state.open_rows]
             state.open_rows = state.open_rows[still_open]
         return state
@@ -245,10 +251,12 @@ class Cascade:
             if time.perf_counter() >= deadline:
                 return
             rows = rows_open[begin:begin + chunk]
+            # Only the classes no bound has ruled out yet (all of them before any bound).
+            targets = ~(state.margins[rows] > 0)
             margins, points = targeted_attack(
                 self.module, X[rows], state.reference[rows], perturbation.for_rows(rows),
                 steps=self.options.attack_steps, restarts=self.options.attack_restarts,
-                generator=generator,
+                generator=generator, targets=targets,
             )
             best = margins.argmin(1)
             candidates = points[torch.arange(rows.numel(), device=X.device), best]
@@ -266,13 +274,23 @@ class Cascade:
         lower, upper = inner_box(X[rows], sub)
         root = dict(zip(engine._activation_indices,
                         engine.activation_interval_bounds(X[rows], sub), strict=True))
+        generator = torch.Generator(device=X.device).manual_seed(self.options.random_state)
+
+        def search(samples: Tensor, starts: Tensor, targets: Tensor) -> Tensor:
+            chosen = rows[samples]
+            _, points = targeted_attack(
+                self.module, X[chosen], state.reference[chosen],
+                perturbation.for_rows(chosen), steps=10, restarts=1, generator=generator,
+                targets=targets, start=starts)
+            return points[torch.arange(samples.numel(), device=X.device), targets.int().argmax(1)]
+
         with self._progress(rows.numel(), "branch and bound") as progress:
             result = branch_and_bound(
                 engine, self.judge, self._exact(X), center, radius, (lower, upper),
                 state.reference[rows], root,
-                timeout=self.options.timeout, deadline=deadline,
+                timeout=self.options.timeout * _BAB_SHARE, deadline=deadline,
                 batch_size=self.options.domain_batch, max_domains=self.options.max_domains,
-                on_round=progress,
+                search=search, on_round=progress,
             )
         spent = state.extras.setdefault("spent", np.zeros(state.decided.numel()))
         spent[rows.cpu().numpy()] += result.spent

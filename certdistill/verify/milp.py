@@ -15,7 +15,10 @@ input is returned as a candidate counterexample, to be checked against the modul
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,9 +113,11 @@ class MarginMilp:
             cost[model.last_offset:model.last_offset + last_w.shape[1]] = (last_w[reference]
                                                                            - last_w[j])
             constant = last_b[reference] - last_b[j]
-            result = milp(cost, integrality=model.integrality, bounds=model.variable_bounds,
-                          constraints=model.constraints,
-                          options={"time_limit": max(remaining, 1e-3), "mip_rel_gap": 1e-6})
+            with _quiet_native_stdout():
+                result = milp(cost, integrality=model.integrality,
+                              bounds=model.variable_bounds, constraints=model.constraints,
+                              options={"time_limit": max(remaining, 1e-3),
+                                       "mip_rel_gap": 1e-6})
             dual = getattr(result, "mip_dual_bound", None)
             if result.status == 0 and result.x is not None:
                 value = result.fun + constant
@@ -205,6 +210,25 @@ class MarginMilp:
         own = coo_matrix((np.ones(count), (np.arange(count), current + neurons)),
                          shape=(count, n_variables))
         return (block + own).tocsr()
+
+
+@contextmanager
+def _quiet_native_stdout():
+    """Silence what HiGHS's C++ code prints to the process's stdout (a debug line it writes
+    on some solves even with display off), restoring it afterwards."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no file descriptor 1 (e.g. some embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @dataclass
