@@ -53,7 +53,7 @@ from certdistill.parallel import torch_threads
 from certdistill.schedules import EpsSchedule, StepLR
 from certdistill.verify.cascade import CascadeOptions, check_stages
 
-__all__ = ["CertifiedNetBase", "Choice", "Range"]
+__all__ = ["CertifiedNetBase", "Choice", "Range", "Subset"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,24 @@ class Choice:
 #: Epochs of ``max_epochs=None``, and the fewest optimiser steps it trains for.
 _DEFAULT_EPOCHS = 60
 _MIN_STEPS = 500
+
+@dataclass(frozen=True)
+class Subset:
+    """A hyperparameter naming none, one or several of a fixed set of options (a string or a
+    sequence of strings)."""
+
+    options: tuple
+
+    def check(self, name: str, value) -> None:
+        """Raise ``ValueError`` naming ``name`` when ``value`` holds anything else."""
+        values = (value,) if isinstance(value, str) else value
+        try:
+            unknown = [v for v in values if v not in self.options]
+        except TypeError:
+            unknown = [value]
+        if unknown:
+            raise ValueError(f"{name} must name some of {self.options}, got {value!r}.")
+
 
 UNIT = Range(0.0, 1.0)
 NON_NEGATIVE = Range(0.0)

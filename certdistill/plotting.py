@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type hints only
 
 __all__ = [
     "certified_accuracy_curve",
+    "pareto_front",
     "plot_certified_accuracy_curve",
+    "plot_pareto_fronts",
     "plot_radius_histogram",
     "plot_training_schedule",
 ]
@@ -329,6 +331,84 @@ def plot_certified_accuracy_curve(
 
 
 # ------------------------------------------------------------------------- radius histogram
+def pareto_front(points) -> np.ndarray:
+    """Indices of the points no other point beats in both coordinates, by the first coordinate.
+
+    Parameters
+    ----------
+    points : array-like of shape (n, 2)
+        E.g. (clean accuracy, certified accuracy) of each configuration; larger is better in
+        both.
+
+    Returns
+    -------
+    ndarray of int
+        The non-dominated points, sorted by increasing first coordinate.
+    """
+    values = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("points must be finite.")
+    keep = []
+    for i, (a, b) in enumerate(values):
+        others = np.delete(values, i, axis=0)
+        dominated = np.any((others[:, 0] >= a) & (others[:, 1] >= b)
+                           & ((others[:, 0] > a) | (others[:, 1] > b)))
+        if not dominated:
+            keep.append(i)
+    keep = np.asarray(keep, dtype=int)
+    return keep[np.argsort(values[keep, 0], kind="stable")]
+
+
+def plot_pareto_fronts(
+    groups: Mapping[str, Any],
+    ax: Axes | None = None,
+    *,
+    title: str | None = "Clean versus certified accuracy",
+    xlabel: str = "clean accuracy",
+    ylabel: str = "certified accuracy",
+    percent: bool = True,
+) -> Axes:
+    """Scatter each group's points and draw its Pareto front (the non-dominated ones).
+
+    Parameters
+    ----------
+    groups : mapping of str to array-like of shape (n, 2)
+        For each group (e.g. "alone", "distilled"), the (x, y) of its configurations, fractions
+        in [0, 1] when ``percent``; larger is better on both axes.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on; by default a new headless figure.
+    title, xlabel, ylabel : str
+        Labels.
+    percent : bool, default=True
+        Label the axes in percent (the data stay fractions).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    matplotlib, _ = _import_matplotlib()
+    series = _named_series(groups, "groups")
+    ax = _new_axes(ax)
+    for (name, points), color in zip(series.items(), matplotlib.rcParams[
+            "axes.prop_cycle"].by_key()["color"] * 4, strict=False):
+        values = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        front = values[pareto_front(values)]
+        ax.scatter(values[:, 0], values[:, 1], color=color, alpha=0.35, s=18)
+        ax.plot(front[:, 0], front[:, 1], marker="o", color=color, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    if percent:
+        from matplotlib.ticker import PercentFormatter
+
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
 def plot_radius_histogram(
     radii: Mapping[str, Any] | Any,
     ax: Axes | None = None,

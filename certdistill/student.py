@@ -7,19 +7,53 @@ import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import validate_data
 from torch import Tensor
 
 from certdistill.attacks import pgd_attack
-from certdistill.base import NON_NEGATIVE, POSITIVE, UNIT, CertifiedNetBase, Choice, Range
+from certdistill.base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    CertifiedNetBase,
+    Choice,
+    Range,
+    Subset,
+)
 from certdistill.bounds import Perturbation
 from certdistill.losses import certified_loss, distillation_kl, margin_matching
 from certdistill.schedules import DistillWeightSchedule, KappaSchedule, TemperatureSchedule
 from certdistill.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
+from certdistill.transfer import TRANSFER_KINDS, transfer_inputs
 
 __all__ = ["DISTILLATION_LOSSES", "DistilledStudent"]
 
 DISTILLATION_LOSSES = ("baseline", "soft-certified", "margin", "adversarial", "selective")
 """Distillation losses of :class:`DistilledStudent` (its ``loss`` parameter)."""
+
+
+def _unlabeled_rows(y, marker) -> np.ndarray | None:
+    """Rows whose label is ``marker`` (e.g. -1, scikit-learn's semi-supervised convention)."""
+    if y is None or marker is None:
+        return None
+    mask = np.asarray(y).reshape(-1) == marker
+    if not mask.any():
+        return None
+    if mask.all():
+        raise ValueError(f"Every row of y is {marker!r} (unlabelled): the teacher and the student "
+                         "need labelled rows too.")
+    return mask
+
+
+def _split_rows(X, mask: np.ndarray):
+    if hasattr(X, "iloc"):  # pandas
+        return X.iloc[np.flatnonzero(mask)]
+    return np.asarray(X)[mask]
+
+
+def _n_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def _is_fitted(net) -> bool:
@@ -95,6 +129,22 @@ default="selective"
     cache_teacher : bool, default=True
         Keep the teacher's outputs per training sample (clean logits for the whole fit,
         worst-case logits while the radius does not change); the cache is dropped after ``fit``.
+    transfer : str or tuple of str, default=()
+        Teacher-labelled inputs added to the training data (a transfer set), some of
+        ``"noise"``, ``"ball"``, ``"shift"``, ``"mixup"`` (:mod:`certdistill.transfer`); each
+        kind adds ``transfer_size`` times as many inputs as there are training rows, labelled by
+        the teacher's prediction.
+    transfer_size : float, default=1.0
+        Inputs per transfer kind, as a multiple of the training rows.
+    student_size : float, default=0.1
+        Without ``module`` (and without ``module__hidden_sizes`` / ``module__channels``), the
+        student is the default network for its input with every width scaled so that it has
+        about this fraction of the teacher's parameters.
+    unlabeled_label : int, str or None, default=None
+        The label that marks unlabelled rows of ``y`` (``-1`` is scikit-learn's semi-supervised
+        convention). Such rows are labelled by the teacher (which, when it is fitted here, sees
+        the labelled rows only). ``None``: every row is labelled, and ``-1`` is a class like any
+        other (binary problems often label -1 and 1, so the convention is opt-in).
     **kwargs
         The parameters every certified estimator shares, with their defaults, documented in
         :class:`~certdistill.base.CertifiedNetBase` (``eps``, ``eps_train_ratio``, ``warmup``,
@@ -144,6 +194,9 @@ default="selective"
         "distill_weight_end": Range(0.0, 1.0, optional=True),
         "worst_case_weight": NON_NEGATIVE,
         "pgd_steps": Range(1, integer=True),
+        "transfer": Subset(TRANSFER_KINDS),
+        "transfer_size": NON_NEGATIVE,
+        "student_size": Range(0.0, 1.0, low_open=True),
     }
 
     def __init__(
@@ -160,6 +213,10 @@ default="selective"
         temperature_end: float | None = None,
         pgd_steps: int = 1,
         cache_teacher: bool = True,
+        transfer: str | tuple[str, ...] = (),
+        transfer_size: float = 1.0,
+        student_size: float = 0.1,
+        unlabeled_label=None,
         **kwargs,
     ):
         super().__init__(module, **kwargs)
@@ -173,6 +230,10 @@ default="selective"
         self.temperature_end = temperature_end
         self.pgd_steps = pgd_steps
         self.cache_teacher = cache_teacher
+        self.transfer = transfer
+        self.transfer_size = transfer_size
+        self.student_size = student_size
+        self.unlabeled_label = unlabeled_label
 
     # ------------------------------------------------------------ parameters
     #: The certified losses compute their cross-entropies directly (``criterion`` is refused).
@@ -205,11 +266,42 @@ default="selective"
 
     # --------------------------------------------------------------- teacher
     def _validate_fit_data(self, X, y, *, reset: bool, classes=None):
+        unlabeled = _unlabeled_rows(y, self.unlabeled_label)
+        X_unlabeled = None
+        if unlabeled is not None:
+            X_unlabeled, X = _split_rows(X, unlabeled), _split_rows(X, ~unlabeled)
+            y = np.asarray(y).reshape(-1)[~unlabeled]
         X, y_enc = super()._validate_fit_data(X, y, reset=reset, classes=classes)
         if reset or not hasattr(self, "teacher_"):
             y_orig = np.asarray(self.classes_)[y_enc]
             self.teacher_ = self._fitted_teacher(X, y_orig)
+        extra = [] if X_unlabeled is None else [self._validate_unlabeled(X_unlabeled)]
+        if self.transfer:
+            extra.append(self._transfer_inputs(np.concatenate([X, *extra])))
+        if extra:
+            # The teacher labels every row that has no label of its own.
+            X_extra = np.concatenate(extra)
+            y_extra = self.teacher_.predict_proba(X_extra).argmax(axis=1).astype(np.int64)
+            X, y_enc = np.concatenate([X, X_extra]), np.concatenate([y_enc, y_extra])
         return X, y_enc
+
+    def _validate_unlabeled(self, X: np.ndarray) -> np.ndarray:
+        X = validate_data(self, self._flatten_nd(X), reset=False, dtype=np.float32)
+        self._check_domain(X)
+        return X
+
+    def _transfer_inputs(self, X: np.ndarray) -> np.ndarray:
+        perturbation = self.perturbation_.reshaped((X.shape[1],))
+        flat = [None if t is None else t.cpu().numpy() for t in (perturbation.lower,
+                                                                 perturbation.upper)]
+        kinds = (self.transfer,) if isinstance(self.transfer, str) else tuple(self.transfer)
+        if "shift" in kinds and (self.input_shape is None or len(self.input_shape) != 3):
+            raise ValueError("transfer='shift' moves images: it needs input_shape=(C, H, W).")
+        return transfer_inputs(
+            X, kinds, self.transfer_size, perturbation.eps.cpu().numpy(), lower=flat[0],
+            upper=flat[1], input_shape=self.input_shape,
+            random_state=check_random_state(self._seed()),
+        )
 
     def _fitted_teacher(self, X: np.ndarray, y: np.ndarray) -> CertifiedNetBase:
         """The teacher to distil from: as given if fitted, else a clone fitted on ``X``, ``y``."""
@@ -241,6 +333,40 @@ default="selective"
                 "teacher's classes."
             )
         return teacher
+
+    # --------------------------------------------------------------- module
+    def build_default_module(self, n_features: int, n_classes: int, **kwargs):
+        """The default student: the default network for its input, scaled to the teacher.
+
+        Without ``module__hidden_sizes`` (and, for images, ``module__channels``) every width of
+        the default network (:meth:`CertifiedNetBase.build_default_module`: an MLP for flat
+        features, a CNN with ``input_shape``) is multiplied by one factor, chosen so that the
+        student has about ``student_size`` times the teacher's parameters (at least 4 units per
+        layer).
+
+        Returns
+        -------
+        torch.nn.Module
+        """
+        image = self.input_shape is not None and len(tuple(self.input_shape)) == 3
+        given = {"hidden_sizes", "channels"} if image else {"hidden_sizes"}
+        if given & set(kwargs) or not hasattr(self, "teacher_"):
+            return super().build_default_module(n_features, n_classes, **kwargs)
+        target = float(self.student_size) * _n_parameters(self.teacher_.module_)
+        widths = {"hidden_sizes": (512, 512)} if not image else {"channels": (32, 64),
+                                                                 "hidden_sizes": (256,)}
+
+        def scaled(factor: float) -> dict:
+            return {name: tuple(max(4, round(w * factor)) for w in values)
+                    for name, values in widths.items()}
+
+        low, high = 0.0, 1.0
+        for _ in range(30):  # the parameter count grows with the factor: bisection
+            middle = (low + high) / 2
+            built = super().build_default_module(n_features, n_classes, **scaled(middle),
+                                                 **kwargs)
+            low, high = (middle, high) if _n_parameters(built) < target else (low, middle)
+        return super().build_default_module(n_features, n_classes, **scaled(high), **kwargs)
 
     # ----------------------------------------------------------------- loss
     def _teacher_outputs(self) -> TeacherOutputs:

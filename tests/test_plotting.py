@@ -266,3 +266,24 @@ def test_plot_training_schedule_errors():
         plot_training_schedule(42)
     with pytest.raises(TypeError, match="string"):
         plot_training_schedule(_history(), keys="eps")
+
+
+def test_pareto_front_keeps_the_non_dominated_points_in_order():
+    from certdistill.plotting import pareto_front
+
+    points = [[0.90, 0.70], [0.92, 0.68], [0.91, 0.72], [0.89, 0.71], [0.93, 0.60],
+              [0.91, 0.72]]
+    # Ties are not dominated by each other; (0.90, 0.70) and (0.89, 0.71) are by (0.91, 0.72).
+    np.testing.assert_array_equal(pareto_front(points), [2, 5, 1, 4])
+    with pytest.raises(ValueError, match="finite"):
+        pareto_front([[0.5, np.nan]])
+
+
+def test_plot_pareto_fronts_draws_one_front_per_group():
+    from certdistill.plotting import plot_pareto_fronts
+
+    ax = plot_pareto_fronts({"alone": [[0.9, 0.7], [0.92, 0.65]],
+                             "distilled": [[0.91, 0.74], [0.93, 0.7], [0.9, 0.6]]})
+    fronts = [line for line in ax.get_lines()]
+    assert [line.get_label() for line in fronts] == ["alone", "distilled"]
+    np.testing.assert_allclose(fronts[1].get_xydata(), [[0.91, 0.74], [0.93, 0.7]])
