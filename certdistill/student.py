@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -437,8 +438,10 @@ default="selective"
             target = (1.0 - lam) * F.one_hot(y, logits.shape[1]).to(logits.dtype)
             target = target + lam * F.softmax(t / temp, dim=1)
         elif self.loss == "selective" and lam > 0.0:
-            teacher_certified = (that.scatter(1, y[:, None], -1.0) < 0).all(1)
-            weights = 1.0 - lam * (~teacher_certified).to(logits.dtype)
+            # How far the teacher is from certifying the sample: its largest worst-case logit
+            # other than the label's (minus its smallest margin bound), softened by T.
+            gap = that.scatter(1, y[:, None], float("-inf")).amax(1)
+            weights = 1.0 - lam * torch.sigmoid(gap / temp)
         loss = certified_loss(logits, worst, target, kappa, weights)
         if lam > 0.0 and self.loss in ("baseline", "margin", "adversarial"):
             loss = (1.0 - lam) * loss + lam * self._distillation_term(x, y, terms, t, that, temp)

@@ -37,7 +37,8 @@ def transfer_inputs(
     upper: np.ndarray | None,
     input_shape: Sequence[int] | None,
     random_state: np.random.RandomState,
-) -> np.ndarray:
+    return_sources: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """New inputs made from ``X`` for the teacher to label.
 
     Parameters
@@ -56,18 +57,25 @@ def transfer_inputs(
         Shape of one sample, for ``"shift"``.
     random_state : numpy.random.RandomState
         Source of randomness.
+    return_sources : bool, default=False
+        Also return, per input made, the row of ``X`` it was made from (for ``"mixup"``, the
+        first of its two rows).
 
     Returns
     -------
-    ndarray of shape (m, n_features), float32
+    points : ndarray of shape (m, n_features), float32
+    sources : ndarray of shape (m,), int
+        Only with ``return_sources``.
     """
     n, n_features = X.shape
     count = int(round(float(size) * n))
     eps = np.broadcast_to(np.asarray(eps, dtype=np.float32).reshape(-1)
                           if np.ndim(eps) else np.float32(eps), (n_features,))
-    made = []
+    made, sources = [], []
     for kind in kinds:
-        rows = X[random_state.randint(0, n, size=count)]
+        chosen = random_state.randint(0, n, size=count)
+        sources.append(chosen)
+        rows = X[chosen]
         if kind == "noise":
             made.append(rows + random_state.uniform(-2.0, 2.0, rows.shape) * eps)
         elif kind == "ball":
@@ -81,13 +89,14 @@ def transfer_inputs(
         else:  # validated by the estimator
             raise ValueError(f"unknown transfer kind {kind!r}")
     if not made:
-        return np.empty((0, n_features), dtype=np.float32)
-    points = np.concatenate(made).astype(np.float32)
+        points, rows = np.empty((0, n_features), dtype=np.float32), np.empty(0, dtype=int)
+    else:
+        points, rows = np.concatenate(made).astype(np.float32), np.concatenate(sources)
     if lower is not None:
         points = np.maximum(points, lower)
     if upper is not None:
         points = np.minimum(points, upper)
-    return points
+    return (points, rows) if return_sources else points
 
 
 def _shifted(rows: np.ndarray, input_shape: tuple[int, ...], random_state) -> np.ndarray:

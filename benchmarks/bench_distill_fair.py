@@ -1,0 +1,248 @@
+"""A fair comparison of distilled students with students trained alone, judged by complete
+verification.
+
+For each data set (digits at eps 0.1, breast cancer at eps 0.05) and share of labelled training
+rows (``--labelled``, e.g. 1.0 and 0.3; the other rows are given unlabelled), every contender gets
+the same tuning budget:
+
+1. **Tuning.** A validation split (20 %, stratified) is carved from the labelled training rows
+   (never the test data). Each configuration of the contender's own knobs (``GRID``) is fitted on
+   the rest with seed 0 and scored on the validation split by certified accuracy (the default
+   cascade of ``certify()``), clean accuracy breaking ties. All the configurations' (clean,
+   certified) pairs on the validation split make the Pareto fronts.
+2. **Measure.** The chosen configuration is refitted on all the training rows with seeds 0, 1, 2
+   and measured on the test data: clean accuracy, certified accuracy by IBP, by CROWN and by
+   complete verification (``method="complete"``), the share decided, and fit time.
+
+Contenders (the same student network for all, the default of ``DistilledStudent``'s size rule is
+not used: ``--hidden``):
+
+* ``alone ibp`` and ``alone mtl-ibp``: ``CertifiedTeacher`` on the student network, trained on the
+  labelled rows only;
+* ``alone ibp, augmented``: the same, on the labelled rows plus as many noise and ball inputs per
+  kind as the distilled student gets (:func:`certdistill.transfer.transfer_inputs`), each with the
+  label of the row it was made from: is a gain the teacher's, or the augmentation's?
+* ``distilled``: ``DistilledStudent`` with its defaults (selective loss, teacher-labelled transfer
+  inputs, unlabelled rows labelled by the teacher), its teacher a default ``CertifiedTeacher``
+  fitted on the labelled rows of the run.
+
+Run: python benchmarks/bench_distill_fair.py [--data digits breast_cancer] [--labelled 1.0 0.3]
+[--seeds 0 1 2] [--hidden 32] [--plot DIR]. Prints markdown tables and the command that
+reproduces them; with ``--plot``, writes the Pareto fronts as PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.frozen import FrozenEstimator
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import MinMaxScaler
+
+from certdistill import CertifiedTeacher, DistilledStudent
+from certdistill.transfer import transfer_inputs
+
+#: Contender -> the knobs it is tuned over (each product of values is one configuration).
+GRID = {
+    "alone ibp": {"eps_train_ratio": [1.0, 1.5], "kappa_end": [0.0, 0.5]},
+    "alone ibp, augmented": {"eps_train_ratio": [1.0, 1.5], "kappa_end": [0.0, 0.5]},
+    "alone mtl-ibp": {"alpha": [0.5, 0.8], "eps_train_ratio": [1.0, 1.5]},
+    "distilled": {"distill_weight": [0.5, 1.0], "temperature": [0.25, 1.0]},
+}
+
+
+def load(name: str, seed: int = 0):
+    """Train/test split of a bundled data set scaled to [0, 1], its eps and input shape."""
+    if name == "digits":
+        X, y = load_digits(return_X_y=True)
+        X_train, X_test, y_train, y_test = train_test_split(
+            (X / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=seed)
+        return X_train, X_test, y_train, y_test, 0.1, (1, 8, 8)
+    X, y = load_breast_cancer(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=0.3, stratify=y, random_state=seed)
+    scaler = MinMaxScaler().fit(X_train)
+    X_train = scaler.transform(X_train).astype(np.float32)
+    X_test = np.clip(scaler.transform(X_test), 0.0, 1.0).astype(np.float32)
+    return X_train, X_test, y_train, y_test, 0.05, None
+
+
+def labelled_mask(y: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """A stratified choice of ``share`` of the rows (all when ``share`` is 1)."""
+    mask = np.zeros(len(y), dtype=bool)
+    if share >= 1.0:
+        mask[:] = True
+        return mask
+    chosen, _ = train_test_split(np.arange(len(y)), train_size=share, stratify=y,
+                                 random_state=seed)
+    mask[chosen] = True
+    return mask
+
+
+def make(contender: str, config: dict, *, eps: float, seed: int, hidden: tuple,
+         teacher=None) -> object:
+    common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
+                  module__hidden_sizes=hidden)
+    if contender in ("alone ibp", "alone ibp, augmented"):
+        return CertifiedTeacher(method="ibp", **common, **config)
+    if contender == "alone mtl-ibp":
+        return CertifiedTeacher(method="mtl-ibp", pgd_steps=5, **common, **config)
+    return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1, **common, **config)
+
+
+def augmented(X: np.ndarray, y: np.ndarray, eps: float, seed: int):
+    """The rows plus noise and ball inputs made from them, each labelled as its source row."""
+    made, sources = transfer_inputs(X, ("noise", "ball"), 1.0, np.float32(eps),
+                                    lower=np.float32(0.0), upper=np.float32(1.0),
+                                    input_shape=None, random_state=np.random.RandomState(seed),
+                                    return_sources=True)
+    return np.concatenate([X, made]), np.concatenate([y, y[sources]])
+
+
+def fit(contender: str, estimator, X, y, mask, eps: float = 0.0, seed: int = 0):
+    """Fit on the labelled rows (alone) or on every row, the unlabelled ones marked -1."""
+    start = time.perf_counter()
+    if contender == "alone ibp, augmented":
+        estimator.fit(*augmented(X[mask], y[mask], eps, seed))
+    elif contender.startswith("alone"):
+        estimator.fit(X[mask], y[mask])
+    else:
+        estimator.fit(X, np.where(mask, y, -1))
+    return time.perf_counter() - start
+
+
+def teacher_for(X, y, mask, *, eps, input_shape, seed):
+    shape = {"input_shape": input_shape} if input_shape else {"module__hidden_sizes": (256, 256)}
+    return CertifiedTeacher(eps=eps, lower=0.0, upper=1.0, random_state=seed,
+                            **shape).fit(X[mask], y[mask])
+
+
+def tune(data: str, share: float, hidden: tuple):
+    """Each contender's configurations on the validation split; the chosen one per contender."""
+    X, _, y, _, eps, input_shape = load(data)
+    mask = labelled_mask(y, share)
+    labelled = np.flatnonzero(mask)
+    fit_rows, valid_rows = train_test_split(labelled, test_size=0.2, stratify=y[labelled],
+                                            random_state=0)
+    tuning_mask = np.zeros(len(y), dtype=bool)
+    tuning_mask[fit_rows] = True
+    keep = np.setdiff1d(np.arange(len(y)), valid_rows)  # the validation rows are held out
+    X_fit, y_fit, m_fit = X[keep], y[keep], tuning_mask[keep]
+    teacher = teacher_for(X_fit, y_fit, m_fit, eps=eps, input_shape=input_shape, seed=0)
+    scores, chosen = {}, {}
+    for contender, grid in GRID.items():
+        results = []
+        for values in itertools.product(*grid.values()):
+            config = dict(zip(grid, values, strict=True))
+            estimator = make(contender, config, eps=eps, seed=0, hidden=hidden, teacher=teacher)
+            fit(contender, estimator, X_fit, y_fit, m_fit, eps, 0)
+            clean = estimator.score(X[valid_rows], y[valid_rows])
+            certified = estimator.certified_accuracy(X[valid_rows], y[valid_rows])
+            results.append((config, clean, certified))
+            print(f"  tune {data} {share:.0%} {contender} {config}: clean {clean:.3f} "
+                  f"certified {certified:.3f}", file=sys.stderr, flush=True)
+        scores[contender] = results
+        chosen[contender] = max(results, key=lambda r: (r[2], r[1]))[0]
+    return scores, chosen
+
+
+def measure(data: str, share: float, hidden: tuple, chosen: dict, seeds) -> dict:
+    """The chosen configurations refitted per seed, measured on the test data."""
+    X, X_test, y, y_test, eps, input_shape = load(data)
+    mask = labelled_mask(y, share)
+    rows = {contender: [] for contender in chosen}
+    for seed in seeds:
+        teacher = teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
+        for contender, config in chosen.items():
+            estimator = make(contender, config, eps=eps, seed=seed, hidden=hidden,
+                             teacher=teacher)
+            seconds = fit(contender, estimator, X, y, mask, eps, seed)
+            complete = estimator.certify(X_test, y=y_test, method="complete")
+            rows[contender].append(dict(
+                clean=estimator.score(X_test, y_test),
+                ibp=estimator.certified_accuracy(X_test, y_test, method="ibp"),
+                crown=estimator.certified_accuracy(X_test, y_test, method="crown"),
+                complete=complete.certified_fraction, decided=complete.decided_fraction,
+                seconds=seconds))
+            print(f"  measure {data} {share:.0%} seed {seed} {contender}: {rows[contender][-1]}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def _mean_std(values) -> str:
+    values = 100 * np.asarray(values)
+    return f"{values.mean():.1f} ± {values.std():.1f}"
+
+
+def table(rows: dict, chosen: dict) -> str:
+    best_alone = max((c for c in rows if c.startswith("alone")),
+                     key=lambda c: np.mean([r["complete"] for r in rows[c]]))
+    lines = ["| contender | chosen configuration | clean % | IBP % | CROWN % | complete % | "
+             "gain vs best alone (per-seed range) | decided % | fit s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for contender, results in rows.items():
+        gains = [r["complete"] - a["complete"] for r, a in
+                 zip(results, rows[best_alone], strict=True)]
+        gain = ("" if contender == best_alone else
+                f"{100 * np.mean(gains):+.1f} ({100 * min(gains):+.1f} to "
+                f"{100 * max(gains):+.1f})")
+        lines.append(
+            f"| {contender} | {chosen[contender]} | "
+            f"{_mean_std([r['clean'] for r in results])} | "
+            f"{_mean_std([r['ibp'] for r in results])} | "
+            f"{_mean_std([r['crown'] for r in results])} | "
+            f"**{_mean_std([r['complete'] for r in results])}** | {gain} | "
+            f"{100 * np.mean([r['decided'] for r in results]):.1f} | "
+            f"{np.mean([r['seconds'] for r in results]):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", default=["digits", "breast_cancer"],
+                        choices=["digits", "breast_cancer"])
+    parser.add_argument("--labelled", nargs="+", type=float, default=[1.0, 0.3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[32])
+    parser.add_argument("--plot", help="folder for the Pareto-front PNG files")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hidden = tuple(args.hidden)
+    for data, share in itertools.product(args.data, args.labelled):
+        scores, chosen = tune(data, share, hidden)
+        rows = measure(data, share, hidden, chosen, args.seeds)
+        print(f"\n### {data}, {share:.0%} of the training labels, student "
+              f"{'-'.join(map(str, hidden))} hidden, seeds {args.seeds}\n")
+        print(table(rows, chosen))
+        fronts = {c: [(clean, cert) for _, clean, cert in results]
+                  for c, results in scores.items()}
+        print("\nValidation (clean, certified) of every tuned configuration: " + "; ".join(
+            f"{c}: " + ", ".join(f"({a:.3f}, {b:.3f})" for a, b in points)
+            for c, points in fronts.items()))
+        if args.plot:
+            from certdistill.plotting import plot_pareto_fronts
+
+            folder = Path(args.plot)
+            folder.mkdir(parents=True, exist_ok=True)
+            ax = plot_pareto_fronts(
+                {"alone": fronts["alone ibp"] + fronts["alone mtl-ibp"]
+                 + fronts["alone ibp, augmented"], "distilled": fronts["distilled"]},
+                title=f"{data}, {share:.0%} labels: tuned configurations (validation)")
+            path = folder / f"pareto_{data}_{int(round(100 * share))}.png"
+            ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+            print(f"\nfront: {path}")
+    print("\nReproduce: python benchmarks/bench_distill_fair.py " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
