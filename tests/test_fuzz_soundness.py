@@ -205,5 +205,21 @@ def test_no_witness_beats_a_certified_margin(problem):
     finite = np.isfinite(sampled)
     crown, alpha = certificates["crown"].margins, certificates["alpha-crown"].margins
     assert (alpha[finite] >= crown[finite] - 1e-5 * (1 + np.abs(crown[finite]))).all()
+    # Complete verification: never certifies a sample a witness breaks, proves at least what
+    # every bound method proves, and falsifies only with a real counterexample.
+    complete = certify(net, x, eps, method="complete", timeout=5.0, **domain)
+    np.testing.assert_array_equal(complete.prediction, reference)
+    broken = (np.minimum(sampled, attacked) < -1e-5).any(1)
+    assert not (complete.certified & broken).any(), "complete certified a broken sample"
+    for method, cert in certificates.items():
+        assert not (cert.certified & (complete.status == "falsified")).any(), method
+        assert (complete.certified >= cert.certified).all(), method
+    falsified = complete.status == "falsified"
+    if falsified.any():
+        points = torch.as_tensor(complete.counterexample[falsified], dtype=torch.float32)
+        with torch.no_grad():
+            logits = net(points)
+        rows = torch.as_tensor(reference[falsified])
+        assert (logits.gather(1, rows[:, None]).squeeze(1) < logits.max(1).values).all()
     COUNTS["examples"] += 1
     COUNTS["certificates"] += len(METHODS) * len(x)
