@@ -131,6 +131,12 @@ def _encoded_accuracy(net, X, y) -> float:
     return float(np.mean(proba.argmax(axis=1) == y))
 
 
+def _writable(X: np.ndarray) -> np.ndarray:
+    """``X``, copied if it is read-only (pandas' copy-on-write arrays are), which torch warns
+    about when it wraps it in a tensor."""
+    return X if X.flags.writeable else X.copy()
+
+
 def _reject_fit_params(estimator, fit_params) -> None:
     if fit_params:
         raise TypeError(
@@ -523,6 +529,7 @@ class CertifiedNetBase(NeuralNetClassifier):
                 f"{type(self).__name__} requires y to be passed, but the target y is None."
             )
         X, y = validate_data(self, X, y, reset=reset, dtype=np.float32)
+        X = _writable(X)
         self._check_n_features(X.shape[1])
         check_classification_targets(y)
         self._set_perturbation(X.shape[1])
@@ -574,8 +581,7 @@ class CertifiedNetBase(NeuralNetClassifier):
     def _validate_predict_data(self, X) -> np.ndarray:
         self._check_fitted()
         X = self._flatten_nd(X, self._module_sample_shape())
-        X = validate_data(self, X, reset=False, dtype=np.float32)
-        return X
+        return _writable(validate_data(self, X, reset=False, dtype=np.float32))
 
     def _check_fitted(self) -> None:
         try:
@@ -663,7 +669,9 @@ class CertifiedNetBase(NeuralNetClassifier):
         """A fit whose network predicts one class for all its training data has collapsed."""
         if len(self.classes_) < 2:
             return
-        predicted = np.unique(self.predict_proba(X).argmax(axis=1))
+        # skorch's prediction on the validated array: validating it again would warn that it
+        # has no feature names after a fit on a DataFrame
+        predicted = np.unique(NeuralNetClassifier.predict_proba(self, X).argmax(axis=1))
         if predicted.size == 1:
             warnings.warn(
                 f"{type(self).__name__} predicts the single class {self.classes_[predicted[0]]} "

@@ -477,9 +477,70 @@ def _expected() -> dict[tuple[str, str], object]:
 
 EXPECTED = _expected()
 
-#: The command line's cells: ``tests/test_cli.py`` ERRORS keys, or the reason they do not apply.
+#: The command line's cells: a key of ``tests/test_cli.py``'s ``ERRORS`` (a one-line error
+#: without traceback, exit status 1 or 2), a valid input that ``test_cli.py`` runs, or the reason
+#: the case does not apply.
 CLI_COMMANDS = ("train", "distill", "certify", "report")
-CLI_CASES: dict[str, dict[str, str | NotApplicable]] = {}
+CLI_VALID = Works("test_cli.py::test_files_that_are_small_or_have_new_labels_are_accepted")
+NO_TEACHER = NotApplicable("only distill takes a teacher")
+SAME_EPS_OPTION = NotApplicable("every --eps is parsed by cli._args.nonnegative_float, run on "
+                                "another command")
+
+
+def _per_command(key: str) -> dict:
+    return {command: f"{key} ({command})" for command in CLI_COMMANDS}
+
+
+def _commands(default, **cells) -> dict:
+    return {command: cells.get(command, default) for command in CLI_COMMANDS}
+
+
+CLI_CELLS: dict[str, dict[str, str | Works | NotApplicable]] = {
+    "nan X": _per_command("nan"),
+    "inf X": _per_command("inf"),
+    "wrong n_features": {**_per_command("few features"),
+                         "train": NotApplicable("train learns the number of features")},
+    "X of a wrong input_shape": _commands(NotApplicable(
+        "data files are flattened to rows: a wrong sample shape is a wrong number of features")),
+    "wrong input_shape param": _commands(
+        NotApplicable("no --input-shape: the model's shape"),
+        train="bad input shape", distill="distill bad input shape"),
+    "1-d X": _per_command("1-d X"),
+    "empty X": _per_command("empty"),
+    "one sample": _commands(CLI_VALID, train="one sample (train)",
+                            distill="one sample (distill)"),
+    "one class": _commands(CLI_VALID, train="one class (train)", distill="one class (distill)"),
+    "unseen labels": {**_per_command("unknown label"), "train": CLI_VALID},
+    "y of wrong length": _per_command("short y"),
+    "y missing": _per_command("missing y key"),
+    "non-numeric X": _per_command("text csv"),
+    "eps negative": {"train": "negative eps", "distill": "negative distill eps",
+                     "certify": "negative certify eps", "report": "negative report eps"},
+    "eps nan": _commands(SAME_EPS_OPTION, certify="nan eps"),
+    "eps inf": _commands(SAME_EPS_OPTION, train="inf eps"),
+    "eps of wrong shape": _commands(NotApplicable("--eps takes numbers, one per radius")),
+    "eps non-numeric": _commands(SAME_EPS_OPTION, report="text eps"),
+    "lower > upper": _commands(NotApplicable("no --lower/--upper: the model's domain"),
+                               train="lower above upper", distill="distill lower above upper"),
+    "X outside [lower, upper]": _per_command("outside the domain"),
+    "unknown method": _commands("unknown method", train="unknown training method",
+                                report="unknown report method",
+                                distill=NotApplicable("the student trains by IBP: no --method")),
+    "unknown loss": _commands(NotApplicable("only distill has --loss"), distill="unknown loss"),
+    "unfitted estimator": _commands(NotApplicable("train and distill fit the model"),
+                                    certify="unfitted model", report="unfitted report model"),
+    "unfitted frozen teacher": _commands(NO_TEACHER, distill="unfitted teacher"),
+    "teacher of other features": _commands(NO_TEACHER, distill="few features (distill)"),
+    "teacher of other classes": _commands(NO_TEACHER, distill="unknown label (distill)"),
+    "non-estimator teacher": _commands(NO_TEACHER, distill="teacher not a model"),
+    "unsupported layer": _commands(NotApplicable("the command line builds its own networks")),
+    "device cuda without CUDA": _commands(
+        NotApplicable("no --device: models are certified where they are"),
+        **({} if CUDA else {"train": "cuda", "distill": "distill cuda"})),
+}
+if CUDA:
+    CLI_CELLS["device cuda without CUDA"].update(
+        dict.fromkeys(("train", "distill"), NotApplicable("CUDA is available on this machine")))
 
 
 # --------------------------------------------------------------------------------- checks
@@ -546,3 +607,141 @@ def test_the_matrix_is_complete():
     for verdict in EXPECTED.values():
         if isinstance(verdict, NotApplicable):
             assert verdict.reason
+
+
+def test_the_command_line_cells_are_complete():
+    """Every command has a verdict for every bad input; the errors are cases of test_cli.py."""
+    from test_cli import ERRORS
+
+    assert set(CLI_CELLS) == set(CASES)
+    for case, cells in CLI_CELLS.items():
+        assert set(cells) == set(CLI_COMMANDS), case
+        for command, cell in cells.items():
+            if isinstance(cell, str):
+                assert cell in ERRORS, (case, command, cell)
+                assert ERRORS[cell][0][0] == command, (case, command, cell)
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA is available on this machine")
+def test_set_params_device_cuda_without_cuda_changes_nothing(ctx):
+    """Moving a fitted estimator to a device it cannot use fails before anything moves."""
+    estimator = copy.deepcopy(ctx.teacher)
+    before = _outputs(estimator, ctx)
+    with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available") as info:
+        estimator.set_params(device="cuda")
+    _check_not_torch(info.value)
+    assert estimator.device == "cpu"
+    _check_unchanged(estimator, ctx, before)
+
+
+def test_changing_input_shape_without_refitting_keeps_the_fitted_reading(ctx):
+    """The fitted network reads rows with the shape it was fitted with (``input_shape`` is a
+    parameter of the next fit)."""
+    estimator = copy.deepcopy(ctx.teacher)
+    before = _outputs(estimator, ctx)
+    estimator.set_params(input_shape=(1, 7, 7))
+    _check_unchanged(estimator, ctx, before)
+
+
+# --------------------------------------------------------------------------- DataFrames
+pd = pytest.importorskip("pandas")
+
+COLUMNS = [f"pixel{i}" for i in range(64)]
+
+
+@pytest.fixture(scope="module")
+def frame(data):
+    return pd.DataFrame(data[0], columns=COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def frame_teacher(frame, data):
+    return CertifiedTeacher(**TINY).fit(frame, pd.Series(data[1], name="digit"))
+
+
+FRAME_CALLS = {
+    "predict": lambda est, X, y: est.predict(X),
+    "predict_proba": lambda est, X, y: est.predict_proba(X),
+    "score": lambda est, X, y: est.score(X, y),
+    "certify": lambda est, X, y: est.certify(X, y=y).certified,
+    "certified_radius": lambda est, X, y: est.certified_radius(X, y=y, method="ibp"),
+    "certified_accuracy": lambda est, X, y: est.certified_accuracy(X, y),
+    "CertifiedAccuracy": lambda est, X, y: CertifiedAccuracy(0.05)(est, X, y),
+    "partial_fit": lambda est, X, y: copy.deepcopy(est).partial_fit(X, y, epochs=1),
+}
+
+
+def test_a_dataframe_fit_records_the_feature_names(frame_teacher, frame, data):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CertifiedTeacher(**TINY).fit(frame, data[1])
+    # neither scikit-learn's feature-name warning nor torch's about read-only arrays
+    assert not [w for w in caught if "feature names" in str(w.message)
+                or "not writable" in str(w.message)]
+    assert list(frame_teacher.feature_names_in_) == COLUMNS
+    assert frame_teacher.n_features_in_ == 64
+    # the same model as a fit on the array: the names are checked, not used
+    array_teacher = CertifiedTeacher(**TINY).fit(*data)
+    np.testing.assert_allclose(frame_teacher.predict_proba(frame),
+                               array_teacher.predict_proba(data[0]), rtol=1e-6)
+    assert not hasattr(array_teacher, "feature_names_in_")
+
+
+@pytest.mark.parametrize("name", list(FRAME_CALLS))
+def test_dataframes_work_end_to_end(name, frame_teacher, frame, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no feature-name warning either
+        FRAME_CALLS[name](frame_teacher, frame, pd.Series(data[1]))
+
+
+@pytest.mark.parametrize("name", list(FRAME_CALLS))
+@pytest.mark.parametrize("change", ["renamed", "reordered"])
+def test_dataframes_with_other_columns_raise(name, change, frame_teacher, frame, data):
+    """As in scikit-learn: fitted with feature names, X with other names (or order) raises."""
+    if change == "renamed":
+        other = frame.rename(columns={"pixel3": "pixel_3"})
+    else:
+        other = frame[COLUMNS[::-1]]
+    with pytest.raises(ValueError, match="feature names should match those that were passed "
+                                         "during fit") as info:
+        FRAME_CALLS[name](frame_teacher, other, data[1])
+    _check_not_torch(info.value)
+
+
+def test_feature_name_warnings_as_in_scikit_learn(frame_teacher, frame, ctx):
+    with pytest.warns(UserWarning, match="X does not have valid feature names, but "
+                                         "CertifiedTeacher was fitted with feature names"):
+        frame_teacher.certify(frame.to_numpy()[:5])
+    with pytest.warns(UserWarning, match="X has feature names, but CertifiedTeacher was fitted "
+                                         "without feature names"):
+        ctx.teacher.certify(frame.iloc[:5])
+
+
+def test_a_student_distils_on_dataframes(frame_teacher, frame, data):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        student = DistilledStudent(FrozenEstimator(frame_teacher), **TINY).fit(frame, data[1])
+    assert not [w for w in caught if "feature names" in str(w.message)]
+    assert list(student.feature_names_in_) == COLUMNS
+    assert student.certified_accuracy(frame, data[1]) >= 0.0
+    with pytest.raises(ValueError, match="feature names should match"):
+        student.certify(frame.rename(columns={"pixel0": "x"}))
+
+
+def test_a_dataframe_with_text_raises(frame, data):
+    text = frame.assign(pixel5=np.where(frame["pixel5"] > 0.5, "high", "low"))
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        CertifiedTeacher(**TINY).fit(text, data[1])
+
+
+def test_a_failing_fit_keeps_the_feature_names(frame_teacher, frame, data):
+    """scikit-learn's validation resets the feature names before it checks the values: the
+    failing fit must not leave the model without them."""
+    estimator = copy.deepcopy(frame_teacher)
+    expected = estimator.predict_proba(frame)
+    with pytest.raises(ValueError, match="NaN"):
+        estimator.fit(_with(data[0], (0, 0), np.nan), data[1])  # an array: no names
+    assert list(estimator.feature_names_in_) == COLUMNS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(estimator.predict_proba(frame), expected)
