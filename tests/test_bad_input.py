@@ -38,6 +38,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
+from skorch.callbacks import Callback
 from torch import nn
 
 import certdistill
@@ -169,6 +170,7 @@ CASES: dict[str, Case] = {
     "lower > upper": Case(params={"lower": 1.0, "upper": 0.0}),
     "X outside [lower, upper]": Case(X=lambda c: c.X * 2.0 - 0.5),
     "unknown method": Case(params={"method": "lp"}),
+    "method of wrong type": Case(params={"method": 3}),
     "unknown loss": Case(params={"loss": "l2"}),
     "unfitted estimator": Case(unfitted=True),
     "unfitted frozen teacher": Case(
@@ -422,6 +424,14 @@ def _expected() -> dict[tuple[str, str], object]:
             **_row(Raises(ValueError, r"Unknown method 'lp'"), CERTIFIES + FUNCTIONAL + SCORERS),
             **_row(NotApplicable("predictions use no bound method"), PREDICTS),
         },
+        "method of wrong type": {
+            "teacher.fit": Raises(ValueError, r"method must be one of .*got 3"),
+            "teacher.partial_fit": Raises(ValueError, r"method must be one of .*got 3"),
+            **_row(Raises(ValueError, r"teacher_bounds must be one of .*got 3"), STUDENT_FITS),
+            **_row(Raises(TypeError, r"method must be a stage name or a sequence of them, got 3"),
+                   CERTIFIES + FUNCTIONAL + SCORERS),
+            **_row(NotApplicable("predictions use no bound method"), PREDICTS),
+        },
         "unknown loss": {
             **_row(Raises(ValueError, r"loss must be one of .*got 'l2'"), STUDENT_FITS),
             **_row(NotApplicable("the teacher's loss is its method (and criterion is refused, "
@@ -526,6 +536,7 @@ CLI_CELLS: dict[str, dict[str, str | Works | NotApplicable]] = {
     "unknown method": _commands("unknown method", train="unknown training method",
                                 report="unknown report method",
                                 distill=NotApplicable("the student trains by IBP: no --method")),
+    "method of wrong type": _commands(NotApplicable("--method takes names (unknown method)")),
     "unknown loss": _commands(NotApplicable("only distill has --loss"), distill="unknown loss"),
     "unfitted estimator": _commands(NotApplicable("train and distill fit the model"),
                                     certify="unfitted model", report="unfitted report model"),
@@ -632,6 +643,23 @@ def test_set_params_device_cuda_without_cuda_changes_nothing(ctx):
     _check_not_torch(info.value)
     assert estimator.device == "cpu"
     _check_unchanged(estimator, ctx, before)
+
+
+def test_an_unsupported_layer_raises_before_the_first_epoch(data):
+    """Not after the clean warm-up epochs, which do not bound the network."""
+    epochs = []
+
+    class Count(Callback):
+        def on_epoch_begin(self, net, **kwargs):
+            epochs.append(len(net.history))
+
+    teacher = CertifiedTeacher(_tanh_network, warmup=0.5, max_epochs=4,
+                               callbacks=[("count", Count())],
+                               **{k: v for k, v in TINY.items() if k != "max_epochs"})
+    with pytest.raises(UnsupportedLayerError, match="Tanh"):
+        teacher.fit(*data)
+    assert epochs == []
+    assert not teacher.initialized_  # the failed fit left it unfitted
 
 
 def test_changing_input_shape_without_refitting_keeps_the_fitted_reading(ctx):
