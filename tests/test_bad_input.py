@@ -17,8 +17,10 @@ functional :func:`certdistill.certify` and :func:`certdistill.certified_radius`,
 A ``fit`` or ``partial_fit`` of a fitted estimator that raises must leave the old model as it was:
 it predicts and certifies exactly as before (:func:`_check_unchanged`).
 
-The command line's cells are cases of ``tests/test_cli.py``'s ``ERRORS`` table (one-line errors,
-no traceback), listed here in :data:`CLI_CASES` so that the matrix stays one table.
+The command line's cells (:data:`CLI_CELLS`, checked by
+:func:`test_the_command_line_cells_are_complete`) name cases of ``tests/test_cli.py``'s
+``ERRORS`` table, which runs them (one-line errors, no traceback), so that the matrix stays one
+table and the command-line error tests one mechanism. DataFrames have their own tests at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd  # in the "test" extra
 import pytest
 import torch
 from sklearn.base import clone
@@ -672,8 +675,6 @@ def test_changing_input_shape_without_refitting_keeps_the_fitted_reading(ctx):
 
 
 # --------------------------------------------------------------------------- DataFrames
-pd = pytest.importorskip("pandas")
-
 COLUMNS = [f"pixel{i}" for i in range(64)]
 
 
