@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from certdistill.bounds import Perturbation, engine_for
-from certdistill.certify import DEFAULT_METHOD, Certificate, _Problem
+from certdistill.certify import DEFAULT_METHOD, Certificate, _check_radius_search, _Problem
 from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
 from certdistill.parallel import torch_threads
@@ -149,6 +149,12 @@ def _encoded_accuracy(net, X, y) -> float:
     return float(np.mean(proba.argmax(axis=1) == y))
 
 
+def _writable(X: np.ndarray) -> np.ndarray:
+    """``X``, copied if it is read-only (pandas' copy-on-write arrays are), which torch warns
+    about when it wraps it in a tensor."""
+    return X if X.flags.writeable else X.copy()
+
+
 def _reject_fit_params(estimator, fit_params) -> None:
     if fit_params:
         raise TypeError(
@@ -167,6 +173,50 @@ def _in_torch_threads(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def _keep_state_on_error(method):
+    """Run ``fit`` or ``partial_fit`` so that, if it raises, the estimator is left as it was
+    before the call: a fitted model stays usable (it predicts and certifies as before) and an
+    unfitted one stays unfitted. The attributes are restored, not copied: the fitted network
+    is not duplicated."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        state = dict(vars(self))
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(state)
+            raise
+
+    return wrapper
+
+
+def _check_device(device) -> None:
+    """Raise ``ValueError`` unless ``device`` is None or a torch device this machine has."""
+    if device is None:  # skorch: leave the tensors where they are
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device={device!r} is not a torch device such as 'cpu' or 'cuda'."
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} but CUDA is not available on this machine: use "
+                "device='cpu'."
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)."
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} but MPS is not available on this machine.")
 
 
 @contextmanager
@@ -443,6 +493,7 @@ class CertifiedNetBase(NeuralNetClassifier):
     def _check_params(self) -> None:
         """Check every hyperparameter of the class's range tables (once, in ``fit``)."""
         self._check_criterion()
+        _check_device(self.device)
         for name, allowed in self._all_parameter_ranges().items():
             allowed.check(name, getattr(self, name))
         if self.input_shape is not None:
@@ -460,10 +511,21 @@ class CertifiedNetBase(NeuralNetClassifier):
         self.perturbation_ = Perturbation.create(self.eps, self._sample_shape(n_features),
                                                  lower=self.lower, upper=self.upper)
 
-    def _flatten_nd(self, X):
-        """Accept ``(n, *input_shape)`` arrays by flattening them to rows."""
-        if self.input_shape is not None and hasattr(X, "ndim") and hasattr(X, "reshape"):
-            if X.ndim == 1 + len(tuple(self.input_shape)) and X.ndim > 2:
+    def _module_sample_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample as the module sees it: the fitted one (``perturbation_``) once
+        fitted, so that changing ``input_shape`` without refitting (or a fit that failed on it)
+        does not change how the fitted network reads rows; ``input_shape`` before."""
+        perturbation = getattr(self, "perturbation_", None)
+        if perturbation is not None:
+            return tuple(perturbation.sample_shape)
+        return None if self.input_shape is None else tuple(self.input_shape)
+
+    def _flatten_nd(self, X, shape: tuple[int, ...] | None = None):
+        """Accept ``(n, *shape)`` arrays (``shape``: ``input_shape``) by flattening them to rows."""
+        if shape is None:
+            shape = None if self.input_shape is None else tuple(self.input_shape)
+        if shape is not None and hasattr(X, "ndim") and hasattr(X, "reshape"):
+            if X.ndim == 1 + len(shape) and X.ndim > 2:
                 return X.reshape(X.shape[0], -1)
         return X
 
@@ -485,6 +547,7 @@ class CertifiedNetBase(NeuralNetClassifier):
                 f"{type(self).__name__} requires y to be passed, but the target y is None."
             )
         X, y = validate_data(self, X, y, reset=reset, dtype=np.float32)
+        X = _writable(X)
         self._check_n_features(X.shape[1])
         check_classification_targets(y)
         self._set_perturbation(X.shape[1])
@@ -496,6 +559,12 @@ class CertifiedNetBase(NeuralNetClassifier):
                 encoder = LabelEncoder().fit(np.asarray(self.classes))
             else:
                 encoder = LabelEncoder().fit(y)
+            if len(encoder.classes_) < 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs samples of at least 2 classes in the data, "
+                    f"but the data contains only one class: {encoder.classes_[0]!r} (pass all "
+                    "classes with `classes` to partial_fit when a batch has one)."
+                )
             self.classes_inferred_ = encoder.classes_
         return X, self._encode_labels(y)
 
@@ -529,9 +598,8 @@ class CertifiedNetBase(NeuralNetClassifier):
 
     def _validate_predict_data(self, X) -> np.ndarray:
         self._check_fitted()
-        X = self._flatten_nd(X)
-        X = validate_data(self, X, reset=False, dtype=np.float32)
-        return X
+        X = self._flatten_nd(X, self._module_sample_shape())
+        return _writable(validate_data(self, X, reset=False, dtype=np.float32))
 
     def _check_fitted(self) -> None:
         try:
@@ -574,6 +642,7 @@ class CertifiedNetBase(NeuralNetClassifier):
 
     # ------------------------------------------------------------------ fit
     @_in_torch_threads
+    @_keep_state_on_error
     def fit(self, X, y, **fit_params):
         """Validate the data, build the network and train it from scratch.
 
@@ -590,6 +659,12 @@ class CertifiedNetBase(NeuralNetClassifier):
         Returns
         -------
         self
+
+        Notes
+        -----
+        A ``fit`` that raises (bad data or parameters, an unsupported layer...) leaves the
+        estimator as it was before the call: a fitted model keeps predicting and certifying as
+        before. ``partial_fit`` does the same.
         """
         _reject_fit_params(self, fit_params)
         reset = not (self.warm_start and self.initialized_)
@@ -612,7 +687,9 @@ class CertifiedNetBase(NeuralNetClassifier):
         """A fit whose network predicts one class for all its training data has collapsed."""
         if len(self.classes_) < 2:
             return
-        predicted = np.unique(self.predict_proba(X).argmax(axis=1))
+        # skorch's prediction on the validated array: validating it again would warn that it
+        # has no feature names after a fit on a DataFrame
+        predicted = np.unique(NeuralNetClassifier.predict_proba(self, X).argmax(axis=1))
         if predicted.size == 1:
             warnings.warn(
                 f"{type(self).__name__} predicts the single class {self.classes_[predicted[0]]} "
@@ -622,6 +699,7 @@ class CertifiedNetBase(NeuralNetClassifier):
             )
 
     @_in_torch_threads
+    @_keep_state_on_error
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training on ``X``, ``y`` (initialising on the first call).
 
@@ -663,7 +741,11 @@ class CertifiedNetBase(NeuralNetClassifier):
         return self
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
-        """Set the schedule attributes to their final values (callbacks override them)."""
+        """Set the schedule attributes to their final values (callbacks override them); check
+        that the bound engine supports the module before the first epoch when training bounds
+        it (the warm-up epochs do not)."""
+        if self.training_perturbation().level > 0:
+            self.bound_engine()  # UnsupportedLayerError now rather than after the warm-up
         self.current_perturbation_ = self.training_perturbation()
         self.current_eps_ = self.current_perturbation_.eps_value
         super().on_train_begin(net, X=X, y=y, **kwargs)
@@ -702,8 +784,11 @@ class CertifiedNetBase(NeuralNetClassifier):
         -------
         self
         """
+        moves = "device" in kwargs and getattr(self, "initialized_", False)
+        if moves:
+            _check_device(kwargs["device"])  # before anything changes
         super().set_params(**kwargs)
-        if "device" in kwargs and getattr(self, "initialized_", False):
+        if moves:
             self._move_to(self.device)
         return self
 
@@ -814,8 +899,9 @@ class CertifiedNetBase(NeuralNetClassifier):
 
     # ---------------------------------------------------------------- input
     def _reshape(self, x: Tensor) -> Tensor:
-        if self.input_shape is not None:
-            return x.reshape(x.shape[0], *tuple(self.input_shape))
+        shape = self._module_sample_shape()
+        if shape is not None:
+            return x.reshape(x.shape[0], *shape)
         return x
 
     def module_input(self, X) -> Tensor:
@@ -993,13 +1079,10 @@ class CertifiedNetBase(NeuralNetClassifier):
         -------
         ndarray of shape (n_samples,)
         """
-        if not (np.isfinite(max_eps) and max_eps > 0):
-            raise ValueError(f"max_eps must be a positive finite number, got {max_eps!r}.")
-        if not (np.isfinite(tol) and tol > 0):
-            raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
+        max_eps, tol = _check_radius_search(max_eps, tol)
         stages = check_stages(method)
         problem = self._certification_problem(X, y, 0.0)
-        return problem.radius(stages, max_eps=float(max_eps), tol=float(tol),
+        return problem.radius(stages, max_eps=max_eps, tol=tol,
                               options=CascadeOptions(timeout=timeout))
 
     def certified_accuracy(
@@ -1024,5 +1107,10 @@ class CertifiedNetBase(NeuralNetClassifier):
         -------
         float
         """
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__}.certified_accuracy requires y (the true labels): the "
+                "fraction of robust predictions is certify(X).certified_fraction."
+            )
         return float(np.mean(self.certify(X, eps=eps, method=method, y=y, timeout=timeout,
                                           budget=budget).certified))

@@ -232,15 +232,28 @@ def certified_radius(
         ``tol`` above it; with ``method="complete"``, unless a sample's timeout ran out, the
         bisection brackets the sample's exact robust radius.
     """
-    if not (np.isfinite(max_eps) and max_eps > 0):
-        raise ValueError(f"max_eps must be a positive finite number, got {max_eps!r}.")
-    if not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
+    max_eps, tol = _check_radius_search(max_eps, tol)
     stages = check_stages(method)
     options = CascadeOptions(timeout=timeout)
     problem = _Problem.create(module, X, 0.0, y=y, lower=lower, upper=upper,
                               batch_size=batch_size, backend=backend)
-    return problem.radius(stages, max_eps=float(max_eps), tol=float(tol), options=options)
+    return problem.radius(stages, max_eps=max_eps, tol=tol, options=options)
+
+
+def _check_radius_search(max_eps, tol) -> tuple[float, float]:
+    """Validate the bisection's ``max_eps`` and ``tol`` (positive finite scalars)."""
+    values = []
+    for name, value in (("max_eps", max_eps), ("tol", tol)):
+        number = math.nan
+        if np.ndim(value) == 0 and not isinstance(value, str | bytes | bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                pass
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+        values.append(number)
+    return values[0], values[1]
 
 
 # ---------------------------------------------------------------------------- internals
@@ -287,8 +300,10 @@ def _output_width(module: nn.Module, x: Tensor) -> int:
         try:
             logits = module(x[:1])
         except (RuntimeError, ValueError, IndexError) as error:
+            expected = _expected_input(module)
             raise ValueError(
-                f"X with sample shape {tuple(x.shape[1:])} does not fit the module: {error}"
+                f"X with sample shape {tuple(x.shape[1:])} does not fit the module: "
+                + (expected or f"its forward pass on one sample failed ({error})")
             ) from None
     if logits.dim() != 2:
         raise ValueError(
@@ -296,6 +311,20 @@ def _output_width(module: nn.Module, x: Tensor) -> int:
         )
     _OUTPUT_WIDTHS[module] = (tuple(x.shape[1:]), int(logits.shape[1]))
     return int(logits.shape[1])
+
+
+def _expected_input(module: nn.Module) -> str | None:
+    """What the first layer of a sequential module takes, in words (None if not known)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Sequential | nn.Flatten | nn.Identity | nn.Dropout):
+            continue
+        if isinstance(layer, nn.Linear):
+            return f"its first layer, Linear, takes {layer.in_features} features per sample."
+        if isinstance(layer, nn.Conv2d):
+            return (f"its first layer, Conv2d, takes samples of shape ({layer.in_channels}, "
+                    "height, width).")
+        return None
+    return None
 
 
 def _validate_labels(y, n: int, n_classes: int, device) -> Tensor:

@@ -63,6 +63,8 @@ class CertifiedAccuracy:
         -------
         float
         """
+        if y is None:
+            raise ValueError("CertifiedAccuracy requires y (the true labels).")
         final = estimator
         if isinstance(estimator, Pipeline):
             Xt = X

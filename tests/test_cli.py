@@ -12,6 +12,7 @@ import sys
 import joblib
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from certdistill.cli import CLIError, _demo, build_parser, main
@@ -46,6 +47,23 @@ def files(tmp_path_factory, digits):
     np.savez(folder / "nan.npz", X=np.where(np.arange(64) == 3, np.nan, X_test), y=y_test)
     np.savez(folder / "few_features.npz", X=X_test[:, :10], y=y_test)
     np.savez(folder / "unknown_label.npz", X=X_test, y=y_test + 100)
+    # bad data files of the bad-input matrix (DATA_ERRORS)
+    np.savez(folder / "inf.npz", X=np.where(np.arange(64) == 5, np.inf, X_test), y=y_test)
+    np.savez(folder / "empty.npz", X=X_test[:0], y=y_test[:0])
+    np.savez(folder / "one_sample.npz", X=X_test[:1], y=y_test[:1])
+    one = y_test == y_test[0]
+    np.savez(folder / "one_class.npz", X=X_test[one], y=y_test[one])
+    np.savez(folder / "outside.npz", X=X_test * 2.0 - 0.5, y=y_test)
+    np.savez(folder / "one_d.npz", X=X_test[0], y=y_test[:1])
+    np.savez(folder / "short_y.npz", X=X_test, y=y_test[:-1])
+    np.savez(folder / "text.npz", X=np.where(X_test > 0.5, "high", "low"), y=y_test)
+    _write_csv(folder / "text.csv", X_test, y_test)
+    lines = (folder / "text.csv").read_text().splitlines()
+    lines[3] = "dark," + lines[3].split(",", 1)[1]
+    (folder / "text.csv").write_text("\n".join(lines) + "\n")
+    from certdistill import CertifiedTeacher
+
+    joblib.dump(CertifiedTeacher(), folder / "unfitted.joblib")
     joblib.dump({"not": "a model"}, folder / "dict.joblib")
     (folder / "garbage.joblib").write_bytes(b"not a pickle")
     (folder / "garbage.cdsafe").write_bytes(b"certdistill-safe\n{}\n")
@@ -166,21 +184,64 @@ def test_train_certify_csv_with_string_labels(files, tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------------- errors
+#: How each command reads a data file: every bad data file of DATA_ERRORS goes through each.
+DATA_COMMANDS = {
+    "train": ["train", "{f}", "--output", "{d}/unused.joblib"],
+    "distill": ["distill", "{f}", "--teacher", "{d}/teacher.joblib", "--output",
+                "{d}/unused.joblib"],
+    "certify": ["certify", "{d}/teacher.joblib", "{f}"],
+    "report": ["report", "{d}/teacher.joblib", "--data", "{f}"],
+}
+_ALL = tuple(DATA_COMMANDS)
+_MODELS = ("distill", "certify", "report")  # the commands that read a model (the teacher)
+#: Bad data files -> {command: the error it reports}; a command left out takes the file (see
+#: CLI_CELLS in test_bad_input.py for why).
+DATA_ERRORS = {
+    "nan": ("nan.npz", dict.fromkeys(_ALL, "NaN or infinite values in 60 sample(s)")),
+    "inf": ("inf.npz", dict.fromkeys(_ALL, "NaN or infinite values in 60 sample(s)")),
+    "empty": ("empty.npz", dict.fromkeys(_ALL, "at least 2-D, not empty")),
+    "1-d X": ("one_d.npz", dict.fromkeys(_ALL, "at least 2-D, not empty")),
+    "short y": ("short_y.npz", dict.fromkeys(_ALL, "must be one per sample (60)")),
+    "text csv": ("text.csv", dict.fromkeys(_ALL, "line 4, column 'pixel0': 'dark' is not a "
+                                                 "number")),
+    "text npz": ("text.npz", dict.fromkeys(_ALL, "must be numeric, got dtype <U4")),
+    "one sample": ("one_sample.npz", dict.fromkeys(("train", "distill"),
+                                                   "at least 2 classes")),
+    "one class": ("one_class.npz", dict.fromkeys(("train", "distill"), "at least 2 classes")),
+    "few features": ("few_features.npz",
+                     dict.fromkeys(_MODELS, "has 10 features per sample, but the model")),
+    "unknown label": ("unknown_label.npz", {
+        "distill": "The teacher's classes", "certify": "not trained on",
+        "report": "not trained on"}),
+    "outside the domain": ("outside.npz", {
+        "train": "X has values below `lower`", "distill": "X has values below `lower`",
+        "certify": "X has values below `lower`", "report": "X has values below `lower`"}),
+}
+DATA_CASES = {
+    f"{case} ({command})": ([arg.replace("{f}", "{d}/" + name) for arg in argv], expected)
+    for case, (name, errors) in DATA_ERRORS.items()
+    for command, argv in DATA_COMMANDS.items() if command in errors
+    for expected in [errors[command]]
+}
+# "outside the domain (train)" needs the domain: the command line has no default one
+DATA_CASES["outside the domain (train)"][0].extend(["--lower", "0", "--upper", "1"])
+DATA_CASES.update({
+    f"missing y key ({command})": ([arg.replace("{f}", "{d}/test.npz") for arg in argv]
+                                   + ["--y-key", "labels"], "no array 'labels'")
+    for command, argv in DATA_COMMANDS.items()
+})
+
 ERRORS = {
+    **DATA_CASES,
     "missing file": (["train", "{d}/missing.npz"], "does not exist"),
     "wrong extension": (["train", "{d}/data.txt"], "unsupported extension '.txt'"),
     "missing key": (["train", "{d}/train.npz", "--x-key", "images"], "no array 'images'"),
     "missing column": (["train", "{d}/train.csv"], "no column 'label'"),
-    "nan": (["train", "{d}/nan.npz"], "NaN"),
     "negative eps": (["train", "{d}/train.npz", "--eps", "-0.1"], "non-negative"),
     "negative report eps": (["report", "{d}/teacher.joblib", "--data", "{d}/test.npz",
                              "--eps", "0.1", "-1"], "non-negative"),
     "bad output": (["train", "{d}/train.npz", "--output", "{d}/model.csv"],
                    "unsupported extension '.csv'"),
-    "wrong features": (["certify", "{d}/teacher.joblib", "{d}/few_features.npz"],
-                       "10 features per sample"),
-    "unknown label": (["certify", "{d}/teacher.joblib", "{d}/unknown_label.npz"],
-                      "not trained on"),
     "not a model": (["certify", "{d}/dict.joblib", "{d}/test.npz"], "not a certdistill model"),
     "garbage joblib": (["report", "{d}/garbage.joblib", "--data", "{d}/test.npz"],
                        "cannot read model"),
@@ -195,6 +256,43 @@ ERRORS = {
     "bad input shape": (["train", "{d}/test.npz", "--input-shape", "1,7,7", "--epochs", "1"],
                         "49 features"),
     "no command": ([], "required"),
+    "text eps": (["report", "{d}/teacher.joblib", "--data", "{d}/test.npz", "--eps", "small"],
+                 "expected a non-negative number, got 'small'"),
+    "nan eps": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--eps", "nan"],
+                "expected a non-negative number, got 'nan'"),
+    "inf eps": (["train", "{d}/train.npz", "--eps", "inf"],
+                "expected a non-negative number, got 'inf'"),
+    "negative distill eps": (["distill", "{d}/train.npz", "--teacher", "{d}/teacher.joblib",
+                              "--eps", "-1"], "non-negative"),
+    "negative certify eps": (["certify", "{d}/teacher.joblib", "{d}/test.npz", "--eps", "-1"],
+                             "non-negative"),
+    "lower above upper": (["train", "{d}/train.npz", "--lower", "1", "--upper", "0",
+                           "--output", "{d}/unused.joblib"], "lower must not exceed upper"),
+    "distill lower above upper": (["distill", "{d}/train.npz", "--teacher",
+                                   "{d}/teacher.joblib", "--lower", "1", "--upper", "0",
+                                   "--output", "{d}/unused.joblib"],
+                                  "lower must not exceed upper"),
+    "unknown training method": (["train", "{d}/train.npz", "--method", "lp"],
+                                "invalid choice: 'lp'"),
+    "unknown report method": (["report", "{d}/teacher.joblib", "--data", "{d}/test.npz",
+                               "--method", "lp"], "invalid choice: 'lp'"),
+    "unknown loss": (["distill", "{d}/train.npz", "--teacher", "{d}/teacher.joblib",
+                      "--loss", "l2"], "invalid choice: 'l2'"),
+    "unfitted model": (["certify", "{d}/unfitted.joblib", "{d}/test.npz"], "is not fitted"),
+    "unfitted report model": (["report", "{d}/unfitted.joblib", "--data", "{d}/test.npz"],
+                              "is not fitted"),
+    "unfitted teacher": (["distill", "{d}/train.npz", "--teacher", "{d}/unfitted.joblib"],
+                         "is not fitted"),
+    "teacher not a model": (["distill", "{d}/train.npz", "--teacher", "{d}/dict.joblib"],
+                            "not a certdistill model"),
+    "distill bad input shape": (["distill", "{d}/test.npz", "--teacher", "{d}/teacher.joblib",
+                                 "--input-shape", "1,7,7", "--output", "{d}/unused.joblib"],
+                                "49 features"),
+    **({} if torch.cuda.is_available() else {
+        "cuda": (["train", "{d}/train.npz", "--device", "cuda"], "CUDA is not available"),
+        "distill cuda": (["distill", "{d}/train.npz", "--teacher", "{d}/teacher.joblib",
+                          "--device", "cuda"], "CUDA is not available"),
+    }),
 }
 
 
@@ -231,6 +329,18 @@ def test_errors_are_one_line_without_traceback(case, files, fitted, capsys):
     assert len(lines) == 1, err
     assert lines[0].startswith("certdistill: error: ") and expected in lines[0]
     assert "Traceback" not in err
+
+
+def test_files_that_are_small_or_have_new_labels_are_accepted(files, fitted, tmp_path, capsys):
+    """The valid cells of the bad-input matrix: one sample or one class to certify and report,
+    labels never seen before to train."""
+    for name in ("one_sample.npz", "one_class.npz"):
+        assert main(["certify", str(files / "teacher.joblib"), str(files / name)]) == 0
+        assert main(["report", str(files / "teacher.joblib"), "--data", str(files / name),
+                     "--pgd-steps", "1"]) == 0
+    assert main(["train", str(files / "unknown_label.npz"), "--output",
+                 str(tmp_path / "model.joblib"), *TINY_MLP]) == 0
+    assert "10 classes" in capsys.readouterr().out
 
 
 def test_interrupted_fit_saves_nothing(files, tmp_path, monkeypatch, capsys):

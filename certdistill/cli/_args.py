@@ -106,17 +106,14 @@ def int_tuple(text: str) -> tuple[int, ...]:
 
 
 def device(text: str) -> str:
-    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``)."""
-    import torch
+    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``), checked as
+    the estimators' ``fit`` checks ``device``."""
+    from certdistill.base import _check_device
 
     try:
-        parsed = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"expected a torch device such as cpu or cuda, got {text!r}"
-        ) from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        _check_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 

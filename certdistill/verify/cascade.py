@@ -66,10 +66,17 @@ def check_stages(method: str | Sequence[str]) -> tuple[str, ...]:
     ------
     ValueError
         For an unknown or repeated name, an empty sequence, or ``"complete"`` inside a sequence.
+    TypeError
+        For a method that is neither a string nor a sequence.
     """
     if isinstance(method, str) and method == "complete":
         return COMPLETE
-    stages = (method,) if isinstance(method, str) else tuple(method)
+    try:
+        stages = (method,) if isinstance(method, str) else tuple(method)
+    except TypeError:
+        raise TypeError(
+            f"method must be a stage name or a sequence of them, got {method!r}."
+        ) from None
     if not stages:
         raise ValueError(f"method must name at least one stage of {STAGES} or 'complete'.")
     for name in stages:
