@@ -85,10 +85,12 @@ class DistilledStudent(CertifiedNetBase):
     * ``"adversarial"``: ``(1 - lam) L_cert + lam T^2 KL(softmax(t(x')/T) || softmax(s(x')/T))``
       at the student's own PGD point ``x'`` (``pgd_steps`` steps): logit-level adversarial
       distillation in place of the adversarial term of expressive losses;
-    * ``"selective"``: ``L_cert`` in which a sample the teacher cannot certify at the current
-      radius gets the weight ``1 - lam`` on its certified term and ``lam`` on its clean term:
-      the small student does not spend capacity on points that even the teacher cannot make
-      robust,
+    * ``"selective"`` (default): ``L_cert`` in which a sample's certified term is weighted by
+      ``w = 1 - lam * sigmoid(g / T)`` and its clean term by ``1 - w``, where ``g`` is the
+      teacher's largest worst-case logit other than the label's (minus its smallest margin
+      bound at the current radius): the small student does not spend capacity on points that
+      even the teacher cannot make robust. ``T`` softens the selection (``T -> 0``: the hard
+      choice between samples the teacher certifies and those it does not),
 
     where ``lam = distill_weight``, ``mu = worst_case_weight`` and ``T = temperature``; ``lam`` and
     ``T`` can move linearly to ``distill_weight_end`` and ``temperature_end`` over the eps ramp.
@@ -106,7 +108,8 @@ class DistilledStudent(CertifiedNetBase):
     module : torch.nn.Module, class or None, default=None
         The student network (see :class:`~certdistill.base.CertifiedNetBase`).
     temperature : float, default=4.0
-        Distillation temperature ``T`` (> 0), used by every loss but ``"selective"``.
+        Distillation temperature ``T`` (> 0): the softness of the teacher's targets, or of the
+        selection of the ``"selective"`` loss.
     distill_weight : float, default=1.0
         Weight ``lam`` of the teacher's guidance (see above), in [0, 1]. The benchmark's settings
         of the other losses: ``"baseline"`` 0.5, ``"soft-certified"`` 0.3, ``"margin"`` 0.2,
@@ -115,9 +118,8 @@ class DistilledStudent(CertifiedNetBase):
         Weight ``mu`` of the worst-case term of ``"baseline"`` and ``"margin"`` (>= 0).
     loss : {"baseline", "soft-certified", "margin", "adversarial", "selective"}, \
 default="selective"
-        Distillation loss. ``"selective"`` is the default because it measured best of the five in
-        ``benchmarks/bench_distill.py``, but its gain over a student trained alone is within the
-        run-to-run spread (see the README).
+        Distillation loss. ``"selective"`` with the default transfer set is the default: it
+        measured best in ``benchmarks/bench_distill_fair.py`` (see the README for the figures).
     teacher_bounds : {"ibp", "crown-ibp", "best", "crown", "pgd"}, default="ibp"
         How the teacher's worst-case logits are computed: a bound method (``"best"``: the tighter
         of IBP and CROWN-IBP per margin; ``"crown"`` is tighter but slow on CNNs), or ``"pgd"``
@@ -130,11 +132,11 @@ default="selective"
     cache_teacher : bool, default=True
         Keep the teacher's outputs per training sample (clean logits for the whole fit,
         worst-case logits while the radius does not change); the cache is dropped after ``fit``.
-    transfer : str or tuple of str, default=()
+    transfer : str or tuple of str, default=("noise", "ball")
         Teacher-labelled inputs added to the training data (a transfer set), some of
         ``"noise"``, ``"ball"``, ``"shift"``, ``"mixup"`` (:mod:`certdistill.transfer`); each
         kind adds ``transfer_size`` times as many inputs as there are training rows, labelled by
-        the teacher's prediction.
+        the teacher's prediction. ``()`` trains on the given rows only.
     transfer_size : float, default=1.0
         Inputs per transfer kind, as a multiple of the training rows.
     student_size : float, default=0.1
@@ -214,7 +216,7 @@ default="selective"
         temperature_end: float | None = None,
         pgd_steps: int = 1,
         cache_teacher: bool = True,
-        transfer: str | tuple[str, ...] = (),
+        transfer: str | tuple[str, ...] = ("noise", "ball"),
         transfer_size: float = 1.0,
         student_size: float = 0.1,
         unlabeled_label=None,

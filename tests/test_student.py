@@ -23,7 +23,8 @@ from certdistill.student import DISTILLATION_LOSSES
 TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
                random_state=0, module__hidden_sizes=(32,))
 STUDENT = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2, random_state=0,
-               module__hidden_sizes=(16,))
+               module__hidden_sizes=(16,), transfer=())
+ALONE = {k: v for k, v in STUDENT.items() if k != "transfer"}  # the same network, trained alone
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,7 @@ def test_no_distillation_is_ibp_training(small, teacher, loss):
     """With distill_weight=0 the student trains exactly as an IBP CertifiedTeacher."""
     X, y = small
     student = DistilledStudent(teacher, loss=loss, distill_weight=0.0, **STUDENT).fit(X, y)
-    ibp = CertifiedTeacher(method="ibp", **STUDENT).fit(X, y)
+    ibp = CertifiedTeacher(method="ibp", **ALONE).fit(X, y)
     np.testing.assert_allclose(student.predict_proba(X), ibp.predict_proba(X), atol=1e-5)
 
 
@@ -376,8 +377,9 @@ def test_training_loss_values_by_hand(loss):
         s_shift = s - s[np.arange(6), y][:, None]
         expected = (1 - lam) * l_cert + lam * (_huber(s_shift, t_shift, temp)
                                                + mu * _huber(shat, that, temp))
-    else:  # selective: weight 1 - lam on the certified term of the teacher's uncertified samples
-        weight = np.where(certified, 1.0, 1.0 - lam)
+    else:  # selective: certified term weighted by 1 - lam * sigmoid(teacher's gap / T)
+        gap = np.where(np.eye(3, dtype=bool)[y], -np.inf, that).max(1)
+        weight = 1.0 - lam / (1.0 + np.exp(-gap / temp))
         ce_s = np.array([_cross_entropy(s[i:i + 1], y[i:i + 1]) for i in range(6)])
         ce_shat = np.array([_cross_entropy(shat[i:i + 1], y[i:i + 1]) for i in range(6)])
         expected = np.mean(kappa * ce_s

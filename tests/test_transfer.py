@@ -14,7 +14,7 @@ from certdistill.transfer import TRANSFER_KINDS, transfer_inputs
 TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
                random_state=0, module__hidden_sizes=(32,))
 STUDENT = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=2, lr=1e-2, random_state=0,
-               module__hidden_sizes=(16,), batch_size=50)
+               module__hidden_sizes=(16,), batch_size=50, transfer=())
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_all_rows_unlabelled_is_an_error(small):
 def test_every_transfer_kind_adds_teacher_labelled_rows_inside_the_domain(small, kind):
     X, y = small
     teacher = CertifiedTeacher(**dict(TEACHER, input_shape=(1, 8, 8))).fit(X, y)
-    student = DistilledStudent(FrozenEstimator(teacher), transfer=kind, transfer_size=0.5,
-                               **dict(STUDENT, input_shape=(1, 8, 8))).fit(X, y)
+    student = DistilledStudent(FrozenEstimator(teacher), transfer_size=0.5,
+                               **dict(STUDENT, input_shape=(1, 8, 8), transfer=kind)).fit(X, y)
     assert _rows_trained(student) == len(X) + len(X) // 2
     assert student.score(X, y) > 0.25
 
@@ -113,11 +113,11 @@ def test_transfer_parameters_are_checked(small):
     X, y = small
     teacher = FrozenEstimator(CertifiedTeacher(**TEACHER).fit(X, y))
     with pytest.raises(ValueError, match="transfer must name some of"):
-        DistilledStudent(teacher, transfer="rotate", **STUDENT).fit(X, y)
+        DistilledStudent(teacher, **dict(STUDENT, transfer="rotate")).fit(X, y)
     with pytest.raises(ValueError, match="input_shape"):
-        DistilledStudent(teacher, transfer="shift", **STUDENT).fit(X, y)
+        DistilledStudent(teacher, **dict(STUDENT, transfer="shift")).fit(X, y)
     with pytest.raises(ValueError, match="transfer_size"):
-        DistilledStudent(teacher, transfer="noise", transfer_size=-1.0, **STUDENT).fit(X, y)
+        DistilledStudent(teacher, transfer_size=-1.0, **dict(STUDENT, transfer="noise")).fit(X, y)
 
 
 def test_default_student_has_a_tenth_of_the_teachers_parameters(small):
@@ -132,3 +132,12 @@ def test_default_student_has_a_tenth_of_the_teachers_parameters(small):
         assert fraction * 0.8 < ratio < fraction * 1.25
     explicit = DistilledStudent(FrozenEstimator(teacher), **STUDENT).fit(X, y)
     assert explicit.module_[0].out_features == 16  # module__hidden_sizes wins
+
+
+def test_temperature_changes_the_default_student(small):
+    X, y = small
+    teacher = FrozenEstimator(CertifiedTeacher(**TEACHER).fit(X, y))
+    default = {k: v for k, v in STUDENT.items() if k != "transfer"}  # the default transfer set
+    students = [DistilledStudent(teacher, temperature=t, **default).fit(X, y) for t in (0.1, 4.0)]
+    cold, warm = ([p.detach() for p in s.module_.parameters()] for s in students)
+    assert any(not torch.equal(a, b) for a, b in zip(cold, warm, strict=True))
