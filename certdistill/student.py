@@ -23,6 +23,7 @@ from certdistill.base import (
     Subset,
 )
 from certdistill.bounds import Perturbation
+from certdistill.certify import eval_mode
 from certdistill.losses import certified_loss, distillation_kl, margin_matching
 from certdistill.schedules import DistillWeightSchedule, KappaSchedule, TemperatureSchedule
 from certdistill.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
@@ -284,9 +285,17 @@ default="selective"
         if extra:
             # The teacher labels every row that has no label of its own.
             X_extra = np.concatenate(extra)
-            y_extra = self.teacher_.predict_proba(X_extra).argmax(axis=1).astype(np.int64)
+            y_extra = self._teacher_labels(X_extra)
             X, y_enc = np.concatenate([X, X_extra]), np.concatenate([y_enc, y_extra])
         return X, y_enc
+
+    def _teacher_labels(self, X: np.ndarray) -> np.ndarray:
+        """The teacher's predicted class index of each (validated, flat) row."""
+        module = self.teacher_.module_
+        with torch.no_grad(), eval_mode(module):
+            logits = [module(self.teacher_.module_input(X[start:start + 1024]))
+                      for start in range(0, len(X), 1024)]
+        return torch.cat(logits).argmax(1).cpu().numpy().astype(np.int64)
 
     def _validate_unlabeled(self, X: np.ndarray) -> np.ndarray:
         X = validate_data(self, self._flatten_nd(X), reset=False, dtype=np.float32)
