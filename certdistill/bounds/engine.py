@@ -601,9 +601,13 @@ class BoundEngine:
         worst = selected.argmin(1)
         rows = torch.arange(center.shape[0], device=center.device)
         candidate = state.center - state.radius * torch.sign(A.detach()[rows, worst])
-        margins = torch.full((center.shape[0], n_classes), float("inf"), dtype=center.dtype,
+        # Each open class gets the largest of its bounds. A padding row repeats the first open
+        # class: its own (sound) bound must not replace that class's, and scatter_ would keep
+        # an arbitrary one of the duplicates (the padding's +inf of ``selected``, unsoundly).
+        margins = torch.full((center.shape[0], n_classes), float("-inf"), dtype=center.dtype,
                              device=center.device)
-        margins.scatter_(1, classes, selected)  # padding rows repeat an open class's value
+        margins = margins.scatter_reduce(1, classes, best, reduce="amax")
+        margins = margins.masked_fill(done, float("inf"))
         return SubdomainBounds(
             margins=margins, bounds=state.bounds, relaxations=state.relaxations,
             coefficients={k: a.detach()[rows, worst] for k, a in record.items()},
