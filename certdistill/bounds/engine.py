@@ -435,7 +435,7 @@ class BoundEngine:
         _method(method)
         return plan_memory(self._input_shapes(x), self._activation_indices, method,
                            memory_limit=memory_limit, itemsize=x.element_size(),
-                           max_samples=max_samples)
+                           max_samples=max_samples, device=x.device)
 
     def activation_interval_bounds(
         self, x: Tensor, perturbation: Perturbation
