@@ -114,7 +114,7 @@ def certify_stream(
         device, _ = _module_device_dtype(module)
         options = dataclasses.replace(options, memory_limit=default_memory_limit(device))
     deadline = None if options.budget is None else time.perf_counter() + options.budget
-    results = _Results()
+    results = _Results(_length(X))
     with _Progress(_length(X), "certify", options.verbose) as progress:
         for first, rows, labels in _chunks(X, y, batch_size):
             try:
@@ -128,7 +128,7 @@ def certify_stream(
             eps, lower, upper = problem.perturbation, None, None
             results.add(problem.certify(stages, options, deadline=deadline))
             progress(results.n)
-    if not results.parts:
+    if not results.n:
         raise ValueError("X must hold at least one sample; the stream was empty.")
     return results.certificate(eps)
 
@@ -168,13 +168,56 @@ def _chunks(X, y, batch_size: int) -> Iterator[tuple[int, object, object]]:
         first += len(rows)
 
 
+class _Column:
+    """Per-sample values filled chunk by chunk: in one array allocated for ``total`` rows when
+    that is known (no copy at the end), else in a list of chunks joined at the end."""
+
+    def __init__(self, total: int | None):
+        self.total, self.parts, self.array, self.n = total, [], None, 0
+
+    def add(self, values: np.ndarray) -> None:
+        if self.total is None:
+            self.parts.append(values)
+        else:
+            if self.array is None:
+                self.array = np.empty((self.total, *values.shape[1:]), dtype=values.dtype)
+            self.array[self.n:self.n + len(values)] = values
+        self.n += len(values)
+
+    def values(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.total is None else self.array[:self.n]
+
+
+class _Labels(_Column):
+    """A column of short strings (status, stage) kept as one byte per sample."""
+
+    def __init__(self, total: int | None):
+        super().__init__(total)
+        self.names: dict[str, int] = {}
+
+    def add(self, values: np.ndarray) -> None:
+        names, inverse = np.unique(values, return_inverse=True)
+        codes = np.array([self.names.setdefault(str(name), len(self.names)) for name in names],
+                         dtype=np.int8)
+        super().add(codes[inverse.reshape(-1)])
+
+    def values(self) -> np.ndarray:
+        # As wide as the longest name that occurs, as the in-memory path's strings.
+        return np.array(list(self.names))[super().values()]
+
+
 class _Results:
-    """The per-sample results of the chunks so far, and the falsified samples' points."""
+    """The per-sample results of the chunks so far, and the falsified samples' points.
 
-    _FIELDS = ("prediction", "margins", "certified", "status", "decided_by")
+    While streaming, 11 bytes per sample and one margin per class; at the end the
+    certificate's strings (``status``, ``decided_by``: 4 bytes a character) are built from
+    their one-byte codes.
+    """
 
-    def __init__(self):
-        self.parts: list[dict] = []
+    def __init__(self, total: int | None):
+        self.columns = {"prediction": _Column(total), "margins": _Column(total),
+                        "certified": _Column(total), "status": _Labels(total),
+                        "decided_by": _Labels(total)}
         self.rows: list[np.ndarray] = []
         self.points: list[np.ndarray] = []
         self.seconds: dict[str, float] = {}
@@ -183,7 +226,8 @@ class _Results:
         self.sample_shape: tuple[int, ...] = ()
 
     def add(self, certificate: Certificate) -> None:
-        self.parts.append({name: getattr(certificate, name) for name in self._FIELDS})
+        for name, column in self.columns.items():
+            column.add(getattr(certificate, name))
         falsified = np.flatnonzero(certificate.status == "falsified")
         self.rows.append(falsified + self.n)
         self.points.append(np.asarray(certificate.counterexample[falsified]))
@@ -194,10 +238,8 @@ class _Results:
         self.sample_shape = certificate.counterexample.shape[1:]
 
     def certificate(self, perturbation: Perturbation) -> Certificate:
-        columns = {name: np.concatenate([part[name] for part in self.parts])
-                   for name in self._FIELDS}
         return Certificate(
-            **columns,
+            **{name: column.values() for name, column in self.columns.items()},
             eps=perturbation.eps_value,
             method=self.method,
             counterexample=SparseRows((self.n, *self.sample_shape), np.concatenate(self.rows),
