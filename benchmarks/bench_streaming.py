@@ -19,6 +19,12 @@ row of the table reports
   read count in the RSS until the OS needs the memory (they are page cache, dropped without
   writing anything); the anonymous memory is what the certification itself allocated.
 
+Dask (``--dask``): the same rows as a dask array whose 8 blocks each load their rows from the
+file (as workers would from shared storage), certified by ``certify_dask`` on a
+``LocalCluster`` of 2 worker processes with 1 thread each (without dask's
+``MALLOC_TRIM_THRESHOLD_`` unless ``--malloc-trim``), the records gathered to the client;
+against the streamed ``certify`` in one process with 1 thread.
+
 Memory plans (``--plans``): CROWN on 512 images through the CNN of ``bench_certify.py`` with
 several ``memory_limit`` values, each in a fresh process: seconds and the peak anonymous memory
 above the process's before the call.
@@ -128,6 +134,60 @@ def child_plan(limit: int) -> dict:
     return {"limit": limit, "seconds": seconds, "anonymous": anonymous.peak - before}
 
 
+def load_rows(path: str, start: int, stop: int) -> np.ndarray:
+    return np.array(np.load(path, mmap_mode="r")[start:stop])
+
+
+def dask_rows(path: Path, n: int, blocks: int = 8):
+    """A dask array of the rows of ``path``, each block read from the file by its task."""
+    import dask
+    import dask.array as da
+
+    block = -(-n // blocks)
+    parts = [da.from_delayed(dask.delayed(load_rows)(str(path), a, min(n, a + block)),
+                             shape=(min(n, a + block) - a, FEATURES), dtype=np.float32)
+             for a in range(0, n, block)]
+    return da.concatenate(parts)
+
+
+def bench_dask(path: Path, n: int, method: str, trim: bool) -> None:
+    import logging
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from certdistill.distributed import certify_dask
+
+    torch.set_num_threads(1)
+    module = tiny_mlp()
+    start = time.perf_counter()
+    certify(module, np.load(path, mmap_mode="r"), EPS, method=method, lower=0.0, upper=1.0)
+    local = time.perf_counter() - start
+    start = time.perf_counter()
+    # dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which slows torch's CPU
+    # allocations down (see docs/scaling-out.md); unset it unless --malloc-trim asks for it.
+    config = {} if trim else {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    with (dask.config.set(config),
+          LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                       dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+          Client(cluster) as client):
+        client.run(lambda: __import__("certdistill.certify"))
+        started = time.perf_counter() - start
+        times = []
+        for _ in range(2):  # the first run also unpickles the module on each worker
+            start = time.perf_counter()
+            result = certify_dask(module, dask_rows(path, n), EPS, method=method, lower=0.0,
+                                  upper=1.0).compute()
+            times.append(time.perf_counter() - start)
+    print(f"| {n:,} | streamed `certify`, 1 process x 1 thread | {local:.2f} | "
+          f"{n / local:,.0f} |")
+    for run, seconds in enumerate(times, 1):
+        print(f"| {n:,} | `certify_dask`, 2 workers x 1 thread, run {run} | {seconds:.2f} | "
+              f"{n / seconds:,.0f} |")
+    print(f"\n(cluster start {started:.1f} s; certified fraction "
+          f"{np.mean(result['certified']):.3f})")
+
+
 def run_child(*args: str) -> dict:
     output = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
                             capture_output=True, text=True).stdout
@@ -144,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="ibp")
     parser.add_argument("--plans", type=int, nargs="*", default=[],
                         help="memory_limit values (MiB) for the CROWN plan measurements")
+    parser.add_argument("--dask", action="store_true", help="also time certify_dask")
+    parser.add_argument("--malloc-trim", action="store_true",
+                        help="keep dask's MALLOC_TRIM_THRESHOLD_=65536 for the workers")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -168,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {n:,} | {mode} | {r['seconds']:.2f} | {n / r['seconds']:,.0f} | "
                       f"{mib(r['peak_rss'])} | {mib(r['anonymous'])} |",
                       flush=True)
+            if args.dask and n == max(args.rows):
+                print("\n| rows | where | seconds | rows/s |\n|---|---|---|---|")
+                bench_dask(path, n, args.method, args.malloc_trim)
+                print()
             path.unlink()
     if args.plans:
         print("\nCROWN, 512 images 1x28x28, CNN conv16-conv32-fc100 (bench_certify.py), eps 0.01\n")

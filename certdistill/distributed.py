@@ -35,7 +35,7 @@ class DaskCertificate:
     """Lazy result of :func:`certify_dask`: the fields of a :class:`~certdistill.Certificate`
     as dask arrays with the row chunks of ``X``.
 
-    All of them are fields of :attr:`records`, one task per block: compute them together
+    All of them are fields of ``records``, one task per block: compute them together
     (``dask.compute(result.status, result.margins)``, or :meth:`compute`), or ``persist`` the
     records, so that each block is certified once.
 
