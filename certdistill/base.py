@@ -51,6 +51,7 @@ from certdistill.losses import shi_regularizer, worst_case_logits
 from certdistill.models import make_cnn, make_mlp
 from certdistill.parallel import torch_threads
 from certdistill.schedules import EpsSchedule, StepLR
+from certdistill.streaming import certify_stream, is_streamed
 from certdistill.verify.cascade import CascadeOptions, check_stages
 
 __all__ = ["CertifiedNetBase", "Choice", "Range", "Subset"]
@@ -1006,25 +1007,33 @@ class CertifiedNetBase(NeuralNetClassifier):
         return np.asarray(self.classes_)[proba.argmax(axis=1)]
 
     # -------------------------------------------------------- certification
+    def _certification_inputs(self, X, y) -> tuple[Tensor, np.ndarray | None]:
+        """Validated rows as the module's input, and encoded labels (of one chunk, streamed)."""
+        x = self.module_input(self._validate_predict_data(X))
+        return x, None if y is None else self._encode_labels(np.asarray(y).reshape(-1))
+
+    def _certification_perturbation(self, eps) -> Perturbation:
+        return self.perturbation_ if eps is None else self.perturbation_.with_eps(eps)
+
     def _certification_problem(self, X, y, eps, batch_size: int = 256) -> _Problem:
-        X = self._validate_predict_data(X)
-        x = self.module_input(X)
-        labels = None if y is None else self._encode_labels(np.asarray(y).reshape(-1))
-        perturbation = self.perturbation_ if eps is None else self.perturbation_.with_eps(eps)
-        return _Problem.create(self.module_, x, perturbation, y=labels, batch_size=batch_size)
+        x, labels = self._certification_inputs(X, y)
+        return _Problem.create(self.module_, x, self._certification_perturbation(eps), y=labels,
+                               batch_size=batch_size)
 
     @_in_torch_threads
     def certify(
         self, X, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *, y=None,
         batch_size: int = 256, timeout: float = 10.0, budget: float | None = None,
-        verbose: int = 0,
+        verbose: int = 0, memory_limit: int | None = None,
     ) -> Certificate:
         """Certify each sample's prediction (or label) in the L-infinity ball of radius eps.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Inputs.
+        X : array-like of shape (n_samples, n_features), or iterable of batches
+            Inputs. A :class:`numpy.memmap` (or a dask, h5py or zarr array) is validated and
+            certified ``batch_size`` rows at a time, an iterable of batches (arrays of rows or
+            ``(X, y)`` pairs) batch by batch (see :func:`certdistill.certify`).
         eps : float, array-like or None, default=None
             Radius; ``None`` uses the estimator's ``eps``.
         method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
@@ -1036,13 +1045,15 @@ class CertifiedNetBase(NeuralNetClassifier):
             Labels (of the type seen in ``fit``): the certificate then says the sample is
             robustly classified *correctly*.
         batch_size : int, default=256
-            Samples bounded at once.
+            Samples bounded at once at most; rows read at a time from a memory-mapped ``X``.
         timeout : float, default=10.0
             Seconds of branch and bound and MILP per sample.
         budget : float or None, default=None
             Seconds for the whole call.
         verbose : int, default=0
-            A progress bar for the search stages when > 0.
+            A progress bar for the search stages (and the rows of streamed inputs) when > 0.
+        memory_limit : int or None, default=None
+            Bytes the bound stages may use (see :func:`certdistill.certify`).
 
         Returns
         -------
@@ -1051,7 +1062,13 @@ class CertifiedNetBase(NeuralNetClassifier):
             labels); ``margins`` columns follow ``classes_``.
         """
         stages = check_stages(method)
-        options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose)
+        options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose,
+                                 memory_limit=memory_limit)
+        if is_streamed(X):
+            self._check_fitted()
+            return certify_stream(self.module_, X, self._certification_perturbation(eps), y=y,
+                                  stages=stages, options=options, batch_size=batch_size,
+                                  prepare=self._certification_inputs)
         return self._certification_problem(X, y, eps, batch_size).certify(stages, options)
 
     @_in_torch_threads

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from certdistill.bounds import Perturbation, engine_for
+from certdistill.sparse_rows import SparseRows
 from certdistill.verify.cascade import (
     CLEAN_PREDICTION,
     Cascade,
@@ -72,9 +73,11 @@ class Certificate:
     decided_by : ndarray of shape (n,)
         Which stage settled the sample: the bound method that certified it,
         ``"clean-prediction"`` for a wrong clean prediction, ``""`` where unknown.
-    counterexample : ndarray of shape (n, *sample_shape)
+    counterexample : ndarray or SparseRows of shape (n, *sample_shape)
         An input in the ball and the domain at which the decision differs from the reference,
-        where ``status == "falsified"``; NaN elsewhere.
+        where ``status == "falsified"``; NaN elsewhere. For streamed inputs (a memory-mapped
+        array, an iterable of batches) a :class:`~certdistill.sparse_rows.SparseRows`: it
+        stores the falsified rows only and is indexed like an array.
     stage_seconds : dict of str to float
         Wall-clock seconds of each stage that ran.
     """
@@ -86,7 +89,7 @@ class Certificate:
     method: str
     status: np.ndarray
     decided_by: np.ndarray
-    counterexample: np.ndarray
+    counterexample: np.ndarray | SparseRows
     stage_seconds: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -117,6 +120,7 @@ def certify(
     timeout: float = 10.0,
     budget: float | None = None,
     verbose: int = 0,
+    memory_limit: int | None = None,
 ) -> Certificate:
     """Certify that each sample's reference class wins everywhere in an L-infinity ball.
 
@@ -125,8 +129,12 @@ def certify(
     module : torch.nn.Module
         An ``nn.Sequential`` of supported layers (any module with ``backend="auto_lirpa"``).
         It is evaluated in eval mode; its train/eval state is restored afterwards.
-    X : array-like or Tensor of shape (n, ...)
-        Inputs, shaped as the module expects them.
+    X : array-like or Tensor of shape (n, ...), or iterable of batches
+        Inputs, shaped as the module expects them. Arrays stored outside memory (a
+        :class:`numpy.memmap`, a dask, h5py or zarr array) are read ``batch_size`` rows at a
+        time, and an iterable of batches (a generator, a DataLoader; each batch an array of rows
+        or an ``(X, y)`` pair) is certified batch by batch, with memory independent of the
+        number of samples (:mod:`certdistill.streaming`).
     eps : float, array-like or Perturbation
         Radius of the ball: a scalar or an array broadcastable to one sample (per feature); or a
         :class:`~certdistill.bounds.Perturbation` (then ``lower`` and ``upper`` must be None).
@@ -145,7 +153,8 @@ def certify(
     lower, upper : float or array-like, optional
         Input domain (e.g. ``0`` and ``1`` for images) intersected with the ball.
     batch_size : int, default=256
-        Samples bounded at once; bounds memory use.
+        Samples bounded at once at most (fewer when ``memory_limit`` requires it); rows read at
+        a time from an array stored outside memory.
     backend : {"native", "auto_lirpa"}, default="native"
         Engine of the bound stages.
     timeout : float, default=10.0
@@ -153,7 +162,13 @@ def certify(
     budget : float or None, default=None
         Seconds for the whole call; samples still open when it runs out stay ``unknown``.
     verbose : int, default=0
-        A progress bar on stderr for the search stages when > 0.
+        A progress bar on stderr for the search stages (and of the rows of streamed inputs)
+        when > 0.
+    memory_limit : int or None, default=None
+        Bytes the bound stages may use: the samples bounded at once and the groups of CROWN's
+        backward passes are planned from it (:mod:`certdistill.bounds.memory`), so a large
+        network is bounded in smaller pieces instead of running out of memory. ``None``: half
+        of the free memory on a GPU, a quarter of the RAM (at most 8 GiB) on the CPU.
 
     Returns
     -------
@@ -178,8 +193,15 @@ def certify(
     input of the ball and the domain at which the module (its own precision, eval mode) and a
     float64 copy of it both prefer another class.
     """
+    # Imported here: the streaming path builds on this module's _Problem.
+    from certdistill.streaming import certify_stream, is_streamed
+
     stages = check_stages(method)
-    options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose)
+    options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose,
+                             memory_limit=memory_limit)
+    if is_streamed(X):
+        return certify_stream(module, X, eps, y=y, stages=stages, options=options, lower=lower,
+                              upper=upper, batch_size=batch_size, backend=backend)
     problem = _Problem.create(module, X, eps, y=y, lower=lower, upper=upper,
                               batch_size=batch_size, backend=backend)
     return problem.certify(stages, options)
@@ -411,13 +433,15 @@ class _Problem:
                        options)
 
     def _run(self, stages: Sequence[str], X: Tensor, perturbation: Perturbation,
-             labels: Tensor | None, options: CascadeOptions | None) -> CascadeState:
+             labels: Tensor | None, options: CascadeOptions | None,
+             deadline: float | None = None) -> CascadeState:
         with torch.no_grad(), eval_mode(self.module):
-            return self._cascade(options).run(stages, X, perturbation, labels, self.n_classes)
+            return self._cascade(options).run(stages, X, perturbation, labels, self.n_classes,
+                                              deadline=deadline)
 
-    def certify(self, stages: Sequence[str], options: CascadeOptions | None = None
-                ) -> Certificate:
-        state = self._run(stages, self.X, self.perturbation, self.labels, options)
+    def certify(self, stages: Sequence[str], options: CascadeOptions | None = None, *,
+                deadline: float | None = None) -> Certificate:
+        state = self._run(stages, self.X, self.perturbation, self.labels, options, deadline)
         certified = state.certified.cpu().numpy()
         falsified = state.falsified.cpu().numpy()
         status = np.full(len(certified), "unknown", dtype=object)

@@ -203,3 +203,70 @@ def test_torch_threads_on_a_worker(client, data):
     during, after = client.submit(_fit_and_threads_after, estimator, *data, pure=False).result()
     assert list(during) == [2]
     assert after == float(os.environ.get("OMP_NUM_THREADS", 1))
+
+
+# ---------------------------------------------------------------------------- certify_dask
+def _digits_module():
+    torch.manual_seed(SEED)
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 10)).eval()
+
+
+def test_certify_dask_on_the_cluster_equals_in_memory(client, data, teacher):
+    import dask
+    import dask.array as da
+
+    from certdistill import certify
+    from certdistill.distributed import certify_dask
+
+    X, y = data
+    X_dask = da.from_array(X, chunks=(70, 32))  # uneven row blocks; features merged per task
+    module = _digits_module()
+    methods = ("ibp", "crown")
+    result = certify_dask(module, X_dask, EPS, method=methods, y=y, lower=0.0, upper=1.0)
+    assert result.margins.shape == (len(X), 10) and result.status.chunks == (X_dask.chunks[0],)
+    assert result.method == "ibp+crown" and result.eps == pytest.approx(EPS)
+    # Lazy until computed; computed together, each block is certified once, on the workers.
+    with distributed.get_task_stream(client) as tasks:
+        status, certified, margins = dask.compute(result.status, result.certified,
+                                                  result.margins)
+    blocks = [t for t in tasks.data if "certify_block" in str(t["key"])]
+    assert len(blocks) == len(X_dask.chunks[0])
+    expected = certify(module, X, EPS, method=methods, y=y, lower=0.0, upper=1.0)
+    np.testing.assert_allclose(margins, expected.margins, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(status, expected.status)
+    np.testing.assert_array_equal(certified, expected.certified)
+    assert 0 < expected.certified_fraction < 1
+
+    # An estimator: its own eps, domain and labels; one pass over the blocks for every field.
+    computed = certify_dask(teacher, X_dask, method="ibp").compute()
+    expected = teacher.certify(X, method="ibp")
+    np.testing.assert_allclose(computed.pop("margins"), expected.margins, rtol=1e-5, atol=1e-6)
+    for name, values in computed.items():
+        np.testing.assert_array_equal(values, getattr(expected, name), err_msg=name)
+    assert set(computed) == {"prediction", "certified", "status", "decided_by"}
+
+
+def test_certify_dask_checks_what_it_can_at_the_call(client, data, teacher):
+    import dask.array as da
+
+    from certdistill.distributed import certify_dask
+
+    X_dask = da.from_array(data[0], chunks=100)
+    module = _digits_module()
+    with pytest.raises(ValueError, match="Unknown method"):
+        certify_dask(module, X_dask, EPS, method="nope")
+    with pytest.raises(ValueError, match="eps is required"):
+        certify_dask(module, X_dask)
+    with pytest.raises(ValueError, match="non-negative"):
+        certify_dask(module, X_dask, -1.0)
+    with pytest.raises(ValueError, match="sample shape"):
+        certify_dask(module, X_dask[:, :10], EPS)
+    with pytest.raises(ValueError, match="memory_limit"):
+        certify_dask(module, X_dask, EPS, memory_limit=0)
+    with pytest.raises(ValueError, match="fitted on 64"):
+        certify_dask(teacher, X_dask[:, :10])
+    with pytest.raises(ValueError, match="own domain"):
+        certify_dask(teacher, X_dask, lower=0.0)
+    with pytest.raises(ValueError, match="y must have shape"):
+        certify_dask(module, X_dask, EPS, y=np.zeros(3))

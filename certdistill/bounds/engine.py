@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from certdistill.bounds.memory import MemoryPlan, plan_memory
 from certdistill.bounds.ops import BoundOp, Relaxation, build_ops, numel
 from certdistill.bounds.patches import (
     PatchGeometry,
@@ -47,8 +48,10 @@ __all__ = [
     "margin_lower_bounds",
 ]
 
-#: Largest number of elements in one backward ``A`` tensor for intermediate bounds; the neurons
-#: whose bounds are computed are split into groups to stay under it.
+#: Largest number of elements in one backward ``A`` tensor for intermediate bounds when the
+#: caller gives no memory plan (certification plans it from its ``memory_limit``, see
+#: :mod:`certdistill.bounds.memory`); the neurons whose bounds are computed are split into groups
+#: to stay under it.
 _BACKWARD_ELEMENT_BUDGET = 2**26
 
 #: Intermediate CROWN bounds pad every sample to the batch's largest number of unstable neurons
@@ -77,6 +80,8 @@ class _Propagation:
     tail_interval: tuple[Tensor, Tensor] | None = None
     #: Clean logits of the sweep.
     logits: Tensor | None = None
+    #: Elements of one backward ``A`` tensor of the intermediate bounds (the group size).
+    backward_elements: int = _BACKWARD_ELEMENT_BUDGET
 
     def rows(self, samples: Tensor) -> _Propagation:
         """What a backward pass needs of the given samples (repeats allowed), one batch entry
@@ -86,6 +91,7 @@ class _Propagation:
             radius=self.radius[samples],
             input_shapes=self.input_shapes,
             relaxations={k: lines.rows(samples) for k, lines in self.relaxations.items()},
+            backward_elements=self.backward_elements,
         )
 
 
@@ -276,6 +282,7 @@ class BoundEngine:
         method: str = "ibp",
         alpha_steps: int = 20,
         alpha_lr: float = 0.1,
+        backward_elements: int | None = None,
     ) -> BoundResult:
         """Clean logits and margin lower bounds over the perturbation, from one sweep.
 
@@ -296,6 +303,10 @@ class BoundEngine:
             Steps of the slope optimisation of ``alpha-crown``.
         alpha_lr : float, default=0.1
             Adam learning rate of the slope optimisation of ``alpha-crown``.
+        backward_elements : int, optional
+            Elements of one coefficient tensor of CROWN's pre-activation backward passes (their
+            neurons are grouped to stay under it); by default ``2**26``. A
+            :meth:`memory_plan` gives it for a memory budget.
 
         Returns
         -------
@@ -303,6 +314,8 @@ class BoundEngine:
         """
         bound_method = _method(method)
         state = self._sweep(x, perturbation, record_bounds=bound_method.activation_bounds)
+        if backward_elements is not None:
+            state.backward_elements = int(backward_elements)
         if reference is None:
             reference = state.logits.argmax(1)
         margins = bound_method.run(self, state, reference, alpha_steps=alpha_steps,
@@ -396,6 +409,33 @@ class BoundEngine:
             raise ValueError("crown_ibp_margins needs an interval_pass run with keep_state=True.")
         return _mask_reference(self._crown_ibp(state, interval_pass.reference),
                                interval_pass.reference)
+
+    def memory_plan(self, x: Tensor, method: str, *, memory_limit: int,
+                    max_samples: int) -> MemoryPlan:
+        """How many samples of ``x``'s shape, and backward rows, :meth:`bound` may take at once
+        within ``memory_limit`` bytes (see :func:`~certdistill.bounds.memory.plan_memory`).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, ...)
+            Samples (only their shape and dtype are used).
+        method : str
+            Bound method.
+        memory_limit : int
+            Bytes.
+        max_samples : int
+            Samples at most.
+
+        Returns
+        -------
+        MemoryPlan
+            Pass its ``samples`` rows at a time to :meth:`bound`, with
+            ``backward_elements=plan.backward_elements``.
+        """
+        _method(method)
+        return plan_memory(self._input_shapes(x), self._activation_indices, method,
+                           memory_limit=memory_limit, itemsize=x.element_size(),
+                           max_samples=max_samples, device=x.device)
 
     def activation_interval_bounds(
         self, x: Tensor, perturbation: Perturbation
@@ -740,12 +780,12 @@ class BoundEngine:
             unstable = self.ops[index].unstable(ibp_lower, ibp_upper)
             compute = (
                 self._patch_bounds_of_node
-                if self._patches_apply(state, index, int(unstable.sum()))
+                if self._patches_apply(state, index, unstable)
                 else self._crown_bounds_of_node
             )
             self._set_bounds(state, index, *compute(state, index, ibp_lower, ibp_upper, unstable))
 
-    def _patches_apply(self, state: _Propagation, index: int, n_unstable: int) -> bool:
+    def _patches_apply(self, state: _Propagation, index: int, unstable: Tensor) -> bool:
         if not (
             self.conv_mode != "matrix"
             and all(len(shape) == 3 for shape in state.input_shapes[: index + 1])
@@ -763,6 +803,8 @@ class BoundEngine:
             channels = state.input_shapes[op_index][0]
             patch_elements += channels * geometry.kernel[0] * geometry.kernel[1]
             dense_elements += numel(state.input_shapes[op_index])
+        # The count is read on the host only here (a device synchronisation on GPUs).
+        n_unstable = int(unstable.sum())
         return n * numel(state.input_shapes[index]) * patch_elements < n_unstable * dense_elements
 
     def _patch_bounds_of_node(
@@ -792,7 +834,7 @@ class BoundEngine:
             lowers.append(bound[:, :k])
             uppers.append(-bound[:, k:])
             first += k
-            group = max(1, _BACKWARD_ELEMENT_BUDGET // max(1, n * peak))
+            group = max(1, state.backward_elements // max(1, n * peak))
         shape = ibp_lower.shape
         crown_lower = torch.cat(lowers, dim=1).view(shape)
         crown_upper = torch.cat(uppers, dim=1).view(shape)
@@ -816,7 +858,8 @@ class BoundEngine:
         lower_flat, upper_flat = ibp_lower.flatten(1).clone(), ibp_upper.flatten(1).clone()
         unstable = unstable.flatten(1)
         counts = unstable.sum(1)
-        total, most = int(counts.sum()), int(counts.max()) if n else 0
+        # One host read for both (the shapes below depend on them).
+        total, most = torch.stack([counts.sum(), counts.max()]).tolist() if n else (0, 0)
         if total == 0:
             return ibp_lower, ibp_upper
         largest = max(numel(s) for s in state.input_shapes[: index + 1])
@@ -824,7 +867,7 @@ class BoundEngine:
             # Per sample, the indices of its unstable neurons first.
             order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)
             order = order[:, :most]
-            group = max(1, _BACKWARD_ELEMENT_BUDGET // max(1, 2 * n * largest))
+            group = max(1, state.backward_elements // max(1, 2 * n * largest))
             for first in range(0, most, group):
                 neurons = order[:, first:first + group]
                 one_hot = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
@@ -838,7 +881,9 @@ class BoundEngine:
                                                               -bound[:, k:]))
             return lower_flat.view_as(ibp_lower), upper_flat.view_as(ibp_upper)
         samples, neurons = unstable.nonzero(as_tuple=True)
-        group = max(1, _BACKWARD_ELEMENT_BUDGET // (2 * largest))
+        # Each row is a batch entry of its own, with a copy of its sample's relaxations.
+        relaxed = sum(numel(state.input_shapes[i]) for i in state.relaxations)
+        group = max(1, state.backward_elements // (2 * largest + relaxed))
         for first in range(0, total, group):
             rows, columns = samples[first:first + group], neurons[first:first + group]
             sub = state.rows(rows)

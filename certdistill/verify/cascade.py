@@ -31,6 +31,11 @@ from torch import Tensor, nn
 
 from certdistill.attacks import targeted_attack
 from certdistill.bounds import METHODS, BoundEngine, Perturbation, engine_for
+from certdistill.bounds.memory import (
+    MemoryPlan,
+    check_memory_limit,
+    default_memory_limit,
+)
 from certdistill.bounds.ops import ReLUOp
 from certdistill.verify.bab import branch_and_bound
 from certdistill.verify.counterexamples import Judge, inner_box
@@ -94,7 +99,7 @@ def check_stages(method: str | Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class CascadeOptions:
-    """Budgets and settings of the search stages (validated where they enter).
+    """Budgets and settings of the stages (validated where they enter).
 
     Attributes
     ----------
@@ -112,6 +117,11 @@ class CascadeOptions:
         A progress bar on stderr for the search stages when > 0.
     random_state : int
         Seed of the attack's random starts.
+    memory_limit : int or None
+        Bytes the bound stages may use: their samples per chunk (at most the cascade's batch
+        size) and the groups of their backward passes are planned from it
+        (:mod:`certdistill.bounds.memory`). ``None``: the device's default
+        (:func:`~certdistill.bounds.memory.default_memory_limit`).
     """
 
     timeout: float = 10.0
@@ -122,6 +132,7 @@ class CascadeOptions:
     max_domains: int = 200_000
     verbose: int = 0
     random_state: int = 0
+    memory_limit: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.timeout, int | float) and math.isfinite(self.timeout)
@@ -136,6 +147,7 @@ class CascadeOptions:
             value = getattr(self, name)
             if not (isinstance(value, int | np.integer) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        object.__setattr__(self, "memory_limit", check_memory_limit(self.memory_limit))
 
 
 @dataclass
@@ -180,7 +192,13 @@ class Cascade:
         self._milp: MarginMilp | None = None
 
     def run(self, stages: Sequence[str], X: Tensor, perturbation: Perturbation,
-            labels: Tensor | None, n_classes: int) -> CascadeState:
+            labels: Tensor | None, n_classes: int, *, deadline: float | None = None
+            ) -> CascadeState:
+        """Run ``stages`` on the samples ``X``.
+
+        ``deadline`` (a ``time.perf_counter()`` time) ends the call instead of ``start +
+        options.budget`` (for a budget shared by several calls); the first stage always runs.
+        """
         n, device = X.shape[0], X.device
         self._check_search_stages(stages)
         state = CascadeState(
@@ -193,13 +211,15 @@ class Cascade:
             open_rows=torch.arange(n, device=device),
         )
         start = time.perf_counter()
-        deadline = math.inf if self.options.budget is None else start + self.options.budget
+        if deadline is None:
+            deadline = math.inf if self.options.budget is None else start + self.options.budget
         if stages[0] not in METHODS:
             self._clean_stage(X, labels, state)
         for stage, name in enumerate(stages):
             if stage > 0 and state.open_rows.numel() == 0:
                 break
-            if time.perf_counter() >= deadline:
+            # The first stage always runs: it gives the reference class of every sample.
+            if stage > 0 and time.perf_counter() >= deadline:
                 break
             stage_start = time.perf_counter()
             if name in METHODS:
@@ -237,11 +257,13 @@ class Cascade:
     def _bound_stage(self, stage: int, name: str, X: Tensor, perturbation: Perturbation,
                      labels: Tensor | None, state: CascadeState) -> None:
         rows_open = state.open_rows
-        for begin in range(0, rows_open.numel(), self.batch_size):
-            rows = rows_open[begin:begin + self.batch_size]
+        plan = self.memory_plan(name, X)
+        for begin in range(0, rows_open.numel(), plan.samples):
+            rows = rows_open[begin:begin + plan.samples]
             result = self.bounder.bound(
                 X[rows], perturbation.for_rows(rows),
                 None if stage == 0 and labels is None else state.reference[rows], method=name,
+                backward_elements=plan.backward_elements,
             )
             if stage == 0:
                 self._record_clean(rows, result.logits, X, labels, state, prune=False)
@@ -354,6 +376,17 @@ class Cascade:
                 progress(count + 1)
 
     # ------------------------------------------------------------ helpers
+    def memory_plan(self, method: str, X: Tensor) -> MemoryPlan:
+        """Samples per chunk and backward group size of a bound stage on samples like ``X``'s,
+        within ``options.memory_limit`` (the device's default when None)."""
+        limit = self.options.memory_limit
+        if limit is None:
+            limit = default_memory_limit(X.device)
+        if not isinstance(self.bounder, BoundEngine):  # auto_LiRPA plans its own memory
+            return MemoryPlan(self.batch_size, 0, limit)
+        return self.bounder.memory_plan(X, method, memory_limit=limit,
+                                        max_samples=self.batch_size)
+
     def _falsify(self, stage: int, rows: Tensor, candidates: Tensor, lower: Tensor,
                  upper: Tensor, state: CascadeState) -> None:
         flipped, points = self.judge.flips(candidates, state.reference[rows], lower, upper)
