@@ -7,8 +7,13 @@ one run, the public ``teacher.certify(X_test, y=y_test)`` with its default casca
 calls after one warm-up). ``--previous SRC`` also times the same network and data with the
 ``certify(..., method="crown")`` of another checkout of certdistill (for example the release
 before the cascade, ``git worktree add /tmp/previous c03c0c3``), in a subprocess in the same run.
+``--previous-teacher`` (with ``--previous``) repeats the comparison on *that* checkout's default
+teacher, fitted there on the same data: the network on which the issue measured the old default
+``certify()`` (one timed call of it, in the subprocess), certified here by the cascade and by
+CROWN alone.
 
-Run: python benchmarks/bench_default_certify.py [--previous SRC] [--threads 2]
+Run: python benchmarks/bench_default_certify.py [--previous SRC [--previous-teacher]]
+[--threads 2]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from certdistill import CertifiedTeacher
+from certdistill import CertifiedTeacher, certify
 
 
 def _median_seconds(call, repeats: int) -> tuple[float, object]:
@@ -57,9 +62,66 @@ _PREVIOUS = textwrap.dedent("""
 """)
 
 
+_PREVIOUS_TEACHER = textwrap.dedent("""
+    import sys, time
+    import numpy as np, torch
+    sys.path.insert(0, sys.argv[1])
+    from certdistill import CertifiedTeacher, certify
+    torch.set_num_threads(int(sys.argv[3]))
+    saved = torch.load(sys.argv[2], weights_only=False)
+    start = time.perf_counter()
+    teacher = CertifiedTeacher(eps=0.1, input_shape=(1, 8, 8), lower=0.0, upper=1.0,
+                               random_state=0).fit(saved["X_train"], saved["y_train"])
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    cert = teacher.certify(saved["X_test"], y=saved["y_test"])  # that release's default
+    seconds = time.perf_counter() - start
+    torch.save({"module": teacher.module_.eval()}, sys.argv[2])
+    print(fit, seconds, float(np.mean(cert.certified)))
+""")
+
+
+def _previous_teacher_rows(previous: str, split, threads: int, repeats: int) -> tuple:
+    """The previous checkout's default teacher: its own default certify(), then ours on it."""
+    X_train, X_test, y_train, y_test = split
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "previous.pt"
+        torch.save({"X_train": X_train, "y_train": y_train, "X_test": X_test,
+                    "y_test": y_test}, saved)
+        output = subprocess.run(
+            [sys.executable, "-c", _PREVIOUS_TEACHER, previous, str(saved), str(threads)],
+            capture_output=True, text=True, check=True).stdout
+        fit, previous_s, previous_fraction = map(float, output.split()[-3:])
+        module = torch.load(saved, weights_only=False)["module"]
+    x = torch.as_tensor(X_test).reshape(-1, 1, 8, 8)
+    labels = torch.as_tensor(y_test)
+
+    def ours(method):
+        return lambda: certify(module, x, 0.1, method=method, y=labels, lower=0.0, upper=1.0)
+
+    cascade_s, cascade = _median_seconds(ours(("ibp", "crown-ibp", "crown")), repeats)
+    crown_s, crown = _median_seconds(ours("crown"), repeats)
+    rows = [("default cascade ibp+crown-ibp+crown", cascade_s, cascade.certified_fraction),
+            ("crown alone", crown_s, crown.certified_fraction),
+            (f"previous checkout's default certify() (one call, {previous})", previous_s,
+             previous_fraction)]
+    covered = bool(np.all(cascade.certified >= crown.certified))
+    return fit, rows, cascade_s, covered
+
+
+def _print_rows(rows, n: int, cascade_s: float) -> None:
+    print("| certify | seconds | samples/s | certified % | time / default cascade |")
+    print("|---|---|---|---|---|")
+    for name, seconds, fraction in rows:
+        print(f"| {name} | {seconds:.3f} | {n / seconds:,.0f} | {100 * fraction:.1f} | "
+              f"{seconds / cascade_s:,.1f}x |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--previous", help="source folder of another certdistill checkout")
+    parser.add_argument("--previous-teacher", action="store_true",
+                        help="also compare on the previous checkout's default teacher")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -91,13 +153,17 @@ def main(argv=None) -> int:
     print(f"Default CertifiedTeacher on digits: fit {fit_seconds:.1f} s, {n} test images, "
           f"eps 0.1, labels given, {torch.get_num_threads()} torch threads; median of "
           f"{args.repeats} calls after a warm-up.\n")
-    print("| certify | seconds | samples/s | certified % | time / default cascade |")
-    print("|---|---|---|---|---|")
-    for name, seconds, fraction in rows:
-        print(f"| {name} | {seconds:.3f} | {n / seconds:,.0f} | {100 * fraction:.1f} | "
-              f"{seconds / cascade_s:,.1f}x |")
+    _print_rows(rows, n, cascade_s)
     covered = bool(np.all(cascade.certified >= crown.certified))
     print(f"\nEvery sample CROWN alone certifies is certified by the default cascade: {covered}.")
+    if args.previous and args.previous_teacher:
+        fit, rows, cascade_s, covered = _previous_teacher_rows(
+            args.previous, (X_train, X_test, y_train, y_test), args.threads, args.repeats)
+        print(f"\nThe previous checkout's default teacher (fitted there in {fit:.1f} s), "
+              "certified by this checkout's certify():\n")
+        _print_rows(rows, n, cascade_s)
+        print("\nEvery sample CROWN alone certifies is certified by the default cascade: "
+              f"{covered}.")
     print("\nReproduce: python benchmarks/bench_default_certify.py " + " ".join(
         sys.argv[1:] if argv is None else argv))
     return 0

@@ -24,11 +24,17 @@ not used: ``--hidden``):
   label of the row it was made from: is a gain the teacher's, or the augmentation's?
 * ``distilled``: ``DistilledStudent`` with its defaults (selective loss, teacher-labelled transfer
   inputs, unlabelled rows labelled by the teacher), its teacher a default ``CertifiedTeacher``
-  fitted on the labelled rows of the run.
+  fitted on the labelled rows of the run;
+* ``ad-cert, certified teacher`` and ``ad-cert, adversarial teacher`` (only with
+  ``--contenders``): the seed recipe, AD-CERT's expressive loss (``loss="adversarial"``: the
+  student's IBP loss mixed with KL to the teacher's logits at the student's 5-step PGD point,
+  weight tuned; no transfer set), from the default certified teacher or from one trained by PGD
+  alone (``CertifiedTeacher(method="mtl-ibp", alpha=0.0, pgd_steps=5)``, worst-case targets by
+  PGD, ``teacher_bounds="pgd"``).
 
 Run: python benchmarks/bench_distill_fair.py [--data digits breast_cancer] [--labelled 1.0 0.3]
-[--seeds 0 1 2] [--hidden 32] [--plot DIR]. Prints markdown tables and the command that
-reproduces them; with ``--plot``, writes the Pareto fronts as PNG files.
+[--seeds 0 1 2] [--hidden 32] [--contenders ...] [--plot DIR]. Prints markdown tables and the
+command that reproduces them; with ``--plot``, writes the Pareto fronts as PNG files.
 """
 
 from __future__ import annotations
@@ -55,7 +61,11 @@ GRID = {
     "alone ibp, augmented": {"eps_train_ratio": [1.0, 1.5], "kappa_end": [0.0, 0.5]},
     "alone mtl-ibp": {"alpha": [0.5, 0.8], "eps_train_ratio": [1.0, 1.5]},
     "distilled": {"distill_weight": [0.5, 1.0], "temperature": [0.25, 1.0]},
+    "ad-cert, certified teacher": {"distill_weight": [0.2, 0.4, 0.6, 0.8]},
+    "ad-cert, adversarial teacher": {"distill_weight": [0.2, 0.4, 0.6, 0.8]},
 }
+DEFAULT_CONTENDERS = ("alone ibp", "alone ibp, augmented", "alone mtl-ibp", "distilled")
+AD_CERT = dict(loss="adversarial", pgd_steps=5, transfer=())
 
 
 def load(name: str, seed: int = 0):
@@ -87,14 +97,22 @@ def labelled_mask(y: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
 
 
 def make(contender: str, config: dict, *, eps: float, seed: int, hidden: tuple,
-         teacher=None) -> object:
+         teachers=None) -> object:
+    """The contender's estimator; ``teachers``: kind ("certified", "adversarial") -> teacher."""
     common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
                   module__hidden_sizes=hidden)
     if contender in ("alone ibp", "alone ibp, augmented"):
         return CertifiedTeacher(method="ibp", **common, **config)
     if contender == "alone mtl-ibp":
         return CertifiedTeacher(method="mtl-ibp", pgd_steps=5, **common, **config)
-    return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1, **common, **config)
+    if contender == "ad-cert, adversarial teacher":
+        return DistilledStudent(FrozenEstimator(teachers["adversarial"]), unlabeled_label=-1,
+                                teacher_bounds="pgd", **AD_CERT, **common, **config)
+    if contender == "ad-cert, certified teacher":
+        return DistilledStudent(FrozenEstimator(teachers["certified"]), unlabeled_label=-1,
+                                **AD_CERT, **common, **config)
+    return DistilledStudent(FrozenEstimator(teachers["certified"]), unlabeled_label=-1,
+                            **common, **config)
 
 
 def augmented(X: np.ndarray, y: np.ndarray, eps: float, seed: int):
@@ -118,13 +136,25 @@ def fit(contender: str, estimator, X, y, mask, eps: float = 0.0, seed: int = 0):
     return time.perf_counter() - start
 
 
-def teacher_for(X, y, mask, *, eps, input_shape, seed):
+def teacher_for(X, y, mask, *, eps, input_shape, seed, adversarial=False):
+    """The default certified teacher, or (``adversarial``) the same network trained by PGD."""
     shape = {"input_shape": input_shape} if input_shape else {"module__hidden_sizes": (256, 256)}
+    training = dict(method="mtl-ibp", alpha=0.0, pgd_steps=5) if adversarial else {}
     return CertifiedTeacher(eps=eps, lower=0.0, upper=1.0, random_state=seed,
-                            **shape).fit(X[mask], y[mask])
+                            **shape, **training).fit(X[mask], y[mask])
 
 
-def tune(data: str, share: float, hidden: tuple):
+def teachers_for(contenders, X, y, mask, **kwargs) -> dict:
+    """The teachers the contenders need, by kind."""
+    teachers = {}
+    if any(c == "distilled" or c == "ad-cert, certified teacher" for c in contenders):
+        teachers["certified"] = teacher_for(X, y, mask, **kwargs)
+    if "ad-cert, adversarial teacher" in contenders:
+        teachers["adversarial"] = teacher_for(X, y, mask, adversarial=True, **kwargs)
+    return teachers
+
+
+def tune(data: str, share: float, hidden: tuple, contenders=DEFAULT_CONTENDERS):
     """Each contender's configurations on the validation split; the chosen one per contender."""
     X, _, y, _, eps, input_shape = load(data)
     mask = labelled_mask(y, share)
@@ -135,13 +165,16 @@ def tune(data: str, share: float, hidden: tuple):
     tuning_mask[fit_rows] = True
     keep = np.setdiff1d(np.arange(len(y)), valid_rows)  # the validation rows are held out
     X_fit, y_fit, m_fit = X[keep], y[keep], tuning_mask[keep]
-    teacher = teacher_for(X_fit, y_fit, m_fit, eps=eps, input_shape=input_shape, seed=0)
+    teachers = teachers_for(contenders, X_fit, y_fit, m_fit, eps=eps, input_shape=input_shape,
+                            seed=0)
     scores, chosen = {}, {}
-    for contender, grid in GRID.items():
+    for contender in contenders:
+        grid = GRID[contender]
         results = []
         for values in itertools.product(*grid.values()):
             config = dict(zip(grid, values, strict=True))
-            estimator = make(contender, config, eps=eps, seed=0, hidden=hidden, teacher=teacher)
+            estimator = make(contender, config, eps=eps, seed=0, hidden=hidden,
+                             teachers=teachers)
             fit(contender, estimator, X_fit, y_fit, m_fit, eps, 0)
             clean = estimator.score(X[valid_rows], y[valid_rows])
             certified = estimator.certified_accuracy(X[valid_rows], y[valid_rows])
@@ -159,10 +192,11 @@ def measure(data: str, share: float, hidden: tuple, chosen: dict, seeds) -> dict
     mask = labelled_mask(y, share)
     rows = {contender: [] for contender in chosen}
     for seed in seeds:
-        teacher = teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
+        teachers = teachers_for(chosen, X, y, mask, eps=eps, input_shape=input_shape,
+                                seed=seed)
         for contender, config in chosen.items():
             estimator = make(contender, config, eps=eps, seed=seed, hidden=hidden,
-                             teacher=teacher)
+                             teachers=teachers)
             seconds = fit(contender, estimator, X, y, mask, eps, seed)
             complete = estimator.certify(X_test, y=y_test, method="complete")
             rows[contender].append(dict(
@@ -211,13 +245,15 @@ def main(argv=None) -> int:
     parser.add_argument("--labelled", nargs="+", type=float, default=[1.0, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--hidden", nargs="+", type=int, default=[32])
+    parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS),
+                        choices=list(GRID))
     parser.add_argument("--plot", help="folder for the Pareto-front PNG files")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     hidden = tuple(args.hidden)
     for data, share in itertools.product(args.data, args.labelled):
-        scores, chosen = tune(data, share, hidden)
+        scores, chosen = tune(data, share, hidden, args.contenders)
         rows = measure(data, share, hidden, chosen, args.seeds)
         print(f"\n### {data}, {share:.0%} of the training labels, student "
               f"{'-'.join(map(str, hidden))} hidden, seeds {args.seeds}\n")
@@ -232,11 +268,13 @@ def main(argv=None) -> int:
 
             folder = Path(args.plot)
             folder.mkdir(parents=True, exist_ok=True)
+            groups = {"alone": [p for c in fronts if c.startswith("alone") for p in fronts[c]]}
+            groups.update({c: fronts[c] for c in fronts if not c.startswith("alone")})
             ax = plot_pareto_fronts(
-                {"alone": fronts["alone ibp"] + fronts["alone mtl-ibp"]
-                 + fronts["alone ibp, augmented"], "distilled": fronts["distilled"]},
+                groups,
                 title=f"{data}, {share:.0%} labels: tuned configurations (validation)")
-            path = folder / f"pareto_{data}_{int(round(100 * share))}.png"
+            suffix = "" if list(args.contenders) == list(DEFAULT_CONTENDERS) else "_ad_cert"
+            path = folder / f"pareto_{data}_{int(round(100 * share))}{suffix}.png"
             ax.figure.savefig(path, dpi=110, bbox_inches="tight")
             print(f"\nfront: {path}")
     print("\nReproduce: python benchmarks/bench_distill_fair.py " + " ".join(

@@ -1,0 +1,148 @@
+"""Certified accuracy against student size and against training epochs, alone and distilled.
+
+Two studies on digits (eps 0.1), judged by complete verification on the 540 test samples:
+
+* ``--study width``: one hidden layer of 16, 32, 64, 128 or 256 units (``--widths``), the front
+  of certified accuracy against the student's parameters;
+* ``--study epochs``: the 32-unit student trained for 10 to 200 epochs (``--epochs``): does the
+  teacher let the student reach a given certified accuracy sooner? Fit seconds are reported
+  beside the epochs, since the distilled student's epochs also cover its transfer rows.
+
+Contenders, with their defaults (no tuning: the question is what a user gets):
+``CertifiedTeacher(method="ibp")`` trained alone on the labelled rows, and
+``DistilledStudent`` (selective loss, transfer set, unlabelled rows labelled by the teacher) with
+the default ``CertifiedTeacher`` fitted on the labelled rows of the run. ``--labelled 0.3`` gives
+the other 70 % of the training rows unlabelled (label -1) to the distilled student.
+
+Run: python benchmarks/bench_distill_front.py --study width [--labelled 1.0 0.3]
+[--seeds 0 1 2] [--plot DIR]. Prints a markdown table and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, from anywhere
+from sklearn.frozen import FrozenEstimator  # noqa: E402
+
+from benchmarks.bench_distill_fair import labelled_mask, load, teacher_for  # noqa: E402
+from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
+
+CONTENDERS = ("alone ibp", "distilled")
+
+
+def make(contender: str, teacher, *, width: int, epochs: int | None, eps: float, seed: int):
+    common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
+                  module__hidden_sizes=(width,), max_epochs=epochs)
+    if contender == "alone ibp":
+        return CertifiedTeacher(method="ibp", **common)
+    return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1, **common)
+
+
+def run(study: str, share: float, seeds, widths, epochs_grid) -> list[dict]:
+    X, X_test, y, y_test, eps, input_shape = load("digits")
+    mask = labelled_mask(y, share)
+    settings = ([(w, None) for w in widths] if study == "width"
+                else [(32, e) for e in epochs_grid])
+    rows = []
+    for seed in seeds:
+        teacher = teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
+        for (width, epochs), contender in itertools.product(settings, CONTENDERS):
+            estimator = make(contender, teacher, width=width, epochs=epochs, eps=eps, seed=seed)
+            start = time.perf_counter()
+            if contender == "alone ibp":
+                estimator.fit(X[mask], y[mask])
+            else:
+                estimator.fit(X, np.where(mask, y, -1))
+            seconds = time.perf_counter() - start
+            complete = estimator.certify(X_test, y=y_test, method="complete")
+            row = dict(contender=contender, width=width, epochs=epochs or estimator.n_epochs_,
+                       seed=seed, seconds=seconds,
+                       parameters=sum(p.numel() for p in estimator.module_.parameters()),
+                       clean=estimator.score(X_test, y_test),
+                       complete=complete.certified_fraction,
+                       decided=complete.decided_fraction)
+            rows.append(row)
+            print(f"  {study} {share:.0%} {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict], study: str) -> str:
+    key = "width" if study == "width" else "epochs"
+    lines = [f"| {key} | parameters | contender | clean % | certified % (complete) | "
+             "gain (per-seed range) | decided % | fit s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for value in sorted({r[key] for r in rows}):
+        alone = [r for r in rows if r[key] == value and r["contender"] == "alone ibp"]
+        for contender in CONTENDERS:
+            mine = [r for r in rows if r[key] == value and r["contender"] == contender]
+            gains = [100 * (m["complete"] - a["complete"]) for m, a in
+                     zip(mine, alone, strict=True)]
+            gain = ("" if contender == "alone ibp" else
+                    f"{np.mean(gains):+.1f} ({min(gains):+.1f} to {max(gains):+.1f})")
+            clean = 100 * np.array([r["clean"] for r in mine])
+            cert = 100 * np.array([r["complete"] for r in mine])
+            lines.append(
+                f"| {value} | {mine[0]['parameters']:,} | {contender} | "
+                f"{clean.mean():.1f} ± {clean.std():.1f} | {cert.mean():.1f} ± {cert.std():.1f}"
+                f" | {gain} | {100 * np.mean([r['decided'] for r in mine]):.1f} | "
+                f"{np.mean([r['seconds'] for r in mine]):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], study: str, share: float, folder: Path) -> Path:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    x_key = "parameters" if study == "width" else "epochs"
+    ax = Figure(figsize=(5.0, 3.5)).subplots()
+    for contender in CONTENDERS:
+        mine = [r for r in rows if r["contender"] == contender]
+        xs = sorted({r[x_key] for r in mine})
+        ax.plot(xs, [np.mean([r["complete"] for r in mine if r[x_key] == x]) for x in xs],
+                marker="o", label=contender)
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters" if study == "width" else "training epochs")
+    ax.set_ylabel("certified accuracy (complete)")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(f"digits, {share:.0%} labels, mean of seeds")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{study}_digits_{int(round(100 * share))}.png"
+    ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=["width", "epochs"], required=True)
+    parser.add_argument("--labelled", nargs="+", type=float, default=[1.0, 0.3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 64, 128, 256])
+    parser.add_argument("--epochs", nargs="+", type=int, default=[10, 25, 50, 100, 200])
+    parser.add_argument("--plot", help="folder for the PNG files")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for share in args.labelled:
+        rows = run(args.study, share, args.seeds, args.widths, args.epochs)
+        print(f"\n### digits, {share:.0%} of the training labels, study {args.study}, "
+              f"seeds {args.seeds}, {args.threads} torch thread(s)\n")
+        print(table(rows, args.study))
+        if args.plot:
+            print(f"\nplot: {plot(rows, args.study, share, Path(args.plot))}")
+    print("\nReproduce: python benchmarks/bench_distill_front.py " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
