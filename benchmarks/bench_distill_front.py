@@ -8,14 +8,18 @@ Two studies on digits (eps 0.1), judged by complete verification on the 540 test
   teacher let the student reach a given certified accuracy sooner? Fit seconds are reported
   beside the epochs, since the distilled student's epochs also cover its transfer rows.
 
-Contenders, with their defaults (no tuning: the question is what a user gets):
-``CertifiedTeacher(method="ibp")`` trained alone on the labelled rows, and
-``DistilledStudent`` (selective loss, transfer set, unlabelled rows labelled by the teacher) with
-the default ``CertifiedTeacher`` fitted on the labelled rows of the run. ``--labelled 0.3`` gives
-the other 70 % of the training rows unlabelled (label -1) to the distilled student.
+Contenders (``--contenders``), with their defaults (no tuning: the question is what a user
+gets): ``alone ibp``, ``CertifiedTeacher(method="ibp")`` trained alone on the labelled rows;
+``alone ibp, augmented``, the same on the labelled rows plus as many noise and ball inputs as
+the distilled student gets, each labelled as its source row (is a gain the teacher's or the
+augmentation's?); and ``distilled``, ``DistilledStudent`` (selective loss, transfer set,
+unlabelled rows labelled by the teacher) with the default ``CertifiedTeacher`` fitted on the
+labelled rows of the run. ``--labelled 0.3`` gives the other 70 % of the training rows
+unlabelled (label -1) to the distilled student. Gains are paired per seed against ``alone ibp``.
 
 Run: python benchmarks/bench_distill_front.py --study width [--labelled 1.0 0.3]
-[--seeds 0 1 2] [--plot DIR]. Prints a markdown table and the command that reproduces it.
+[--seeds 0 1 2] [--contenders ...] [--plot DIR]. Prints a markdown table and the command that
+reproduces it.
 """
 
 from __future__ import annotations
@@ -32,32 +36,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, from anywhere
 from sklearn.frozen import FrozenEstimator  # noqa: E402
 
-from benchmarks.bench_distill_fair import labelled_mask, load, teacher_for  # noqa: E402
+from benchmarks.bench_distill_fair import (  # noqa: E402
+    augmented,
+    labelled_mask,
+    load,
+    teacher_for,
+)
 from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
 
-CONTENDERS = ("alone ibp", "distilled")
+CONTENDERS = ("alone ibp", "alone ibp, augmented", "distilled")
 
 
 def make(contender: str, teacher, *, width: int, epochs: int | None, eps: float, seed: int):
     common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
                   module__hidden_sizes=(width,), max_epochs=epochs)
-    if contender == "alone ibp":
+    if contender.startswith("alone"):
         return CertifiedTeacher(method="ibp", **common)
     return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1, **common)
 
 
-def run(study: str, share: float, seeds, widths, epochs_grid) -> list[dict]:
+def run(study: str, share: float, seeds, widths, epochs_grid, contenders) -> list[dict]:
     X, X_test, y, y_test, eps, input_shape = load("digits")
     mask = labelled_mask(y, share)
     settings = ([(w, None) for w in widths] if study == "width"
                 else [(32, e) for e in epochs_grid])
     rows = []
     for seed in seeds:
-        teacher = teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
-        for (width, epochs), contender in itertools.product(settings, CONTENDERS):
+        teacher = (teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
+                   if "distilled" in contenders else None)
+        for (width, epochs), contender in itertools.product(settings, contenders):
             estimator = make(contender, teacher, width=width, epochs=epochs, eps=eps, seed=seed)
             start = time.perf_counter()
-            if contender == "alone ibp":
+            if contender == "alone ibp, augmented":
+                estimator.fit(*augmented(X[mask], y[mask], eps, seed))
+            elif contender == "alone ibp":
                 estimator.fit(X[mask], y[mask])
             else:
                 estimator.fit(X, np.where(mask, y, -1))
@@ -74,18 +86,18 @@ def run(study: str, share: float, seeds, widths, epochs_grid) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], study: str) -> str:
+def table(rows: list[dict], study: str, contenders) -> str:
     key = "width" if study == "width" else "epochs"
     lines = [f"| {key} | parameters | contender | clean % | certified % (complete) | "
              "gain (per-seed range) | decided % | fit s |",
              "|---|---|---|---|---|---|---|---|"]
     for value in sorted({r[key] for r in rows}):
         alone = [r for r in rows if r[key] == value and r["contender"] == "alone ibp"]
-        for contender in CONTENDERS:
+        for contender in contenders:
             mine = [r for r in rows if r[key] == value and r["contender"] == contender]
             gains = [100 * (m["complete"] - a["complete"]) for m, a in
-                     zip(mine, alone, strict=True)]
-            gain = ("" if contender == "alone ibp" else
+                     zip(mine, alone, strict=True)] if alone else [np.nan]
+            gain = ("" if contender == "alone ibp" or not alone else
                     f"{np.mean(gains):+.1f} ({min(gains):+.1f} to {max(gains):+.1f})")
             clean = 100 * np.array([r["clean"] for r in mine])
             cert = 100 * np.array([r["complete"] for r in mine])
@@ -97,18 +109,21 @@ def table(rows: list[dict], study: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], study: str, share: float, folder: Path) -> Path:
+def plot(rows: list[dict], study: str, share: float, folder: Path, contenders) -> Path:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import NullFormatter, PercentFormatter
 
     x_key = "parameters" if study == "width" else "epochs"
     ax = Figure(figsize=(5.0, 3.5)).subplots()
-    for contender in CONTENDERS:
+    for contender in contenders:
         mine = [r for r in rows if r["contender"] == contender]
         xs = sorted({r[x_key] for r in mine})
         ax.plot(xs, [np.mean([r["complete"] for r in mine if r[x_key] == x]) for x in xs],
                 marker="o", label=contender)
     ax.set_xscale("log")
+    ticks = sorted({r[x_key] for r in rows})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("student parameters" if study == "width" else "training epochs")
     ax.set_ylabel("certified accuracy (complete)")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -128,17 +143,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 64, 128, 256])
     parser.add_argument("--epochs", nargs="+", type=int, default=[10, 25, 50, 100, 200])
+    parser.add_argument("--contenders", nargs="+", default=["alone ibp", "distilled"],
+                        choices=CONTENDERS)
     parser.add_argument("--plot", help="folder for the PNG files")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for share in args.labelled:
-        rows = run(args.study, share, args.seeds, args.widths, args.epochs)
+        rows = run(args.study, share, args.seeds, args.widths, args.epochs, args.contenders)
         print(f"\n### digits, {share:.0%} of the training labels, study {args.study}, "
               f"seeds {args.seeds}, {args.threads} torch thread(s)\n")
-        print(table(rows, args.study))
+        print(table(rows, args.study, args.contenders))
         if args.plot:
-            print(f"\nplot: {plot(rows, args.study, share, Path(args.plot))}")
+            print(f"\nplot: {plot(rows, args.study, share, Path(args.plot), args.contenders)}")
     print("\nReproduce: python benchmarks/bench_distill_front.py " + " ".join(
         sys.argv[1:] if argv is None else argv))
     return 0

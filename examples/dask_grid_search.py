@@ -27,6 +27,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_sp
 from certdistill import CertifiedAccuracy, CertifiedTeacher, DistilledStudent
 
 try:
+    import dask
     from distributed import Client, LocalCluster
 except ImportError:
     raise SystemExit('needs dask.distributed: pip install "certdistill[dask]"') from None
@@ -76,8 +77,11 @@ def main(epochs: int = 30, workers: int = 2) -> None:
 
     start = time.perf_counter()
     # silence_logs: a worker that imported torch can take more than the nanny's 4 s to exit on a
-    # loaded machine, and the nanny's warning that it then kills it is only noise here.
+    # loaded machine, and the nanny's warning that it then kills it is only noise here. dask's
+    # nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which slows torch on the CPU (see
+    # docs/scaling-out.md); unset it for them.
     with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                      dashboard_address=None, silence_logs=logging.ERROR) as cluster,
         Client(cluster) as client,
