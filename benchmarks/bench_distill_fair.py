@@ -47,13 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import MinMaxScaler
 
-from certdistill import CertifiedTeacher, DistilledStudent
-from certdistill.transfer import transfer_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, from anywhere
+from benchmarks.bench_distill import load as load_split  # noqa: E402
+from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
+from certdistill.transfer import transfer_inputs  # noqa: E402
 
 #: Contender -> the knobs it is tuned over (each product of values is one configuration).
 GRID = {
@@ -70,18 +70,7 @@ AD_CERT = dict(loss="adversarial", pgd_steps=5, transfer=())
 
 def load(name: str, seed: int = 0):
     """Train/test split of a bundled data set scaled to [0, 1], its eps and input shape."""
-    if name == "digits":
-        X, y = load_digits(return_X_y=True)
-        X_train, X_test, y_train, y_test = train_test_split(
-            (X / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=seed)
-        return X_train, X_test, y_train, y_test, 0.1, (1, 8, 8)
-    X, y = load_breast_cancer(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.3, stratify=y, random_state=seed)
-    scaler = MinMaxScaler().fit(X_train)
-    X_train = scaler.transform(X_train).astype(np.float32)
-    X_test = np.clip(scaler.transform(X_test), 0.0, 1.0).astype(np.float32)
-    return X_train, X_test, y_train, y_test, 0.05, None
+    return (*load_split(name, seed), (1, 8, 8) if name == "digits" else None)
 
 
 def labelled_mask(y: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
