@@ -1,6 +1,7 @@
 """Certified accuracy against student size and against training epochs, alone and distilled.
 
-Two studies on digits (eps 0.1), judged by complete verification on the 540 test samples:
+Two studies on digits (eps 0.1; or ``--data breast_cancer``, eps 0.05), judged by complete
+verification on the test samples:
 
 * ``--study width``: one hidden layer of 16, 32, 64, 128 or 256 units (``--widths``), the front
   of certified accuracy against the student's parameters;
@@ -55,8 +56,9 @@ def make(contender: str, teacher, *, width: int, epochs: int | None, eps: float,
     return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1, **common)
 
 
-def run(study: str, share: float, seeds, widths, epochs_grid, contenders) -> list[dict]:
-    X, X_test, y, y_test, eps, input_shape = load("digits")
+def run(study: str, share: float, seeds, widths, epochs_grid, contenders,
+        data: str = "digits") -> list[dict]:
+    X, X_test, y, y_test, eps, input_shape = load(data)
     mask = labelled_mask(y, share)
     settings = ([(w, None) for w in widths] if study == "width"
                 else [(32, e) for e in epochs_grid])
@@ -109,7 +111,8 @@ def table(rows: list[dict], study: str, contenders) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], study: str, share: float, folder: Path, contenders) -> Path:
+def plot(rows: list[dict], study: str, share: float, folder: Path, contenders,
+         data: str = "digits") -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, PercentFormatter
 
@@ -127,11 +130,11 @@ def plot(rows: list[dict], study: str, share: float, folder: Path, contenders) -
     ax.set_xlabel("student parameters" if study == "width" else "training epochs")
     ax.set_ylabel("certified accuracy (complete)")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title(f"digits, {share:.0%} labels, mean of seeds")
+    ax.set_title(f"{data}, {share:.0%} labels, mean of seeds")
     ax.grid(True, alpha=0.3)
     ax.legend()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{study}_digits_{int(round(100 * share))}.png"
+    path = folder / f"{study}_{data}_{int(round(100 * share))}.png"
     ax.figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
@@ -139,6 +142,7 @@ def plot(rows: list[dict], study: str, share: float, folder: Path, contenders) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=["width", "epochs"], required=True)
+    parser.add_argument("--data", choices=["digits", "breast_cancer"], default="digits")
     parser.add_argument("--labelled", nargs="+", type=float, default=[1.0, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 64, 128, 256])
@@ -150,12 +154,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for share in args.labelled:
-        rows = run(args.study, share, args.seeds, args.widths, args.epochs, args.contenders)
-        print(f"\n### digits, {share:.0%} of the training labels, study {args.study}, "
+        rows = run(args.study, share, args.seeds, args.widths, args.epochs, args.contenders,
+                   args.data)
+        print(f"\n### {args.data}, {share:.0%} of the training labels, study {args.study}, "
               f"seeds {args.seeds}, {args.threads} torch thread(s)\n")
         print(table(rows, args.study, args.contenders))
         if args.plot:
-            print(f"\nplot: {plot(rows, args.study, share, Path(args.plot), args.contenders)}")
+            path = plot(rows, args.study, share, Path(args.plot), args.contenders, args.data)
+            print(f"\nplot: {path}")
     print("\nReproduce: python benchmarks/bench_distill_front.py " + " ".join(
         sys.argv[1:] if argv is None else argv))
     return 0
