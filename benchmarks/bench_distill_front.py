@@ -1,13 +1,16 @@
 """Certified accuracy against student size and against training epochs, alone and distilled.
 
-Two studies on digits (eps 0.1; or ``--data breast_cancer``, eps 0.05), judged by complete
+Three studies on digits (eps 0.1; or ``--data breast_cancer``, eps 0.05), judged by complete
 verification on the test samples:
 
 * ``--study width``: one hidden layer of 16, 32, 64, 128 or 256 units (``--widths``), the front
   of certified accuracy against the student's parameters;
 * ``--study epochs``: the 32-unit student trained for 10 to 200 epochs (``--epochs``): does the
   teacher let the student reach a given certified accuracy sooner? Fit seconds are reported
-  beside the epochs, since the distilled student's epochs also cover its transfer rows.
+  beside the epochs, since the distilled student's epochs also cover its transfer rows;
+* ``--study transfer``: the 32-unit distilled student with ``transfer_size`` 0 to 4
+  (``--transfer-sizes``: teacher-labelled noise and ball inputs per kind, as a multiple of the
+  training rows); the students trained alone do not depend on it.
 
 Contenders (``--contenders``), with their defaults (no tuning: the question is what a user
 gets): ``alone ibp``, ``CertifiedTeacher(method="ibp")`` trained alone on the labelled rows;
@@ -15,7 +18,9 @@ gets): ``alone ibp``, ``CertifiedTeacher(method="ibp")`` trained alone on the la
 the distilled student gets, each labelled as its source row (is a gain the teacher's or the
 augmentation's?); and ``distilled``, ``DistilledStudent`` (selective loss, transfer set,
 unlabelled rows labelled by the teacher) with the default ``CertifiedTeacher`` fitted on the
-labelled rows of the run. ``--labelled 0.3`` gives the other 70 % of the training rows
+labelled rows of the run; ``distilled, exact teacher radius``, the same with
+``teacher_radius_levels=None`` (the teacher's worst case at each batch's radius during the eps
+ramp instead of at 8 rounded-up steps). ``--labelled 0.3`` gives the other 70 % of the training rows
 unlabelled (label -1) to the distilled student. Gains are paired per seed against ``alone ibp``.
 
 Run: python benchmarks/bench_distill_front.py --study width [--labelled 1.0 0.3]
@@ -45,29 +50,40 @@ from benchmarks.bench_distill_fair import (  # noqa: E402
 )
 from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
 
-CONTENDERS = ("alone ibp", "alone ibp, augmented", "distilled")
+CONTENDERS = ("alone ibp", "alone ibp, augmented", "distilled",
+              "distilled, exact teacher radius")
 
 
-def make(contender: str, teacher, *, width: int, epochs: int | None, eps: float, seed: int):
+#: Study -> the key of its table and plot.
+STUDY_KEYS = {"width": "width", "epochs": "epochs", "transfer": "transfer_size"}
+
+
+def make(contender: str, teacher, *, width: int, epochs: int | None, transfer_size: float,
+         eps: float, seed: int):
     common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
                   module__hidden_sizes=(width,), max_epochs=epochs)
     if contender.startswith("alone"):
         return CertifiedTeacher(method="ibp", **common)
-    return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1, **common)
+    if contender == "distilled, exact teacher radius":
+        common["teacher_radius_levels"] = None
+    return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1,
+                            transfer_size=transfer_size, **common)
 
 
-def run(study: str, share: float, seeds, widths, epochs_grid, contenders,
+def run(study: str, share: float, seeds, grids: dict, contenders,
         data: str = "digits") -> list[dict]:
     X, X_test, y, y_test, eps, input_shape = load(data)
     mask = labelled_mask(y, share)
-    settings = ([(w, None) for w in widths] if study == "width"
-                else [(32, e) for e in epochs_grid])
+    settings = {"width": [(w, None, 1.0) for w in grids["width"]],
+                "epochs": [(32, e, 1.0) for e in grids["epochs"]],
+                "transfer": [(32, None, t) for t in grids["transfer"]]}[study]
     rows = []
     for seed in seeds:
         teacher = (teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
-                   if "distilled" in contenders else None)
-        for (width, epochs), contender in itertools.product(settings, contenders):
-            estimator = make(contender, teacher, width=width, epochs=epochs, eps=eps, seed=seed)
+                   if any(c.startswith("distilled") for c in contenders) else None)
+        for (width, epochs, size), contender in itertools.product(settings, contenders):
+            estimator = make(contender, teacher, width=width, epochs=epochs, transfer_size=size,
+                             eps=eps, seed=seed)
             start = time.perf_counter()
             if contender == "alone ibp, augmented":
                 estimator.fit(*augmented(X[mask], y[mask], eps, seed))
@@ -78,7 +94,7 @@ def run(study: str, share: float, seeds, widths, epochs_grid, contenders,
             seconds = time.perf_counter() - start
             complete = estimator.certify(X_test, y=y_test, method="complete")
             row = dict(contender=contender, width=width, epochs=epochs or estimator.n_epochs_,
-                       seed=seed, seconds=seconds,
+                       transfer_size=size, seed=seed, seconds=seconds,
                        parameters=sum(p.numel() for p in estimator.module_.parameters()),
                        clean=estimator.score(X_test, y_test),
                        complete=complete.certified_fraction,
@@ -89,7 +105,7 @@ def run(study: str, share: float, seeds, widths, epochs_grid, contenders,
 
 
 def table(rows: list[dict], study: str, contenders) -> str:
-    key = "width" if study == "width" else "epochs"
+    key = STUDY_KEYS[study]
     lines = [f"| {key} | parameters | contender | clean % | certified % (complete) | "
              "gain (per-seed range) | decided % | fit s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -116,18 +132,19 @@ def plot(rows: list[dict], study: str, share: float, folder: Path, contenders,
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, PercentFormatter
 
-    x_key = "parameters" if study == "width" else "epochs"
+    x_key = "parameters" if study == "width" else STUDY_KEYS[study]
     ax = Figure(figsize=(5.0, 3.5)).subplots()
     for contender in contenders:
         mine = [r for r in rows if r["contender"] == contender]
         xs = sorted({r[x_key] for r in mine})
         ax.plot(xs, [np.mean([r["complete"] for r in mine if r[x_key] == x]) for x in xs],
                 marker="o", label=contender)
-    ax.set_xscale("log")
+    ax.set_xscale("symlog" if study == "transfer" else "log")
     ticks = sorted({r[x_key] for r in rows})
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("student parameters" if study == "width" else "training epochs")
+    ax.set_xlabel({"width": "student parameters", "epochs": "training epochs",
+                   "transfer": "transfer inputs per kind (x training rows)"}[study])
     ax.set_ylabel("certified accuracy (complete)")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_title(f"{data}, {share:.0%} labels, mean of seeds")
@@ -141,12 +158,13 @@ def plot(rows: list[dict], study: str, share: float, folder: Path, contenders,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", choices=["width", "epochs"], required=True)
+    parser.add_argument("--study", choices=list(STUDY_KEYS), required=True)
     parser.add_argument("--data", choices=["digits", "breast_cancer"], default="digits")
     parser.add_argument("--labelled", nargs="+", type=float, default=[1.0, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--widths", nargs="+", type=int, default=[16, 32, 64, 128, 256])
     parser.add_argument("--epochs", nargs="+", type=int, default=[10, 25, 50, 100, 200])
+    parser.add_argument("--transfer-sizes", nargs="+", type=float, default=[0.0, 1.0, 2.0, 4.0])
     parser.add_argument("--contenders", nargs="+", default=["alone ibp", "distilled"],
                         choices=CONTENDERS)
     parser.add_argument("--plot", help="folder for the PNG files")
@@ -154,8 +172,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for share in args.labelled:
-        rows = run(args.study, share, args.seeds, args.widths, args.epochs, args.contenders,
-                   args.data)
+        grids = {"width": args.widths, "epochs": args.epochs, "transfer": args.transfer_sizes}
+        rows = run(args.study, share, args.seeds, grids, args.contenders, args.data)
         print(f"\n### {args.data}, {share:.0%} of the training labels, study {args.study}, "
               f"seeds {args.seeds}, {args.threads} torch thread(s)\n")
         print(table(rows, args.study, args.contenders))

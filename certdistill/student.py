@@ -70,9 +70,11 @@ class DistilledStudent(CertifiedNetBase):
     guidance from the teacher. The teacher's outputs are computed in eval mode without gradients
     and cached per training sample while the radius does not change
     (:class:`~certdistill.teacher_outputs.TeacherOutputs`): its clean logits ``t(x)`` and its
-    worst-case logits ``that(x, eps)`` at the student's current training radius, minus its margin
-    lower bounds (``that_j = -m_j``, ``that_y = 0``, bound method ``teacher_bounds``) or, for an
-    adversarially trained teacher, its logits at a PGD point. With the student's clean logits
+    worst-case logits ``that(x, eps)`` at the student's current training radius (while eps ramps,
+    rounded up to one of ``teacher_radius_levels`` steps: a ball that contains the student's),
+    minus its margin lower bounds (``that_j = -m_j``, ``that_y = 0``, bound method
+    ``teacher_bounds``) or, for an adversarially trained teacher, its logits at a PGD point.
+    With the student's clean logits
     ``s`` and worst-case logits ``shat`` (one interval pass), the certified term is
     ``L_cert = kappa CE(s, y) + (1 - kappa) CE(shat, y)`` and ``loss`` selects:
 
@@ -133,6 +135,12 @@ default="selective"
     cache_teacher : bool, default=True
         Keep the teacher's outputs per training sample (clean logits for the whole fit,
         worst-case logits while the radius does not change); the cache is dropped after ``fit``.
+    teacher_radius_levels : int or None, default=8
+        While eps ramps, the teacher's worst-case logits are computed at the student's radius
+        rounded up to one of this many equal steps of the final training radius (the rounded-up
+        ball contains the student's, so the targets stay worst cases over the student's ball),
+        and each step is computed once per training row (with ``cache_teacher``). ``None``: at
+        the student's exact radius, for every batch of the ramp (slower, see the README).
     transfer : str or tuple of str, default=("noise", "ball")
         Teacher-labelled inputs added to the training data (a transfer set), some of
         ``"noise"``, ``"ball"``, ``"shift"``, ``"mixup"`` (:mod:`certdistill.transfer`); each
@@ -201,6 +209,7 @@ default="selective"
         "transfer": Subset(TRANSFER_KINDS),
         "transfer_size": NON_NEGATIVE,
         "student_size": Range(0.0, 1.0, low_open=True),
+        "teacher_radius_levels": Range(1, integer=True, optional=True),
     }
 
     def __init__(
@@ -217,6 +226,7 @@ default="selective"
         temperature_end: float | None = None,
         pgd_steps: int = 1,
         cache_teacher: bool = True,
+        teacher_radius_levels: int | None = 8,
         transfer: str | tuple[str, ...] = ("noise", "ball"),
         transfer_size: float = 1.0,
         student_size: float = 0.1,
@@ -234,6 +244,7 @@ default="selective"
         self.temperature_end = temperature_end
         self.pgd_steps = pgd_steps
         self.cache_teacher = cache_teacher
+        self.teacher_radius_levels = teacher_radius_levels
         self.transfer = transfer
         self.transfer_size = transfer_size
         self.student_size = student_size
@@ -282,6 +293,7 @@ default="selective"
         extra = [] if X_unlabeled is None else [self._validate_unlabeled(X_unlabeled)]
         if self.transfer:
             extra.append(self._transfer_inputs(np.concatenate([X, *extra])))
+        extra = [rows for rows in extra if len(rows)]  # a small transfer_size may make none
         if extra:
             # The teacher labels every row that has no label of its own.
             X_extra = np.concatenate(extra)
@@ -384,8 +396,11 @@ default="selective"
     def _teacher_outputs(self) -> TeacherOutputs:
         outputs = getattr(self, "teacher_outputs_", None)
         if outputs is None or outputs.teacher is not self.teacher_:
+            levels = self.teacher_radius_levels
             outputs = TeacherOutputs(self.teacher_, self.teacher_bounds,
-                                     cache=bool(self.cache_teacher))
+                                     cache=bool(self.cache_teacher),
+                                     ceiling=self.training_perturbation(),
+                                     levels=None if levels is None else int(levels))
             self.teacher_outputs_ = outputs
         return outputs
 
@@ -441,7 +456,7 @@ default="selective"
         terms = self.interval_terms(x, y, training)
         logits, worst = terms.logits, terms.worst_logits
         needs_worst = self.loss in ("baseline", "margin", "selective")
-        t, that = self.teacher_logits(x, y, terms.perturbation,
+        t, that = self.teacher_logits(x, y, self._teacher_outputs().rounded_up(terms.perturbation),
                                       worst_case=needs_worst and lam > 0)
 
         target, weights = y, None

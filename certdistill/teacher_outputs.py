@@ -4,11 +4,16 @@ The teacher is fixed while a student trains, so its outputs on a training sample
 the sample and, for the worst case, on the radius. :class:`TeacherOutputs` computes them without
 gradients in eval mode and keeps them per sample (keyed by the sample's bytes, so no index has to
 travel through skorch's data loader): clean logits for the whole fit, worst-case logits for as
-long as the radius stays the same (after the eps ramp, every epoch reuses them).
+long as the radius stays the same (after the eps ramp, every epoch reuses them). While eps ramps,
+the radius changes at every batch; :meth:`TeacherOutputs.rounded_up` gives the radius rounded up
+to one of ``levels`` equal steps of a ceiling radius, at which each step is computed once per
+sample, and whose ball still contains the student's (the teacher's worst case over it bounds the
+teacher's worst case over the student's ball).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +59,11 @@ class TeacherOutputs:
     cache : bool, default=True
         Keep outputs per sample (clean logits always, worst-case logits while the radius does not
         change).
+    ceiling : Perturbation or None, default=None
+        The largest radius (the student's final training perturbation); with ``levels``,
+        :meth:`rounded_up` rounds radii up to it to ``levels`` equal steps of it.
+    levels : int or None, default=None
+        Number of steps of ``ceiling`` (``None``: the worst case at each batch's exact radius).
 
     Attributes
     ----------
@@ -65,6 +75,8 @@ class TeacherOutputs:
     bounds: str
     pgd_steps: int = 10
     cache: bool = True
+    ceiling: Perturbation | None = None
+    levels: int | None = None
     hits: int = 0
     misses: int = 0
     _clean: dict = field(default_factory=dict, repr=False)
@@ -101,8 +113,8 @@ class TeacherOutputs:
         keys = _sample_keys(x, y) if self.cache and cache else None
         logits = self._lookup(self._clean, keys)
         worst = None
-        radius = _radius_key(perturbation)
         want_worst = worst_case and perturbation.level > 0.0
+        radius = _radius_key(perturbation)
         if want_worst:
             if self._worst_radius != radius:
                 self._worst, self._worst_radius = {}, radius
@@ -122,6 +134,24 @@ class TeacherOutputs:
         elif worst_case:
             worst = logits - logits.gather(1, y[:, None])
         return logits, worst
+
+    def rounded_up(self, perturbation: Perturbation) -> Perturbation:
+        """The perturbation the worst case is computed at: ``perturbation`` itself, or (with
+        ``levels``) the smallest of the steps ``k / levels * ceiling`` whose radius is at least
+        the batch's everywhere (checked per feature, so the step's ball contains the batch's)."""
+        if self.levels is None or self.ceiling is None or perturbation.per_sample:
+            return perturbation
+        top = self.ceiling.level
+        fraction = perturbation.level / top if top > 0.0 else math.inf
+        if not 0.0 < fraction <= 1.0:
+            return perturbation
+        eps = perturbation.eps.to(self.ceiling.eps.device)
+        first = max(1, math.ceil(fraction * self.levels) - 1)  # float error may round one low
+        for step in range(first, int(self.levels) + 1):
+            rounded = self.ceiling.scaled(step / int(self.levels))
+            if bool((rounded.eps >= eps).all()):
+                return rounded.to(device=perturbation.eps.device)
+        return perturbation
 
     @staticmethod
     def _lookup(store: dict, keys) -> Tensor | None:

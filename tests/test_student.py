@@ -126,7 +126,8 @@ def test_bad_teacher_and_params(small, teacher):
     with pytest.raises(ValueError, match="temperature"):
         DistilledStudent(teacher, temperature=0.0, **STUDENT).fit(X, y)
     bad = [("teacher_bounds", "exact"), ("temperature_end", -1.0), ("distill_weight_end", 1.5),
-           ("distill_weight", -0.1), ("pgd_steps", 0), ("worst_case_weight", -1.0)]
+           ("distill_weight", -0.1), ("pgd_steps", 0), ("worst_case_weight", -1.0),
+           ("teacher_radius_levels", 0), ("teacher_radius_levels", 2.5)]
     for name, value in bad:
         with pytest.raises(ValueError, match=name):
             DistilledStudent(teacher, **{name: value}, **STUDENT).fit(X, y)
@@ -168,6 +169,20 @@ def test_teacher_bounds_are_cached_while_eps_is_constant(small, teacher, monkeyp
                                cache_teacher=cache, **{**STUDENT, "max_epochs": 4}).fit(X, y)
     assert len(calls) == (3 if cache else 12)
     assert student.teacher_outputs_ is None  # dropped after fit: not pickled with the student
+
+
+@pytest.mark.parametrize("levels", [None, 2, 4])
+def test_teacher_radius_levels_bound_the_teacher_passes_of_the_ramp(small, teacher, monkeypatch,
+                                                                  levels):
+    X, y = small
+    calls = _count_teacher_bounds(monkeypatch, teacher)
+    # the whole run is the ramp: 3 batches per epoch, 6 epochs, eps changes at every batch
+    student = DistilledStudent(teacher, warmup=0.0, ramp=1.0, batch_size=100,
+                               teacher_radius_levels=levels, **{**STUDENT, "max_epochs": 6})
+    student.fit(X, y)
+    # exact: one pass per batch but the first (eps 0); rounded: one per batch and step (each
+    # step's rows are computed once)
+    assert len(calls) == (17 if levels is None else 3 * levels)
 
 
 def test_cached_training_equals_uncached(small, teacher):
@@ -351,8 +366,9 @@ def test_training_loss_values_by_hand(loss):
     s_w, s_b = rng.normal(0, 1, (3, 3)), rng.normal(0, 0.3, 3)
     common = dict(eps=eps, lower=0.0, upper=1.0, max_epochs=0, reg_lambda=0.0)
     teacher = CertifiedTeacher(_linear(t_w, t_b), method="ibp", **common).fit(X, y)
+    # the teacher's worst case at the student's exact radius (rounding is tested on its own)
     student = DistilledStudent(teacher, _linear(s_w, s_b), loss=loss, worst_case_weight=mu,
-                               **common).fit(X, y)
+                               teacher_radius_levels=None, **common).fit(X, y)
     student.current_perturbation_ = student.perturbation_.with_eps(eps)
     student.current_kappa_ = kappa
     student.current_distill_weight_, student.current_temperature_ = lam, temp

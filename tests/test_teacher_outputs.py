@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 
 from certdistill import CertifiedTeacher
 from certdistill.attacks import pgd_attack
+from certdistill.bounds import Perturbation
 from certdistill.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
 
 EPS = 0.05
@@ -93,3 +94,45 @@ def test_zero_eps_gives_shifted_clean_logits(fitted):
     teacher, x, y = fitted
     clean, worst = TeacherOutputs(teacher, "ibp")(x, y, around(x, 0.0))
     torch.testing.assert_close(worst, clean - clean.gather(1, y[:, None]))
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_rounded_radius_contains_the_batch_ball_and_takes_few_values(per_feature):
+    eps = torch.linspace(0.01, 0.2, 64) if per_feature else 0.2
+    ceiling = Perturbation.create(eps, (64,), lower=0.0, upper=1.0)
+    outputs = TeacherOutputs(None, "ibp", ceiling=ceiling, levels=8)
+    seen = set()
+    for fraction in np.concatenate([np.linspace(1e-4, 1.0, 997), [1 / 8, 3 / 8, 7 / 8]]):
+        batch = ceiling.scaled(float(fraction))
+        rounded = outputs.rounded_up(batch)
+        assert torch.all(rounded.eps >= batch.eps)  # the rounded ball contains the batch's
+        # ... and is the smallest step that does (or the next one, for float error)
+        assert rounded.level <= ceiling.level * (np.ceil(fraction * 8 - 1e-9) + 1) / 8 + 1e-9
+        seen.add(rounded.eps.numpy().tobytes())
+    assert len(seen) == 8
+    assert torch.equal(outputs.rounded_up(ceiling).eps, ceiling.eps)
+    beyond = ceiling.scaled(1.5)  # outside the grid: the batch's own radius
+    assert outputs.rounded_up(beyond) is beyond
+    exact = TeacherOutputs(None, "ibp", ceiling=ceiling, levels=None)
+    assert exact.rounded_up(ceiling.scaled(0.3)).level == pytest.approx(0.3 * ceiling.level)
+
+
+def test_rounded_worst_case_bounds_the_batch_ball_and_is_computed_once_per_step(fitted):
+    teacher, x, y = fitted
+    ceiling = around(x, 2 * EPS, 0.0, 1.0)
+    outputs = TeacherOutputs(teacher, "ibp", ceiling=ceiling, levels=4)
+    exact = TeacherOutputs(teacher, "ibp")
+    generator = torch.Generator().manual_seed(1)
+    for fraction in (0.26, 0.3, 0.4, 0.49, 0.5):  # one step (0.5 of the ceiling): one miss
+        batch = ceiling.scaled(fraction)
+        _, worst = outputs(x, y, outputs.rounded_up(batch))
+        _, tight = exact(x, y, batch)
+        assert torch.all(worst >= tight - 1e-5)  # a larger ball's bounds are looser
+        radius = batch.eps
+        for _ in range(10):
+            delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * radius
+            with torch.no_grad():
+                z = teacher.module_((x + torch.sign(delta) * radius).clamp(0.0, 1.0))
+            assert torch.all(z - z.gather(1, y[:, None]) <= worst + 1e-5)
+    assert (outputs.misses, outputs.hits) == (1, 4)
+    assert exact.misses == 5

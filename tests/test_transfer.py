@@ -83,6 +83,15 @@ def test_every_transfer_kind_adds_teacher_labelled_rows_inside_the_domain(small,
     assert student.score(X, y) > 0.25
 
 
+@pytest.mark.parametrize("size", [0.0, 1e-4])
+def test_a_transfer_set_of_no_rows_trains_on_the_given_rows(small, size):
+    X, y = small
+    teacher = FrozenEstimator(CertifiedTeacher(**TEACHER).fit(X, y))
+    student = DistilledStudent(teacher, transfer_size=size,
+                               **dict(STUDENT, transfer=("noise", "ball"))).fit(X, y)
+    assert _rows_trained(student) == len(X)
+
+
 def test_transfer_inputs_by_hand():
     rng = np.random.RandomState(0)
     X = rng.uniform(0, 1, (10, 4)).astype(np.float32)
