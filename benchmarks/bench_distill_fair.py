@@ -20,8 +20,9 @@ not used: ``--hidden``):
 * ``alone ibp`` and ``alone mtl-ibp``: ``CertifiedTeacher`` on the student network, trained on the
   labelled rows only;
 * ``alone ibp, augmented``: the same, on the labelled rows plus as many noise and ball inputs per
-  kind as the distilled student gets (:func:`certdistill.transfer.transfer_inputs`), each with the
-  label of the row it was made from: is a gain the teacher's, or the augmentation's?
+  kind as the distilled student gets (its default ``transfer_size``;
+  :func:`certdistill.transfer.transfer_inputs`), each with the label of the row it was made
+  from: is a gain the teacher's, or the augmentation's?
 * ``distilled``: ``DistilledStudent`` with its defaults (selective loss, teacher-labelled transfer
   inputs, unlabelled rows labelled by the teacher), its teacher a default ``CertifiedTeacher``
   fitted on the labelled rows of the run;
@@ -66,6 +67,8 @@ GRID = {
 }
 DEFAULT_CONTENDERS = ("alone ibp", "alone ibp, augmented", "alone mtl-ibp", "distilled")
 AD_CERT = dict(loss="adversarial", pgd_steps=5, transfer=())
+#: The distilled student's transfer set size (its default), given to the augmented contender too.
+TRANSFER_SIZE = DistilledStudent(teacher=None).transfer_size
 
 
 def load(name: str, seed: int = 0):
@@ -104,9 +107,10 @@ def make(contender: str, config: dict, *, eps: float, seed: int, hidden: tuple,
                             **common, **config)
 
 
-def augmented(X: np.ndarray, y: np.ndarray, eps: float, seed: int):
-    """The rows plus noise and ball inputs made from them, each labelled as its source row."""
-    made, sources = transfer_inputs(X, ("noise", "ball"), 1.0, np.float32(eps),
+def augmented(X: np.ndarray, y: np.ndarray, eps: float, seed: int, size: float = 1.0):
+    """The rows plus noise and ball inputs made from them (``size`` times the rows per kind, as
+    the distilled student's ``transfer_size``), each labelled as its source row."""
+    made, sources = transfer_inputs(X, ("noise", "ball"), size, np.float32(eps),
                                     lower=np.float32(0.0), upper=np.float32(1.0),
                                     input_shape=None, random_state=np.random.RandomState(seed),
                                     return_sources=True)
@@ -117,7 +121,7 @@ def fit(contender: str, estimator, X, y, mask, eps: float = 0.0, seed: int = 0):
     """Fit on the labelled rows (alone) or on every row, the unlabelled ones marked -1."""
     start = time.perf_counter()
     if contender == "alone ibp, augmented":
-        estimator.fit(*augmented(X[mask], y[mask], eps, seed))
+        estimator.fit(*augmented(X[mask], y[mask], eps, seed, TRANSFER_SIZE))
     elif contender.startswith("alone"):
         estimator.fit(X[mask], y[mask])
     else:

@@ -10,7 +10,8 @@ verification on the test samples:
   beside the epochs, since the distilled student's epochs also cover its transfer rows;
 * ``--study transfer``: the 32-unit distilled student with ``transfer_size`` 0 to 4
   (``--transfer-sizes``: teacher-labelled noise and ball inputs per kind, as a multiple of the
-  training rows); the students trained alone do not depend on it.
+  training rows); ``alone ibp, augmented`` gets as many inputs, ``alone ibp`` does not depend on
+  it.
 
 Contenders (``--contenders``), with their defaults (no tuning: the question is what a user
 gets): ``alone ibp``, ``CertifiedTeacher(method="ibp")`` trained alone on the labelled rows;
@@ -24,14 +25,16 @@ ramp instead of at 8 rounded-up steps). ``--labelled 0.3`` gives the other 70 % 
 unlabelled (label -1) to the distilled student. Gains are paired per seed against ``alone ibp``.
 
 Run: python benchmarks/bench_distill_front.py --study width [--labelled 1.0 0.3]
-[--seeds 0 1 2] [--contenders ...] [--plot DIR]. Prints a markdown table and the command that
-reproduces it.
+[--seeds 0 1 2] [--contenders ...] [--distilled NAME=VALUE ...] [--plot DIR]. Prints a markdown
+table and the command that reproduces it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -59,7 +62,7 @@ STUDY_KEYS = {"width": "width", "epochs": "epochs", "transfer": "transfer_size"}
 
 
 def make(contender: str, teacher, *, width: int, epochs: int | None, transfer_size: float,
-         eps: float, seed: int):
+         eps: float, seed: int, distilled: dict | None = None):
     common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
                   module__hidden_sizes=(width,), max_epochs=epochs)
     if contender.startswith("alone"):
@@ -67,11 +70,11 @@ def make(contender: str, teacher, *, width: int, epochs: int | None, transfer_si
     if contender == "distilled, exact teacher radius":
         common["teacher_radius_levels"] = None
     return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1,
-                            transfer_size=transfer_size, **common)
+                            **{"transfer_size": transfer_size, **common, **(distilled or {})})
 
 
 def run(study: str, share: float, seeds, grids: dict, contenders,
-        data: str = "digits") -> list[dict]:
+        data: str = "digits", distilled: dict | None = None) -> list[dict]:
     X, X_test, y, y_test, eps, input_shape = load(data)
     mask = labelled_mask(y, share)
     settings = {"width": [(w, None, 1.0) for w in grids["width"]],
@@ -83,10 +86,10 @@ def run(study: str, share: float, seeds, grids: dict, contenders,
                    if any(c.startswith("distilled") for c in contenders) else None)
         for (width, epochs, size), contender in itertools.product(settings, contenders):
             estimator = make(contender, teacher, width=width, epochs=epochs, transfer_size=size,
-                             eps=eps, seed=seed)
+                             eps=eps, seed=seed, distilled=distilled)
             start = time.perf_counter()
             if contender == "alone ibp, augmented":
-                estimator.fit(*augmented(X[mask], y[mask], eps, seed))
+                estimator.fit(*augmented(X[mask], y[mask], eps, seed, size))
             elif contender == "alone ibp":
                 estimator.fit(X[mask], y[mask])
             else:
@@ -169,18 +172,24 @@ def main(argv=None) -> int:
                         choices=CONTENDERS)
     parser.add_argument("--plot", help="folder for the PNG files")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--distilled", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="DistilledStudent parameters of the distilled contenders, e.g. "
+                             "teacher_bounds='best' transfer_size=4.0 (Python literals)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for share in args.labelled:
         grids = {"width": args.widths, "epochs": args.epochs, "transfer": args.transfer_sizes}
-        rows = run(args.study, share, args.seeds, grids, args.contenders, args.data)
+        distilled = {name: ast.literal_eval(value) for name, value in
+                     (item.split("=", 1) for item in args.distilled)}
+        rows = run(args.study, share, args.seeds, grids, args.contenders, args.data, distilled)
         print(f"\n### {args.data}, {share:.0%} of the training labels, study {args.study}, "
-              f"seeds {args.seeds}, {args.threads} torch thread(s)\n")
+              f"seeds {args.seeds}, {args.threads} torch thread(s)"
+              + (f", distilled with {distilled}" if distilled else "") + "\n")
         print(table(rows, args.study, args.contenders))
         if args.plot:
             path = plot(rows, args.study, share, Path(args.plot), args.contenders, args.data)
             print(f"\nplot: {path}")
-    print("\nReproduce: python benchmarks/bench_distill_front.py " + " ".join(
+    print("\nReproduce: python benchmarks/bench_distill_front.py " + shlex.join(
         sys.argv[1:] if argv is None else argv))
     return 0
 

@@ -113,8 +113,8 @@ class TeacherOutputs:
         keys = _sample_keys(x, y) if self.cache and cache else None
         logits = self._lookup(self._clean, keys)
         worst = None
-        want_worst = worst_case and perturbation.level > 0.0
         radius = _radius_key(perturbation)
+        want_worst = worst_case and perturbation.level > 0.0
         if want_worst:
             if self._worst_radius != radius:
                 self._worst, self._worst_radius = {}, radius
