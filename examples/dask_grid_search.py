@@ -5,7 +5,7 @@ A ``CertifiedTeacher`` is trained once on digits and frozen; ``GridSearchCV`` tu
 certified accuracy at eps = 0.1). The same search runs twice: sequentially (``n_jobs=1``), then
 on a local dask cluster of worker processes with one thread each, through joblib's dask backend.
 The script prints both durations, checks that the two searches found the same scores and the
-same best parameters, and prints the table of the search (about a minute on 2 CPU cores).
+same best parameters, and prints the table of the search (about three minutes on 2 CPU cores).
 
 Needs dask.distributed: pip install "certdistill[dask]".
 
