@@ -146,9 +146,9 @@ class TeacherOutputs:
         if not 0.0 < fraction <= 1.0:
             return perturbation
         eps = perturbation.eps.to(self.ceiling.eps.device)
-        first = max(1, math.ceil(fraction * self.levels) - 1)  # float error may round one low
-        for step in range(first, int(self.levels) + 1):
-            rounded = self.ceiling.scaled(step / int(self.levels))
+        # The first candidate is right unless float error made it one step too low.
+        for step in range(max(1, math.ceil(fraction * self.levels)), self.levels + 1):
+            rounded = self.ceiling.scaled(step / self.levels)
             if bool((rounded.eps >= eps).all()):
                 return rounded.to(device=perturbation.eps.device)
         return perturbation
