@@ -6,10 +6,10 @@ rows (``--labelled``, e.g. 1.0 and 0.3; the other rows are given unlabelled), ev
 the same tuning budget:
 
 1. **Tuning.** A validation split (20 %, stratified) is carved from the labelled training rows
-   (never the test data). Each configuration of the contender's own knobs (``GRID``) is fitted on
-   the rest with seed 0 and scored on the validation split by certified accuracy (the default
-   cascade of ``certify()``), clean accuracy breaking ties. All the configurations' (clean,
-   certified) pairs on the validation split make the Pareto fronts.
+   (never the test data). Each configuration of the contender's own knobs (``GRID``: 8 per
+   contender) is fitted on the rest with seed 0 and scored on the validation split by certified
+   accuracy (the default cascade of ``certify()``), clean accuracy breaking ties. All the
+   configurations' (clean, certified) pairs on the validation split make the Pareto fronts.
 2. **Measure.** The chosen configuration is refitted on all the training rows with seeds 0, 1, 2
    and measured on the test data: clean accuracy, certified accuracy by IBP, by CROWN and by
    complete verification (``method="complete"``), the share decided, and fit time.
@@ -17,31 +17,39 @@ the same tuning budget:
 Contenders (the same student network for all, the default of ``DistilledStudent``'s size rule is
 not used: ``--hidden``):
 
-* ``alone ibp`` and ``alone mtl-ibp``: ``CertifiedTeacher`` on the student network, trained on the
-  labelled rows only;
+* ``alone ibp``, ``alone crown-ibp`` and ``alone mtl-ibp``: ``CertifiedTeacher`` on the student
+  network, trained on the labelled rows only;
 * ``alone ibp, augmented``: the same, on the labelled rows plus as many noise and ball inputs per
   kind as the distilled student gets (its default ``transfer_size``;
   :func:`certdistill.transfer.transfer_inputs`), each with the label of the row it was made
   from: is a gain the teacher's, or the augmentation's?
-* ``distilled``: ``DistilledStudent`` with its defaults (selective loss, teacher-labelled transfer
-  inputs, unlabelled rows labelled by the teacher), its teacher a default ``CertifiedTeacher``
-  fitted on the labelled rows of the run;
-* ``ad-cert, certified teacher`` and ``ad-cert, adversarial teacher`` (only with
-  ``--contenders``): the seed recipe, AD-CERT's expressive loss (``loss="adversarial"``: the
-  student's IBP loss mixed with KL to the teacher's logits at the student's 5-step PGD point,
-  weight tuned; no transfer set), from the default certified teacher or from one trained by PGD
-  alone (``CertifiedTeacher(method="mtl-ibp", alpha=0.0, pgd_steps=5)``, worst-case targets by
-  PGD, ``teacher_bounds="pgd"``).
+* ``distilled``: ``DistilledStudent`` with its default loss (selective loss, teacher-labelled
+  transfer inputs, unlabelled rows labelled by the teacher), its teacher a default
+  ``CertifiedTeacher`` fitted on the labelled rows of the run, tuned like the others;
+  ``distilled, defaults``: the same untuned, every knob at its default (the user's student);
+* ``distilled, baseline``, ``distilled, soft-certified``, ``distilled, margin``: the other
+  distillation losses (KL to the teacher's clean and worst-case logits, soft labels, margin
+  matching), with the same transfer set, tuned over their weight, temperature and training
+  radius;
+* ``ad-cert, certified teacher`` and ``ad-cert, adversarial teacher``: the seed recipe, AD-CERT's
+  expressive loss (``loss="adversarial"``: the student's IBP loss mixed with KL to the teacher's
+  logits at the student's 5-step PGD point, weight tuned; no transfer set), from the default
+  certified teacher or from one trained by PGD alone (``CertifiedTeacher(method="mtl-ibp",
+  alpha=0.0, pgd_steps=5)``, worst-case targets by PGD, ``teacher_bounds="pgd"``).
+
+The ones not in ``DEFAULT_CONTENDERS`` run when named in ``--contenders``.
 
 Run: python benchmarks/bench_distill_fair.py [--data digits breast_cancer] [--labelled 1.0 0.3]
-[--seeds 0 1 2] [--hidden 32] [--contenders ...] [--plot DIR]. Prints markdown tables and the
-command that reproduces them; with ``--plot``, writes the Pareto fronts as PNG files.
+[--seeds 0 1 2] [--hidden 32] [--contenders ...] [--plot DIR [--suffix _NAME]]. Prints markdown
+tables and the command that reproduces them; with ``--plot``, writes the Pareto fronts as PNG
+files.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -56,17 +64,46 @@ from benchmarks.bench_distill import load as load_split  # noqa: E402
 from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
 from certdistill.transfer import transfer_inputs  # noqa: E402
 
-#: Contender -> the knobs it is tuned over (each product of values is one configuration).
+RATIOS = [1.0, 1.25, 1.5, 2.0]
+#: Contender -> the knobs it is tuned over (each product of values is one configuration; 8 per
+#: contender, 1 for the untuned default).
 GRID = {
-    "alone ibp": {"eps_train_ratio": [1.0, 1.5], "kappa_end": [0.0, 0.5]},
-    "alone ibp, augmented": {"eps_train_ratio": [1.0, 1.5], "kappa_end": [0.0, 0.5]},
-    "alone mtl-ibp": {"alpha": [0.5, 0.8], "eps_train_ratio": [1.0, 1.5]},
-    "distilled": {"distill_weight": [0.5, 1.0], "temperature": [0.25, 1.0]},
-    "ad-cert, certified teacher": {"distill_weight": [0.2, 0.4, 0.6, 0.8]},
-    "ad-cert, adversarial teacher": {"distill_weight": [0.2, 0.4, 0.6, 0.8]},
+    "alone ibp": {"eps_train_ratio": RATIOS, "kappa_end": [0.0, 0.5]},
+    "alone ibp, augmented": {"eps_train_ratio": RATIOS, "kappa_end": [0.0, 0.5]},
+    "alone crown-ibp": {"eps_train_ratio": RATIOS, "beta_end": [0.0, 0.5]},
+    "alone mtl-ibp": {"alpha": [0.5, 0.8], "eps_train_ratio": RATIOS},
+    "distilled": {"distill_weight": [0.5, 1.0], "temperature": [0.25, 1.0],
+                  "eps_train_ratio": [1.0, 1.5]},
+    "distilled, defaults": {},
+    "distilled, baseline": {"distill_weight": [0.25, 0.5], "temperature": [1.0, 4.0],
+                            "eps_train_ratio": [1.0, 1.5]},
+    "distilled, soft-certified": {"distill_weight": [0.3, 0.6], "temperature": [1.0, 4.0],
+                                  "eps_train_ratio": [1.0, 1.5]},
+    "distilled, margin": {"distill_weight": [0.2, 0.5], "temperature": [1.0, 4.0],
+                          "eps_train_ratio": [1.0, 1.5]},
+    "ad-cert, certified teacher": {"distill_weight": [0.2, 0.4, 0.6, 0.8],
+                                   "eps_train_ratio": [1.0, 1.5]},
+    "ad-cert, adversarial teacher": {"distill_weight": [0.2, 0.4, 0.6, 0.8],
+                                     "eps_train_ratio": [1.0, 1.5]},
 }
-DEFAULT_CONTENDERS = ("alone ibp", "alone ibp, augmented", "alone mtl-ibp", "distilled")
+DEFAULT_CONTENDERS = ("alone ibp", "alone ibp, augmented", "alone mtl-ibp", "distilled",
+                      "distilled, defaults")
 AD_CERT = dict(loss="adversarial", pgd_steps=5, transfer=())
+#: Contender -> (its teacher: None for a student trained alone, else the teacher's kind of
+#: ``teachers_for``; the fixed parameters of its estimator).
+SETUP = {
+    "alone ibp": (None, dict(method="ibp")),
+    "alone ibp, augmented": (None, dict(method="ibp")),
+    "alone crown-ibp": (None, dict(method="crown-ibp")),
+    "alone mtl-ibp": (None, dict(method="mtl-ibp", pgd_steps=5)),
+    "distilled": ("certified", {}),
+    "distilled, defaults": ("certified", {}),
+    "distilled, baseline": ("certified", dict(loss="baseline")),
+    "distilled, soft-certified": ("certified", dict(loss="soft-certified")),
+    "distilled, margin": ("certified", dict(loss="margin")),
+    "ad-cert, certified teacher": ("certified", AD_CERT),
+    "ad-cert, adversarial teacher": ("adversarial", dict(AD_CERT, teacher_bounds="pgd")),
+}
 #: The distilled student's transfer set size (its default), given to the augmented contender too.
 TRANSFER_SIZE = DistilledStudent(teacher=None).transfer_size
 
@@ -93,17 +130,10 @@ def make(contender: str, config: dict, *, eps: float, seed: int, hidden: tuple,
     """The contender's estimator; ``teachers``: kind ("certified", "adversarial") -> teacher."""
     common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
                   module__hidden_sizes=hidden)
-    if contender in ("alone ibp", "alone ibp, augmented"):
-        return CertifiedTeacher(method="ibp", **common, **config)
-    if contender == "alone mtl-ibp":
-        return CertifiedTeacher(method="mtl-ibp", pgd_steps=5, **common, **config)
-    if contender == "ad-cert, adversarial teacher":
-        return DistilledStudent(FrozenEstimator(teachers["adversarial"]), unlabeled_label=-1,
-                                teacher_bounds="pgd", **AD_CERT, **common, **config)
-    if contender == "ad-cert, certified teacher":
-        return DistilledStudent(FrozenEstimator(teachers["certified"]), unlabeled_label=-1,
-                                **AD_CERT, **common, **config)
-    return DistilledStudent(FrozenEstimator(teachers["certified"]), unlabeled_label=-1,
+    kind, fixed = SETUP[contender]
+    if kind is None:
+        return CertifiedTeacher(**fixed, **common, **config)
+    return DistilledStudent(FrozenEstimator(teachers[kind]), unlabeled_label=-1, **fixed,
                             **common, **config)
 
 
@@ -122,7 +152,7 @@ def fit(contender: str, estimator, X, y, mask, eps: float = 0.0, seed: int = 0):
     start = time.perf_counter()
     if contender == "alone ibp, augmented":
         estimator.fit(*augmented(X[mask], y[mask], eps, seed, TRANSFER_SIZE))
-    elif contender.startswith("alone"):
+    elif SETUP[contender][0] is None:
         estimator.fit(X[mask], y[mask])
     else:
         estimator.fit(X, np.where(mask, y, -1))
@@ -140,9 +170,10 @@ def teacher_for(X, y, mask, *, eps, input_shape, seed, adversarial=False):
 def teachers_for(contenders, X, y, mask, **kwargs) -> dict:
     """The teachers the contenders need, by kind."""
     teachers = {}
-    if any(c == "distilled" or c == "ad-cert, certified teacher" for c in contenders):
+    kinds = {SETUP[c][0] for c in contenders}
+    if "certified" in kinds:
         teachers["certified"] = teacher_for(X, y, mask, **kwargs)
-    if "ad-cert, adversarial teacher" in contenders:
+    if "adversarial" in kinds:
         teachers["adversarial"] = teacher_for(X, y, mask, adversarial=True, **kwargs)
     return teachers
 
@@ -209,7 +240,7 @@ def _mean_std(values) -> str:
 
 
 def table(rows: dict, chosen: dict) -> str:
-    best_alone = max((c for c in rows if c.startswith("alone")),
+    best_alone = max((c for c in rows if SETUP[c][0] is None),
                      key=lambda c: np.mean([r["complete"] for r in rows[c]]))
     lines = ["| contender | chosen configuration | clean % | IBP % | CROWN % | complete % | "
              "gain vs best alone (per-seed range) | decided % | fit s |",
@@ -241,6 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS),
                         choices=list(GRID))
     parser.add_argument("--plot", help="folder for the Pareto-front PNG files")
+    parser.add_argument("--suffix", default="", help="end of the PNG files' names")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -261,16 +293,15 @@ def main(argv=None) -> int:
 
             folder = Path(args.plot)
             folder.mkdir(parents=True, exist_ok=True)
-            groups = {"alone": [p for c in fronts if c.startswith("alone") for p in fronts[c]]}
-            groups.update({c: fronts[c] for c in fronts if not c.startswith("alone")})
+            groups = {"alone": [p for c in fronts if SETUP[c][0] is None for p in fronts[c]]}
+            groups.update({c: fronts[c] for c in fronts if SETUP[c][0] is not None})
             ax = plot_pareto_fronts(
                 groups,
                 title=f"{data}, {share:.0%} labels: tuned configurations (validation)")
-            suffix = "" if list(args.contenders) == list(DEFAULT_CONTENDERS) else "_ad_cert"
-            path = folder / f"pareto_{data}_{int(round(100 * share))}{suffix}.png"
+            path = folder / f"pareto_{data}_{int(round(100 * share))}{args.suffix}.png"
             ax.figure.savefig(path, dpi=110, bbox_inches="tight")
             print(f"\nfront: {path}")
-    print("\nReproduce: python benchmarks/bench_distill_fair.py " + " ".join(
+    print("\nReproduce: python benchmarks/bench_distill_fair.py " + shlex.join(
         sys.argv[1:] if argv is None else argv))
     return 0
 

@@ -1,6 +1,6 @@
-"""Certified accuracy against student size and against training epochs, alone and distilled.
+"""Certified accuracy against student size, training epochs and transfer set, alone and distilled.
 
-Three studies on digits (eps 0.1; or ``--data breast_cancer``, eps 0.05), judged by complete
+Four studies on digits (eps 0.1; or ``--data breast_cancer``, eps 0.05), judged by complete
 verification on the test samples:
 
 * ``--study width``: one hidden layer of 16, 32, 64, 128 or 256 units (``--widths``), the front
@@ -11,7 +11,12 @@ verification on the test samples:
 * ``--study transfer``: the 32-unit distilled student with ``transfer_size`` 0 to 4
   (``--transfer-sizes``: teacher-labelled noise and ball inputs per kind, as a multiple of the
   training rows); ``alone ibp, augmented`` gets as many inputs, ``alone ibp`` does not depend on
-  it.
+  it;
+* ``--study default``: the distilled student of the default size (no ``module``: the size rule
+  of ``DistilledStudent``, ``student_size=0.1`` of the teacher's parameters), the students
+  trained alone of the same hidden widths.
+
+The width and epochs studies use the distilled student's default ``transfer_size``.
 
 Contenders (``--contenders``), with their defaults (no tuning: the question is what a user
 gets): ``alone ibp``, ``CertifiedTeacher(method="ibp")`` trained alone on the labelled rows;
@@ -21,8 +26,11 @@ augmentation's?); and ``distilled``, ``DistilledStudent`` (selective loss, trans
 unlabelled rows labelled by the teacher) with the default ``CertifiedTeacher`` fitted on the
 labelled rows of the run; ``distilled, exact teacher radius``, the same with
 ``teacher_radius_levels=None`` (the teacher's worst case at each batch's radius during the eps
-ramp instead of at 8 rounded-up steps). ``--labelled 0.3`` gives the other 70 % of the training rows
-unlabelled (label -1) to the distilled student. Gains are paired per seed against ``alone ibp``.
+ramp instead of at 8 rounded-up steps); ``distilled, source labels`` and ``distilled, agreeing
+labels``, the research variants of ``benchmarks/distill_variants.py`` (transfer inputs labelled
+as their source rows, or only those the teacher labels so). ``--labelled 0.3`` gives the other
+70 % of the training rows unlabelled (label -1) to the distilled student. Gains are paired per
+seed against ``alone ibp``.
 
 Run: python benchmarks/bench_distill_front.py --study width [--labelled 1.0 0.3]
 [--seeds 0 1 2] [--contenders ...] [--distilled NAME=VALUE ...] [--plot DIR]. Prints a markdown
@@ -46,45 +54,71 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from sklearn.frozen import FrozenEstimator  # noqa: E402
 
 from benchmarks.bench_distill_fair import (  # noqa: E402
+    TRANSFER_SIZE,
     augmented,
     labelled_mask,
     load,
     teacher_for,
 )
+from benchmarks.distill_variants import (  # noqa: E402
+    AgreeingLabelsStudent,
+    SourceLabelledStudent,
+)
 from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
 
-CONTENDERS = ("alone ibp", "alone ibp, augmented", "distilled",
-              "distilled, exact teacher radius")
+#: Distilled contender -> its class (the research variants of ``distill_variants``).
+DISTILLED = {"distilled": DistilledStudent, "distilled, exact teacher radius": DistilledStudent,
+             "distilled, source labels": SourceLabelledStudent,
+             "distilled, agreeing labels": AgreeingLabelsStudent}
+CONTENDERS = ("alone ibp", "alone ibp, augmented", *DISTILLED)
 
 
 #: Study -> the key of its table and plot.
-STUDY_KEYS = {"width": "width", "epochs": "epochs", "transfer": "transfer_size"}
+STUDY_KEYS = {"width": "width", "epochs": "epochs", "transfer": "transfer_size",
+              "default": "hidden"}
 
 
-def make(contender: str, teacher, *, width: int, epochs: int | None, transfer_size: float,
+def hidden_sizes(estimator) -> tuple[int, ...]:
+    """Widths of the hidden ``Linear`` layers of a fitted MLP."""
+    linear = [m for m in estimator.module_.modules() if isinstance(m, torch.nn.Linear)]
+    return tuple(m.out_features for m in linear[:-1])
+
+
+def make(contender: str, teacher, *, width, epochs: int | None, transfer_size: float,
          eps: float, seed: int, distilled: dict | None = None):
-    common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed,
-                  module__hidden_sizes=(width,), max_epochs=epochs)
+    """``width``: hidden units of one layer, a tuple of widths, or ``None`` (the distilled
+    student's size rule)."""
+    hidden = {} if width is None else {
+        "module__hidden_sizes": tuple(width) if isinstance(width, tuple) else (width,)}
+    common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed, max_epochs=epochs,
+                  **hidden)
     if contender.startswith("alone"):
         return CertifiedTeacher(method="ibp", **common)
     if contender == "distilled, exact teacher radius":
         common["teacher_radius_levels"] = None
-    return DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1,
-                            **{"transfer_size": transfer_size, **common, **(distilled or {})})
+    return DISTILLED[contender](FrozenEstimator(teacher), unlabeled_label=-1,
+                                **{"transfer_size": transfer_size, **common,
+                                   **(distilled or {})})
 
 
 def run(study: str, share: float, seeds, grids: dict, contenders,
         data: str = "digits", distilled: dict | None = None) -> list[dict]:
     X, X_test, y, y_test, eps, input_shape = load(data)
     mask = labelled_mask(y, share)
-    settings = {"width": [(w, None, 1.0) for w in grids["width"]],
-                "epochs": [(32, e, 1.0) for e in grids["epochs"]],
-                "transfer": [(32, None, t) for t in grids["transfer"]]}[study]
+    settings = {"width": [(w, None, TRANSFER_SIZE) for w in grids["width"]],
+                "epochs": [(32, e, TRANSFER_SIZE) for e in grids["epochs"]],
+                "transfer": [(32, None, t) for t in grids["transfer"]],
+                "default": [(None, None, TRANSFER_SIZE)]}[study]
+    if study == "default":  # the distilled students first: the others copy their size
+        contenders = sorted(contenders, key=lambda c: not c.startswith("distilled"))
     rows = []
     for seed in seeds:
         teacher = (teacher_for(X, y, mask, eps=eps, input_shape=input_shape, seed=seed)
                    if any(c.startswith("distilled") for c in contenders) else None)
+        default_size = None
         for (width, epochs, size), contender in itertools.product(settings, contenders):
+            if width is None and contender.startswith("alone"):
+                width = default_size
             estimator = make(contender, teacher, width=width, epochs=epochs, transfer_size=size,
                              eps=eps, seed=seed, distilled=distilled)
             start = time.perf_counter()
@@ -95,8 +129,12 @@ def run(study: str, share: float, seeds, grids: dict, contenders,
             else:
                 estimator.fit(X, np.where(mask, y, -1))
             seconds = time.perf_counter() - start
+            if width is None:
+                default_size = hidden_sizes(estimator)
             complete = estimator.certify(X_test, y=y_test, method="complete")
-            row = dict(contender=contender, width=width, epochs=epochs or estimator.n_epochs_,
+            row = dict(contender=contender, width=width, hidden="-".join(
+                           map(str, hidden_sizes(estimator))),
+                       epochs=epochs or estimator.n_epochs_,
                        transfer_size=size, seed=seed, seconds=seconds,
                        parameters=sum(p.numel() for p in estimator.module_.parameters()),
                        clean=estimator.score(X_test, y_test),
@@ -186,7 +224,7 @@ def main(argv=None) -> int:
               f"seeds {args.seeds}, {args.threads} torch thread(s)"
               + (f", distilled with {distilled}" if distilled else "") + "\n")
         print(table(rows, args.study, args.contenders))
-        if args.plot:
+        if args.plot and args.study != "default":
             path = plot(rows, args.study, share, Path(args.plot), args.contenders, args.data)
             print(f"\nplot: {path}")
     print("\nReproduce: python benchmarks/bench_distill_front.py " + shlex.join(
