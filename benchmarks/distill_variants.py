@@ -16,10 +16,8 @@ Only what wins becomes a parameter of the library.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.utils import check_random_state
 
 from certdistill import DistilledStudent
-from certdistill.transfer import transfer_inputs
 
 __all__ = ["AgreeingLabelsStudent", "SourceLabelledStudent"]
 
@@ -37,14 +35,7 @@ class SourceLabelledStudent(DistilledStudent):
             self.transfer = transfer
         if not transfer:
             return X_rows, y_rows
-        perturbation = self.perturbation_.reshaped((X_rows.shape[1],))
-        bounds = [None if t is None else t.cpu().numpy()
-                  for t in (perturbation.lower, perturbation.upper)]
-        kinds = (transfer,) if isinstance(transfer, str) else tuple(transfer)
-        points, sources = transfer_inputs(
-            X_rows, kinds, self.transfer_size, perturbation.eps.cpu().numpy(),
-            lower=bounds[0], upper=bounds[1], input_shape=self.input_shape,
-            random_state=check_random_state(self._seed()), return_sources=True)
+        points, sources = self._transfer_inputs(X_rows, return_sources=True)
         labels = y_rows[sources]
         if self._agreeing_only and len(points):
             keep = self._teacher_labels(points) == labels

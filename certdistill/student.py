@@ -316,7 +316,9 @@ default="selective"
         self._check_domain(X)
         return X
 
-    def _transfer_inputs(self, X: np.ndarray) -> np.ndarray:
+    def _transfer_inputs(self, X: np.ndarray, return_sources: bool = False):
+        """Transfer inputs made from the rows ``X`` (and, with ``return_sources``, the row each
+        was made from; see :func:`~certdistill.transfer.transfer_inputs`)."""
         perturbation = self.perturbation_.reshaped((X.shape[1],))
         flat = [None if t is None else t.cpu().numpy() for t in (perturbation.lower,
                                                                  perturbation.upper)]
@@ -326,7 +328,7 @@ default="selective"
         return transfer_inputs(
             X, kinds, self.transfer_size, perturbation.eps.cpu().numpy(), lower=flat[0],
             upper=flat[1], input_shape=self.input_shape,
-            random_state=check_random_state(self._seed()),
+            random_state=check_random_state(self._seed()), return_sources=return_sources,
         )
 
     def _fitted_teacher(self, X: np.ndarray, y: np.ndarray) -> CertifiedNetBase:
