@@ -3,6 +3,7 @@
 from certdistill.bounds import Perturbation
 from certdistill.certify import Certificate, certified_radius, certify
 from certdistill.exceptions import SafeFormatError, UnsupportedLayerError
+from certdistill.io.onnx_import import load_onnx
 from certdistill.persistence import load, save
 from certdistill.scoring import CertifiedAccuracy
 from certdistill.student import DistilledStudent
@@ -21,6 +22,7 @@ __all__ = [
     "certified_radius",
     "certify",
     "load",
+    "load_onnx",
     "save",
     "__version__",
 ]

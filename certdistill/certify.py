@@ -10,6 +10,7 @@ label is given, come from the first method's own forward sweep.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -126,18 +127,20 @@ def certify(
 
     Parameters
     ----------
-    module : torch.nn.Module
-        An ``nn.Sequential`` of supported layers (any module with ``backend="auto_lirpa"``).
-        It is evaluated in eval mode; its train/eval state is restored afterwards.
+    module : torch.nn.Module or path
+        An ``nn.Sequential`` of supported layers (any module with ``backend="auto_lirpa"``),
+        or the path of an ``.onnx`` file (read by :func:`~certdistill.load_onnx`). It is
+        evaluated in eval mode; its train/eval state is restored afterwards.
     X : array-like or Tensor of shape (n, ...), or iterable of batches
         Inputs, shaped as the module expects them. Arrays stored outside memory (a
         :class:`numpy.memmap`, a dask, h5py or zarr array) are read ``batch_size`` rows at a
         time, and an iterable of batches (a generator, a DataLoader; each batch an array of rows
         or an ``(X, y)`` pair) is certified batch by batch, with memory independent of the
         number of samples (:mod:`certdistill.streaming`).
-    eps : float, array-like or Perturbation
+    eps : float, array-like, Perturbation or None
         Radius of the ball: a scalar or an array broadcastable to one sample (per feature); or a
-        :class:`~certdistill.bounds.Perturbation` (then ``lower`` and ``upper`` must be None).
+        :class:`~certdistill.bounds.Perturbation` (then ``lower`` and ``upper`` must be None);
+        or ``None`` with one box per sample in ``lower`` and ``upper`` (VNN-LIB's form).
     method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
         A stage or a cascade of stages tried in order, each on the samples the previous ones
         left open: the bound methods ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``
@@ -151,7 +154,10 @@ def certify(
         robustly *correct* (a wrong clean prediction falsifies it); otherwise that the clean
         prediction is robust.
     lower, upper : float or array-like, optional
-        Input domain (e.g. ``0`` and ``1`` for images) intersected with the ball.
+        Input domain (e.g. ``0`` and ``1`` for images) intersected with the ball: scalars or
+        arrays broadcastable to one sample; or arrays of the shape of ``X``, one box per sample
+        (with ``eps=None`` the whole box, else the box intersected with the ball). Each sample
+        must lie inside its box.
     batch_size : int, default=256
         Samples bounded at once at most (fewer when ``memory_limit`` requires it); rows read at
         a time from an array stored outside memory.
@@ -196,10 +202,13 @@ def certify(
     # Imported here: the streaming path builds on this module's _Problem.
     from certdistill.streaming import certify_stream, is_streamed
 
+    module = as_module(module)
     stages = check_stages(method)
     options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose,
                              memory_limit=memory_limit)
     if is_streamed(X):
+        if eps is None:
+            raise ValueError("a box per sample (eps=None) needs X in memory, not streamed.")
         return certify_stream(module, X, eps, y=y, stages=stages, options=options, lower=lower,
                               upper=upper, batch_size=batch_size, backend=backend)
     problem = _Problem.create(module, X, eps, y=y, lower=lower, upper=upper,
@@ -254,6 +263,7 @@ def certified_radius(
         ``tol`` above it; with ``method="complete"``, unless a sample's timeout ran out, the
         bisection brackets the sample's exact robust radius.
     """
+    module = as_module(module)
     max_eps, tol = _check_radius_search(max_eps, tol)
     stages = check_stages(method)
     options = CascadeOptions(timeout=timeout)
@@ -276,6 +286,20 @@ def _check_radius_search(max_eps, tol) -> tuple[float, float]:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
         values.append(number)
     return values[0], values[1]
+
+
+def as_module(model) -> nn.Module:
+    """``model`` itself, or the network of an ONNX file path (:func:`~certdistill.load_onnx`)."""
+    if isinstance(model, str | os.PathLike):
+        from certdistill.io.onnx_import import load_onnx  # optional dependency, read on use
+
+        return load_onnx(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"module must be a torch.nn.Module or the path of an .onnx file, got "
+            f"{type(model).__name__}."
+        )
+    return model
 
 
 # ---------------------------------------------------------------------------- internals
@@ -349,6 +373,12 @@ def _expected_input(module: nn.Module) -> str | None:
     return None
 
 
+def _is_box(bound, X: Tensor) -> bool:
+    """``bound`` holds one corner per sample of ``X`` (a box per sample, not a domain)."""
+    return bound is not None and np.ndim(bound) == X.dim() and tuple(np.shape(bound)) == tuple(
+        X.shape)
+
+
 def _validate_labels(y, n: int, n_classes: int, device) -> Tensor:
     labels = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y)
     if labels.shape != (n,):
@@ -407,7 +437,18 @@ class _Problem:
             )
         if not bool(torch.isfinite(X).all()):
             raise ValueError("X contains NaN or infinite values.")
-        if isinstance(eps, Perturbation):
+        if backend == "native":
+            # Layers first: an unsupported one must be named before a forward pass trips on it.
+            engine_for(module)
+        if eps is None or _is_box(lower, X) or _is_box(upper, X):
+            if lower is None or upper is None:
+                raise ValueError(
+                    "a box per sample needs both lower and upper of the shape of X "
+                    f"{tuple(X.shape)} (eps=None certifies the whole box)."
+                )
+            perturbation = Perturbation.from_boxes(lower, upper, X.shape[1:], eps=eps,
+                                                   dtype=dtype, device=device)
+        elif isinstance(eps, Perturbation):
             if lower is not None or upper is not None:
                 raise ValueError("give the domain inside the Perturbation, not as lower/upper.")
             if tuple(eps.sample_shape) != tuple(X.shape[1:]):

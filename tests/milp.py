@@ -26,7 +26,10 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 from torch import nn
 
-_AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten)
+from certdistill.bounds.layers import ConstantAffine, Reshape
+
+_AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten,
+           nn.Unflatten, nn.ZeroPad2d, ConstantAffine, Reshape)
 _NO_OP = (nn.Identity, nn.Dropout)
 
 

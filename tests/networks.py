@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from certdistill.bounds.layers import ConstantAffine, Reshape
+
 SUPPORTED_LAYERS = (
     nn.Linear,
     nn.Conv2d,
@@ -26,6 +28,9 @@ SUPPORTED_LAYERS = (
     nn.AvgPool2d,
     nn.Identity,
     nn.Dropout,
+    nn.ZeroPad2d,
+    ConstantAffine,
+    Reshape,
     nn.Sequential,
 )
 
@@ -387,9 +392,42 @@ def make_random_network(
                 nested=bool(rng.random() < 0.3),
                 dtype=dtype,
             )
+        net, shape = _with_imported_layers(net, shape, family, seed, dtype)
         if max_relus is None or count_relus(net, shape) <= max_relus:
             return net, shape, n_classes
     raise RuntimeError("could not draw a small enough network")
+
+
+def _with_imported_layers(net: nn.Sequential, shape: tuple[int, ...], family: str, seed: int,
+                          dtype: torch.dtype) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """Put the layers imported ONNX files bring in front of a random network: a constant
+    normalisation (scalar, per channel or per feature, some scales negative), zero padding of
+    feature maps, a reshape of odd input shapes such as ``(d, 1)``.
+
+    Drawn from a generator of their own (seeded by ``seed``), so the architectures drawn before
+    these layers existed are unchanged.
+    """
+    rng = np.random.default_rng(seed)
+    front: list[nn.Module] = []
+    if family == "cnn" and rng.random() < 0.3:
+        left, right, top, bottom = (int(p) for p in rng.integers(0, 2, size=4))
+        inner = (shape[0], shape[1] - top - bottom, shape[2] - left - right)
+        if min(inner[1:]) >= 2:
+            front.append(nn.ZeroPad2d((left, right, top, bottom)))
+            shape = inner
+    if rng.random() < 0.4:
+        kind = rng.integers(3)
+        constant_shape = [(), (shape[0],) + (1,) * (len(shape) - 1), shape][int(kind)]
+        scale = rng.uniform(0.5, 2.0, size=constant_shape) * np.where(
+            rng.random(constant_shape) < 0.2, -1.0, 1.0)
+        shift = rng.normal(0.0, 0.5, size=constant_shape)
+        front.insert(0, ConstantAffine(torch.tensor(scale), torch.tensor(shift)))
+    if family == "mlp" and rng.random() < 0.3:
+        front.insert(0, Reshape(shape))
+        shape = (*shape, 1)
+    if not front:
+        return net, shape
+    return nn.Sequential(*front, net).to(dtype).eval(), shape
 
 
 def count_relus(net: nn.Module, input_shape: tuple[int, ...]) -> int:

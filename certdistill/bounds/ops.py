@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certdistill.bounds.layers import ConstantAffine, Reshape
 from certdistill.bounds.patches import PatchGeometry, unfold_map
 from certdistill.exceptions import UnsupportedLayerError
 
@@ -360,6 +361,74 @@ class ElementwiseAffineOp(BoundOp):
         return coeffs * scale.view(-1, 1, 1), geometry, coeffs.sum(dim=(-2, -1)) @ shift
 
 
+class ConstantAffineOp(BoundOp):
+    """:class:`~certdistill.bounds.layers.ConstantAffine`: ``y = x * scale + shift`` with
+    constants broadcast over each sample (input normalisation of imported networks)."""
+
+    def __init__(self, layer: ConstantAffine):
+        self.layer = layer
+
+    def forward(self, x, update_running_stats=False):
+        return self.layer(x)
+
+    def interval(self, center, radius):
+        scale = self.layer.scale
+        return center * scale + self.layer.shift, radius * scale.abs()
+
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
+        scale, shift = self.layer.scale, self.layer.shift
+        if shift.dim() == 0:
+            bias = _flat_sum(A) * shift
+        else:
+            bias = _flat_sum(A * shift)
+        return A * scale, bias
+
+    @property
+    def supports_patches(self) -> bool:
+        # Patches carry one coefficient per channel and window position: constants must be
+        # scalars or one value per channel of a feature map.
+        return all(_per_channel(t) is not None for t in (self.layer.scale, self.layer.shift))
+
+    def backward_patches(self, coeffs, geometry, relaxation=None):
+        channels = coeffs.shape[3]
+        scale = _per_channel(self.layer.scale).expand(channels)
+        shift = _per_channel(self.layer.shift).expand(channels)
+        return (coeffs * scale.view(-1, 1, 1), geometry,
+                coeffs.sum(dim=(-2, -1)) @ shift)
+
+
+def _per_channel(constant: Tensor) -> Tensor | None:
+    """A scalar or ``(C, 1, 1)`` constant as a vector of channels (``None`` otherwise)."""
+    if constant.dim() == 0:
+        return constant.reshape(1)
+    if constant.dim() == 3 and constant.shape[1:] == (1, 1):
+        return constant.reshape(-1)
+    return None
+
+
+class ZeroPad2dOp(BoundOp):
+    """``nn.ZeroPad2d``: zeros around each feature map (exact for intervals and relaxations)."""
+
+    def __init__(self, layer: nn.ZeroPad2d):
+        if any(p < 0 for p in layer.padding):
+            raise UnsupportedLayerError(
+                f"{layer!r}: negative padding (cropping) is not supported. "
+                f"{supported_layers_text()}"
+            )
+        self.layer = layer
+
+    def forward(self, x, update_running_stats=False):
+        return self.layer(x)
+
+    def interval(self, center, radius):
+        return self.layer(center), self.layer(radius)
+
+    def backward(self, A, input_shape, relaxation=None, alpha=None):
+        left, _, top, _ = self.layer.padding
+        height, width = input_shape[-2:]
+        return A[..., top:top + height, left:left + width], None
+
+
 class AvgPool2dOp(BoundOp):
     """``nn.AvgPool2d``: a linear map with non-negative weights."""
 
@@ -413,9 +482,10 @@ def _pair(value) -> tuple[int, int]:
 
 
 class ReshapeOp(BoundOp):
-    """``nn.Flatten`` and ``nn.Unflatten``: a change of shape only."""
+    """``nn.Flatten``, ``nn.Unflatten`` and :class:`~certdistill.bounds.layers.Reshape`: a
+    change of shape only."""
 
-    def __init__(self, layer: nn.Flatten | nn.Unflatten):
+    def __init__(self, layer: nn.Flatten | nn.Unflatten | Reshape):
         self.layer = layer
 
     def forward(self, x, update_running_stats=False):
@@ -646,11 +716,14 @@ register_op(nn.Conv2d, Conv2dOp, note="groups=1, dilation=1")
 register_op(nn.ReLU, ReLUOp)
 register_op(nn.Flatten, ReshapeOp)
 register_op(nn.Unflatten, ReshapeOp)
+register_op(Reshape, ReshapeOp)
 register_op(nn.BatchNorm1d, ElementwiseAffineOp)
 register_op(nn.BatchNorm2d, ElementwiseAffineOp)
 register_op(nn.AvgPool2d, AvgPool2dOp)
 register_op(nn.Identity, IdentityOp)
 register_op(nn.Dropout, DropoutOp)
+register_op(ConstantAffine, ConstantAffineOp, note="constants broadcast over a sample")
+register_op(nn.ZeroPad2d, ZeroPad2dOp, note="non-negative padding")
 
 
 def _op_for(layer: nn.Module, name: str) -> BoundOp:

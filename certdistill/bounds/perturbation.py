@@ -64,11 +64,13 @@ class Perturbation:
         Radius: a scalar tensor, one value per feature (shape broadcastable to one sample), or,
         with ``per_sample``, one row per sample (shape ``(n, ...)``).
     lower, upper : Tensor or None
-        Input domain, broadcastable to one sample (``None``: unbounded on that side).
+        Input domain, broadcastable to one sample (``None``: unbounded on that side), or, with
+        ``per_sample`` from :meth:`from_boxes`, one box per sample (shape ``(n, ...)``).
     sample_shape : tuple of int
         Shape of one sample as the module sees it.
     per_sample : bool
-        True when ``eps`` has a leading batch dimension (one radius per sample).
+        True when ``eps`` (and, for boxes, ``lower`` and ``upper``) have a leading batch
+        dimension (one set per sample).
     """
 
     eps: Tensor
@@ -133,6 +135,72 @@ class Perturbation:
             raise ValueError("lower must not exceed upper anywhere.")
         return cls(eps_t, lower_t, upper_t, sample_shape)
 
+    @classmethod
+    def from_boxes(
+        cls,
+        lower,
+        upper,
+        sample_shape: Sequence[int],
+        *,
+        eps=None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Perturbation:
+        """One box ``[lower[i], upper[i]]`` per sample (VNN-LIB's input constraints), optionally
+        intersected with the ball of radius ``eps`` around each sample.
+
+        The corners are rounded outwards to ``dtype``, so the box the bounds hold for contains
+        the one given in any precision.
+
+        Parameters
+        ----------
+        lower, upper : array-like or Tensor of shape (n, *sample_shape)
+            Finite corners, ``lower <= upper`` everywhere.
+        sample_shape : sequence of int
+            Shape of one sample as the module expects it.
+        eps : float or array-like, optional
+            Radius of a ball around each sample intersected with its box (validated as in
+            :meth:`create`); by default the whole box.
+        dtype, device
+            As in :meth:`create`.
+
+        Returns
+        -------
+        Perturbation
+            With ``per_sample`` set; :meth:`bounds` of the samples give their boxes (for samples
+            inside their boxes: ``certify`` checks that).
+
+        Raises
+        ------
+        ValueError
+            For a shape other than ``(n, *sample_shape)``, NaN or infinite corners, or
+            ``lower > upper`` somewhere.
+        """
+        sample_shape = tuple(int(s) for s in sample_shape)
+        corners = []
+        for name, bound in (("lower", lower), ("upper", upper)):
+            tensor = _as_tensor(bound, name, torch.float64, device)
+            if tensor.dim() != len(sample_shape) + 1 or tuple(tensor.shape[1:]) != sample_shape:
+                raise ValueError(
+                    f"{name} of shape {tuple(tensor.shape)} is not one box corner per sample: "
+                    f"expected (n, *{sample_shape})."
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} must be finite (NaN or infinite corner found).")
+            corners.append(tensor)
+        lo, hi = corners
+        if lo.shape != hi.shape:
+            raise ValueError(f"lower {tuple(lo.shape)} and upper {tuple(hi.shape)} differ in "
+                             "shape.")
+        if bool((lo > hi).any()):
+            raise ValueError("lower must not exceed upper anywhere.")
+        lo_r, hi_r = _round_outwards(lo, hi, dtype)
+        if eps is None:
+            radius = _round_outwards(lo, hi - lo, dtype)[1]  # covers the box from any inner x
+        else:
+            radius = _radius(eps, sample_shape, dtype, device)
+        return cls(radius, lo_r, hi_r, sample_shape, per_sample=True)
+
     def with_eps(self, eps) -> Perturbation:
         """The same domain with another radius, validated as in :meth:`create`."""
         if isinstance(eps, Perturbation):
@@ -146,15 +214,28 @@ class Perturbation:
         return replace(self, eps=self.eps * float(factor))
 
     def with_sample_radii(self, radii: Tensor) -> Perturbation:
-        """One scalar radius per sample (``radii`` of shape ``(n,)``), same domain."""
+        """One scalar radius per sample (``radii`` of shape ``(n,)``), same domain (the boxes of
+        :meth:`from_boxes` included: the rows must be the same samples)."""
         eps = radii.to(device=self.eps.device, dtype=self.eps.dtype)
         return replace(self, eps=eps.view(-1, *([1] * len(self.sample_shape))), per_sample=True)
 
     def for_rows(self, rows) -> Perturbation:
-        """The perturbation of a subset of the samples (only per-sample radii change)."""
+        """The perturbation of a subset of the samples (only per-sample sets change)."""
         if not self.per_sample:
             return self
-        return replace(self, eps=self.eps[rows])
+
+        def pick(tensor: Tensor | None) -> Tensor | None:
+            if tensor is None or tensor.dim() <= len(self.sample_shape):
+                return tensor
+            return tensor[rows]
+
+        return replace(self, eps=pick(self.eps), lower=pick(self.lower), upper=pick(self.upper))
+
+    @property
+    def has_boxes(self) -> bool:
+        """True when the domain is one box per sample (:meth:`from_boxes`)."""
+        return self.per_sample and self.lower is not None and (
+            self.lower.dim() > len(self.sample_shape))
 
     def reshaped(self, sample_shape: Sequence[int]) -> Perturbation:
         """The same set for samples reshaped to ``sample_shape`` (same number of features)."""
@@ -233,6 +314,14 @@ class Perturbation:
 
         return (f"Perturbation(eps={text(self.eps)}, lower={text(self.lower)}, "
                 f"upper={text(self.upper)}, sample_shape={self.sample_shape})")
+
+
+def _round_outwards(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``lower`` rounded down and ``upper`` rounded up to ``dtype`` (from float64)."""
+    lo, hi = lower.to(dtype), upper.to(dtype)
+    lo = torch.where(lo.double() > lower, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
+    hi = torch.where(hi.double() < upper, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
+    return lo, hi
 
 
 def _radius(eps, sample_shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
