@@ -3,6 +3,7 @@
 from certdistill.bounds import Perturbation
 from certdistill.certify import Certificate, certified_radius, certify
 from certdistill.exceptions import SafeFormatError, UnsupportedLayerError
+from certdistill.io.onnx_export import export_onnx
 from certdistill.io.onnx_import import load_onnx
 from certdistill.persistence import load, save
 from certdistill.scoring import CertifiedAccuracy
@@ -21,6 +22,7 @@ __all__ = [
     "UnsupportedLayerError",
     "certified_radius",
     "certify",
+    "export_onnx",
     "load",
     "load_onnx",
     "save",

@@ -1,4 +1,5 @@
-"""Command-line interface: ``certdistill demo | train | distill | certify | report``.
+"""Command-line interface: ``certdistill demo | train | distill | certify | report | verify |
+export``.
 
 Run ``certdistill <command> --help`` (or ``python -m certdistill <command> --help``) for the
 options of each command. Errors in arguments or data are reported as one line on stderr,
@@ -33,6 +34,7 @@ def build_parser() -> ArgumentParser:
     from certdistill.cli._certify import add_certify_parser, add_report_parser
     from certdistill.cli._demo import add_demo_parser
     from certdistill.cli._train import add_distill_parser, add_train_parser
+    from certdistill.cli._verify import add_export_parser, add_verify_parser
 
     parser = ArgumentParser(
         prog="certdistill",
@@ -50,7 +52,7 @@ def build_parser() -> ArgumentParser:
                              "down many times)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for add in (add_demo_parser, add_train_parser, add_distill_parser, add_certify_parser,
-                add_report_parser):
+                add_report_parser, add_verify_parser, add_export_parser):
         add(commands, [common])
     return parser
 
