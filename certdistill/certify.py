@@ -448,6 +448,11 @@ class _Problem:
                 )
             perturbation = Perturbation.from_boxes(lower, upper, X.shape[1:], eps=eps,
                                                    dtype=dtype, device=device)
+            if perturbation.lower.shape[0] != X.shape[0]:
+                raise ValueError(
+                    f"lower and upper hold {perturbation.lower.shape[0]} boxes for "
+                    f"{X.shape[0]} samples of X: give one box per sample."
+                )
         elif isinstance(eps, Perturbation):
             if lower is not None or upper is not None:
                 raise ValueError("give the domain inside the Perturbation, not as lower/upper.")

@@ -774,3 +774,34 @@ def test_a_failing_fit_keeps_the_feature_names(frame_teacher, frame, data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(estimator.predict_proba(frame), expected)
+
+
+# ------------------------------------------------------------------- a box per sample
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lower": None, "upper": np.ones((3, 4))}, "needs both lower and upper"),
+    ({"lower": np.zeros((3, 4)), "upper": np.ones((2, 4))}, "differ in shape"),
+    ({"lower": np.zeros((2, 4)), "upper": np.ones((2, 4))}, "2 boxes for 3 samples"),
+    ({"lower": np.zeros((3, 2, 2)), "upper": np.ones((3, 2, 2))}, "not one box corner per"),
+    ({"lower": np.ones((3, 4)), "upper": np.zeros((3, 4))}, "lower must not exceed upper"),
+    ({"lower": np.full((3, 4), np.nan), "upper": np.ones((3, 4))}, "must be finite"),
+    ({"lower": np.full((3, 4), 0.6), "upper": np.ones((3, 4))}, "below `lower`"),
+])
+def test_bad_boxes_per_sample(kwargs, message):
+    import torch
+
+    from certdistill import certify
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=message):
+        certify(net, np.full((3, 4), 0.5), None, **kwargs)
+
+
+def test_boxes_need_samples_in_memory():
+    import torch
+
+    from certdistill import certify
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = (np.zeros((2, 4)) for _ in range(2))
+    with pytest.raises(ValueError, match="needs X in memory"):
+        certify(net, batches, None, lower=np.zeros((2, 4)), upper=np.ones((2, 4)))

@@ -672,3 +672,56 @@ def test_engine_follows_in_place_weight_updates_under_no_grad():
         fresh = BoundEngine(module).margin_lower_bounds(x, around(x, 0.1), reference,
                                                         method="ibp")
     torch.testing.assert_close(reused, fresh)
+
+
+# ------------------------------------------------------------------- a box per sample
+def _boxes(rng: np.random.Generator, x: np.ndarray, width: float):
+    """Boxes of random, uneven widths around each sample, the sample inside but off-centre."""
+    below = width * rng.random(x.shape)
+    above = width * rng.random(x.shape)
+    return x - below, x + above
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_box_per_sample_is_bounded_soundly(network, method):
+    net, shape = network
+    rng = np.random.default_rng(21)
+    x = random_inputs(rng, 4, shape)
+    lower, upper = _boxes(rng, x, 0.2 if len(shape) == 1 else 0.08)
+    cert = certify(net, x, None, lower=lower, upper=upper, method=method)
+    witness = sampled_min_margins(net, x, cert.prediction, 1e3, lower=lower, upper=upper)
+    assert_below(cert.margins, witness, what=f"sampled margin in the box ({method})")
+    # The same boxes as a ball intersected with per-sample domains give the same bounds.
+    wide = certify(net, x, 1e3, lower=lower, upper=upper, method=method)
+    np.testing.assert_allclose(wide.margins, cert.margins, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("net", "shape"), _tiny_cases()[:4])
+def test_a_box_per_sample_against_the_milp(net, shape):
+    rng = np.random.default_rng(22)
+    x = random_inputs(rng, 3, shape).astype(np.float64)
+    lower, upper = _boxes(rng, x, 0.4 if len(shape) == 1 else 0.2)
+    ref = reference_of(net, x)
+    exact = exact_min_margins(net, x, ref, 1e3, lower=lower, upper=upper)
+    witness = np.stack([r.witness_margin for r in exact])
+    for method in METHODS:
+        bounds = certify(net, x, None, lower=lower, upper=upper, method=method, y=ref).margins
+        assert_below(bounds, witness, atol=1e-6, rtol=0, what=f"MILP optimum ({method})")
+    complete = certify(net, x, None, lower=lower, upper=upper, method="complete", y=ref)
+    optimum = np.stack([np.min(np.delete(r.optimum, k)) for r, k in zip(exact, ref,
+                                                                        strict=True)])
+    decided = complete.status != "unknown"
+    np.testing.assert_array_equal(complete.certified[decided], (optimum > 0)[decided])
+    assert decided.all()
+
+
+def test_box_corners_are_rounded_outwards():
+    """float64 corners that float32 cannot hold are widened, never narrowed."""
+    from certdistill.bounds import Perturbation
+
+    lower = np.array([[0.1, -0.3]])
+    upper = np.array([[0.2, 1 / 3]])
+    box = Perturbation.from_boxes(lower, upper, (2,))
+    assert (box.lower.double().numpy() <= lower).all()
+    assert (box.upper.double().numpy() >= upper).all()
+    assert (box.lower.double().numpy() > lower - 1e-7).all()
