@@ -290,3 +290,33 @@ def test_cli_export_then_verify_the_artifact(tmp_path, capsys):
                           upper=teacher.upper)
     np.testing.assert_allclose(by_artifact.margins, by_file.margins, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(by_artifact.certified, by_file.certified)
+
+
+def test_cli_certify_reads_an_onnx_network(tmp_path, capsys):
+    """``certdistill certify`` on the exported file prints what it prints for the model."""
+    import joblib
+    from sklearn.datasets import load_digits
+
+    from certdistill import CertifiedTeacher
+
+    X, y = load_digits(return_X_y=True)
+    X = (X[:200] / 16).astype(np.float32)
+    teacher = CertifiedTeacher(eps=0.05, max_epochs=2, random_state=0).fit(X, y[:200])
+    joblib.dump(teacher, tmp_path / "t.joblib")
+    export_onnx(teacher, tmp_path / "t.onnx")
+    np.savez(tmp_path / "test.npz", X=X[:40], y=y[:40])
+    printed = {}
+    for name in ("t.joblib", "t.onnx"):
+        assert main(["certify", str(tmp_path / name), str(tmp_path / "test.npz"), "--method",
+                     "crown", "--quiet"]) == 0
+        printed[name] = [line for line in capsys.readouterr().out.splitlines()
+                         if line.startswith(("clean", "certified", "falsified"))]
+    strip = [line.split(";")[0] for line in printed["t.onnx"]]
+    assert strip == [line.split(";")[0] for line in printed["t.joblib"]]
+    # A bare network without certdistill metadata needs --eps, and takes index labels.
+    export_onnx(teacher.module_, tmp_path / "bare.onnx", input_shape=(64,))
+    assert main(["certify", str(tmp_path / "bare.onnx"), str(tmp_path / "test.npz")]) == 1
+    assert "holds no eps: give --eps" in capsys.readouterr().err
+    assert main(["certify", str(tmp_path / "bare.onnx"), str(tmp_path / "test.npz"),
+                 "--eps", "0.05", "--method", "ibp", "--quiet"]) == 0
+    assert "certified accuracy at eps 0.05" in capsys.readouterr().out

@@ -20,6 +20,7 @@ from certdistill.cli._args import (
 )
 from certdistill.cli._data_io import (
     TABLE_SUFFIXES,
+    OnnxModel,
     check_features,
     load_data,
     load_model,
@@ -51,9 +52,9 @@ REPORT_COLUMNS = {
 }
 
 
-def _load_checked(args: argparse.Namespace, model_paths):
+def _load_checked(args: argparse.Namespace, model_paths, *, networks: bool = False):
     """The models and the data, checked against each other (features and labels)."""
-    models = [(path, load_model(path)) for path in model_paths]
+    models = [(path, load_model(path, networks=networks)) for path in model_paths]
     data = load_data(args.data, x_key=args.x_key, y_key=args.y_key,
                      label_column=args.label_column)
     for path, model in models:
@@ -67,6 +68,8 @@ def _load_checked(args: argparse.Namespace, model_paths):
 
 
 def _scalar_eps(model, path) -> float:
+    if model.eps is None:
+        raise CLIError(f"the model {str(path)!r} holds no eps: give --eps")
     if np.ndim(model.eps) != 0:
         raise CLIError(f"the model {str(path)!r} has a per-feature eps: give --eps")
     return float(model.eps)
@@ -91,7 +94,7 @@ def run_certify(args: argparse.Namespace) -> int:
     if "complete" in methods and len(methods) > 1:
         raise UsageError("--method complete is a whole cascade: give it alone")
     method = _method(methods)
-    [(_, model)], data = _load_checked(args, [args.model])
+    [(_, model)], data = _load_checked(args, [args.model], networks=True)
     eps = _scalar_eps(model, args.model) if args.eps is None else args.eps
     if args.radius and args.max_eps < eps:
         raise UsageError(f"--max-eps {args.max_eps:g} must be at least eps {eps:g}")
@@ -124,7 +127,8 @@ def run_certify(args: argparse.Namespace) -> int:
 
     n = len(records)
     clean = float(np.mean(prediction == data.y))
-    print(f"{n:,} samples of {args.data}, model {args.model} ({type(model).__name__}, "
+    kind = "ONNX network" if isinstance(model, OnnxModel) else type(model).__name__
+    print(f"{n:,} samples of {args.data}, model {args.model} ({kind}, "
           f"{n_parameters(model):,} parameters)")
     print(f"clean accuracy {clean:.1%}")
     print(f"certified accuracy at eps {eps:g} by {_methods_text(methods)}: "
@@ -229,8 +233,10 @@ def add_certify_parser(commands, parents) -> None:
         ),
     )
     parser.add_argument("model", help="model .joblib or .cdsafe file (from certdistill train "
-                                      "or distill); joblib files can run code: load only "
-                                      "trusted files (.cdsafe files run none)")
+                                      "or distill; joblib files can run code: load only "
+                                      "trusted files, .cdsafe files run none), or an .onnx "
+                                      "network (labels: its output indices, or the classes "
+                                      "certdistill export stored)")
     add_data_arguments(parser)
     parser.add_argument("--eps", type=nonnegative_float,
                         help="radius of the ball, in feature units (default: the model's eps)")

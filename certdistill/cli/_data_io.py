@@ -18,6 +18,8 @@ from certdistill.cli._args import CLIError
 __all__ = [
     "DATA_SUFFIXES",
     "MODEL_SUFFIXES",
+    "NETWORK_SUFFIXES",
+    "OnnxModel",
     "SAFE_SUFFIX",
     "TABLE_SUFFIXES",
     "Dataset",
@@ -32,6 +34,9 @@ __all__ = [
 
 DATA_SUFFIXES = (".npz", ".csv")
 MODEL_SUFFIXES = (".joblib", ".pkl", ".pickle", ".cdsafe")
+
+#: Networks ``certdistill certify`` also reads (no estimator: labels are output indices).
+NETWORK_SUFFIXES = (".onnx",)
 #: Suffix of models in the safe format (:mod:`certdistill.persistence`), which loads without
 #: running code from the file.
 SAFE_SUFFIX = ".cdsafe"
@@ -207,8 +212,10 @@ def _checked(X, y, path: Path) -> Dataset:
 
 
 # -------------------------------------------------------------------------------- models
-def load_model(path: str | Path):
+def load_model(path: str | Path, *, networks: bool = False):
     """Load a fitted certdistill estimator saved with joblib (or in the safe format: ``.cdsafe``).
+
+    With ``networks``, an ``.onnx`` file is read too, as an :class:`OnnxModel`.
 
     joblib files are pickles: loading one can run code, so load only files you trust. ``.cdsafe``
     files (:func:`certdistill.save`) load without running code from the file.
@@ -231,6 +238,8 @@ def load_model(path: str | Path):
 
     from certdistill.base import CertifiedNetBase
 
+    if Path(path).suffix.lower() in NETWORK_SUFFIXES and networks:
+        return OnnxModel(_existing_file(path, NETWORK_SUFFIXES, "model file"))
     path = _existing_file(path, MODEL_SUFFIXES, "model file")
     try:
         model = _load(path) if path.suffix.lower() == SAFE_SUFFIX else joblib.load(path)
@@ -247,6 +256,71 @@ def load_model(path: str | Path):
     if not (getattr(model, "initialized_", False) and hasattr(model, "n_features_in_")):
         raise CLIError(f"the model in {str(path)!r} is not fitted")
     return model
+
+
+class OnnxModel:
+    """An ONNX network read for ``certdistill certify``: what the command asks of an estimator.
+
+    Classes are the network's output indices (the labels must be ``0 .. n_outputs - 1``, or the
+    ``classes_`` a certdistill export stored in the file); rows are reshaped to the network's
+    sample shape. ``eps``, ``lower`` and ``upper`` come from the file's certdistill metadata
+    when it has them (files written by ``certdistill export``), else ``eps`` must be given.
+    """
+
+    def __init__(self, path: Path):
+        import json
+
+        import onnx
+
+        from certdistill.io.onnx_import import load_onnx
+
+        self.path = path
+        self.module_ = load_onnx(path)
+        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+                    .metadata_props}
+
+        def meta(key, default=None):
+            value = metadata.get(f"certdistill.{key}")
+            return default if value is None else json.loads(value)
+
+        self.input_shape = self.module_.input_shape
+        self.n_features_in_ = int(np.prod(self.input_shape))
+        if meta("input_shape") is not None and meta("n_features_in") is not None:
+            # An exported estimator: flat rows, reshaped inside the file.
+            self.n_features_in_ = int(meta("n_features_in"))
+        probe = self._logits(np.zeros((1, self.n_features_in_)))
+        self.classes_ = np.asarray(meta("classes", list(range(probe.shape[1]))))
+        self.eps, self.lower, self.upper = meta("eps"), meta("lower"), meta("upper")
+
+    def _inputs(self, X) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64).reshape(len(X), *self.input_shape)
+
+    def _logits(self, X) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            x = torch.as_tensor(self._inputs(X), dtype=torch.float32)
+            return self.module_(x).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self._logits(X).argmax(1)]
+
+    def _labels(self, y):
+        from certdistill.cli._evaluate import encode_labels
+
+        return None if y is None else encode_labels(self, y)
+
+    def certify(self, X, *, eps, y=None, **options):
+        from certdistill.certify import certify
+
+        return certify(self.module_, self._inputs(X), eps, y=self._labels(y), lower=self.lower,
+                       upper=self.upper, **options)
+
+    def certified_radius(self, X, *, y=None, **options):
+        from certdistill.certify import certified_radius
+
+        return certified_radius(self.module_, self._inputs(X), y=self._labels(y),
+                                lower=self.lower, upper=self.upper, **options)
 
 
 def _load(path: Path):
