@@ -26,7 +26,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 from torch import nn
 
-from certdistill.bounds.layers import ConstantAffine, Reshape
+from certdistill.bounds.layers import Add, ConstantAffine, GraphNetwork, Reshape
 
 _AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten,
            nn.Unflatten, nn.ZeroPad2d, ConstantAffine, Reshape)
@@ -35,19 +35,26 @@ _NO_OP = (nn.Identity, nn.Dropout)
 
 @dataclass
 class AffineReluChain:
-    """``A_L(relu(A_{L-1}(... relu(A_0(x)))))`` with ``A_k(v) = W_k v + b_k`` on flat vectors."""
+    """``A_L(relu(A_{L-1}(... relu(A_0(x)))))`` with ``A_k(v) = W_k v + b_k`` on flat vectors.
+
+    With ``wide`` (networks with skip connections), ``A_k`` reads the concatenation of the input
+    and the outputs of every earlier ReLU layer instead of the previous one's only.
+    """
 
     weights: list[np.ndarray]
     biases: list[np.ndarray]
     input_shape: tuple[int, ...]
+    wide: bool = False
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Evaluate on a batch ``(n, *input_shape)`` in float64; returns ``(n, n_out)``."""
         v = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        seen = v
         for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            v = v @ w.T + b
+            v = (seen if self.wide else v) @ w.T + b
             if k < len(self.weights) - 1:
                 v = np.maximum(v, 0.0)
+                seen = np.concatenate([seen, v], axis=1)
         return v
 
 
@@ -86,6 +93,8 @@ def to_chain(net: nn.Module, input_shape: tuple[int, ...]) -> AffineReluChain:
         identity maps, so ``len(weights) == number of ReLU layers + 1``.
     """
     net = copy.deepcopy(net).double().eval()
+    if isinstance(net, GraphNetwork):
+        return _to_wide_chain(net, tuple(input_shape))
     shape = tuple(input_shape)
     dim = int(np.prod(shape))
     weights: list[np.ndarray] = []
@@ -108,6 +117,48 @@ def to_chain(net: nn.Module, input_shape: tuple[int, ...]) -> AffineReluChain:
     return AffineReluChain(weights, biases, tuple(input_shape))
 
 
+def _to_wide_chain(net: GraphNetwork, input_shape: tuple[int, ...]) -> AffineReluChain:
+    """Each node's output as an affine function of ``[x, a_0, ..., a_{k-1}]`` (the input and
+    the ReLU outputs so far), by composing the dense maps of the layers along the graph."""
+    dim = int(np.prod(input_shape))
+    # node -> (M, c, shape): output = M @ basis + c; the basis grows by each ReLU's output.
+    values = {-1: (np.eye(dim), np.zeros(dim), input_shape)}
+    width = dim
+    weights, biases = [], []
+
+    def widened(m: np.ndarray) -> np.ndarray:
+        return np.pad(m, ((0, 0), (0, width - m.shape[1])))
+
+    for index, (layer, reads) in enumerate(zip(net.layers, net.inputs, strict=True)):
+        leaves = _leaves(layer) if isinstance(layer, nn.Sequential) else [layer]
+        m, c, shape = values[reads[0]]
+        if isinstance(layer, Add):
+            m2, c2, _ = values[reads[1]]
+            values[index] = (widened(m) + widened(m2), c + c2, shape)
+            continue
+        for leaf in leaves:
+            if isinstance(leaf, _NO_OP):
+                continue
+            if isinstance(leaf, nn.ReLU):
+                weights.append(widened(m))
+                biases.append(c)
+                size = m.shape[0]
+                m = np.zeros((size, width + size))
+                m[:, width:] = np.eye(size)
+                c = np.zeros(size)
+                width += size
+            elif isinstance(leaf, _AFFINE):
+                w, b, shape = _affine_of(leaf, shape)
+                m, c = w @ m, w @ c + b
+            else:
+                raise TypeError(f"milp oracle does not handle {type(leaf).__name__}")
+        values[index] = (m, c, shape)
+    m, c, _ = values[len(net.layers) - 1]
+    weights.append(widened(m))
+    biases.append(c)
+    return AffineReluChain(weights, biases, input_shape, wide=True)
+
+
 def interval_bounds(
     chain: AffineReluChain, lo: np.ndarray, hi: np.ndarray, widen: float = 1e-7
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -117,8 +168,11 @@ def interval_bounds(
     both of which keep the MILP exact.
     """
     a_lo, a_hi = lo.reshape(-1).astype(np.float64), hi.reshape(-1).astype(np.float64)
+    seen_lo, seen_hi = a_lo, a_hi
     out = []
     for w, b in zip(chain.weights[:-1], chain.biases[:-1], strict=True):
+        if chain.wide:
+            a_lo, a_hi = seen_lo, seen_hi
         mid, rad = (a_hi + a_lo) / 2, (a_hi - a_lo) / 2
         c, r = w @ mid + b, np.abs(w) @ rad
         z_lo, z_hi = c - r, c + r
@@ -126,6 +180,7 @@ def interval_bounds(
         z_lo, z_hi = z_lo - slack, z_hi + slack
         out.append((z_lo, z_hi))
         a_lo, a_hi = np.maximum(z_lo, 0.0), np.maximum(z_hi, 0.0)
+        seen_lo, seen_hi = np.concatenate([seen_lo, a_lo]), np.concatenate([seen_hi, a_hi])
     return out
 
 
@@ -165,7 +220,7 @@ def _solve_sample(
     bin_idx = offsets[-1]
     for k, (zl, zu) in enumerate(bounds):
         w, b = chain.weights[k], chain.biases[k]
-        prev, cur = offsets[k], offsets[k + 1]
+        prev, cur = (0 if chain.wide else offsets[k]), offsets[k + 1]
         var_lo[cur : cur + len(zl)] = 0.0
         var_hi[cur : cur + len(zl)] = np.maximum(zu, 0.0)
         for i in range(len(zl)):
@@ -194,7 +249,7 @@ def _solve_sample(
 
     n_out = chain.weights[-1].shape[0]
     w_last, b_last = chain.weights[-1], chain.biases[-1]
-    last_off = offsets[len(bounds)]
+    last_off = 0 if chain.wide else offsets[len(bounds)]
     optimum = np.full(n_out, np.inf)
     witness = np.repeat(((lo + hi) / 2)[None], n_out, axis=0)
     for j in range(n_out):

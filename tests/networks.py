@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from certdistill.bounds.layers import ConstantAffine, Reshape
+from certdistill.bounds.layers import Add, ConstantAffine, GraphNetwork, Reshape
 
 SUPPORTED_LAYERS = (
     nn.Linear,
@@ -31,6 +31,8 @@ SUPPORTED_LAYERS = (
     nn.ZeroPad2d,
     ConstantAffine,
     Reshape,
+    Add,
+    GraphNetwork,
     nn.Sequential,
 )
 
@@ -473,3 +475,136 @@ def around(x: torch.Tensor, eps, lower=None, upper=None):
 
     return Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
                                device=x.device)
+
+
+# ----------------------------------------------------------------------- residual networks
+def make_residual_mlp(
+    d_in: int,
+    width: int,
+    blocks: int,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    batchnorm: bool = False,
+    input_skip: bool = False,
+    weight_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> GraphNetwork:
+    """``h = relu(W x)``, then ``blocks`` times ``h = relu(h + W2 relu([BN] W1 h))``, then a
+    classifier; with ``input_skip`` (needs ``d_in == width``) the first block also adds ``x``
+    (a skip that crosses an activation from the input itself)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    inputs: list[tuple[int, ...]] = [(-1,), (0,)]
+    for block in range(blocks):
+        h = len(layers) - 1
+        branch = [nn.Linear(width, width)]
+        if batchnorm:
+            branch.append(nn.BatchNorm1d(width))
+        branch += [nn.ReLU(), nn.Linear(width, width)]
+        layers.append(nn.Sequential(*branch))
+        inputs.append((h,))
+        layers.append(Add())
+        inputs.append((len(layers) - 2, h))
+        if input_skip and block == 0:
+            layers.append(Add())
+            inputs.append((len(layers) - 2, -1))
+        layers.append(nn.ReLU())
+        inputs.append((len(layers) - 2,))
+    layers.append(nn.Linear(width, n_classes))
+    inputs.append((len(layers) - 2,))
+    net = GraphNetwork(layers, inputs)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(weight_scale)
+    return _finish(net, generator, dtype)
+
+
+def make_residual_cnn(
+    input_shape: tuple[int, int, int],
+    channels: int,
+    n_classes: int,
+    *,
+    seed: int = 0,
+    batchnorm: bool = True,
+    downsample: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> GraphNetwork:
+    """``conv -> relu``, one residual block of two 3x3 convolutions (with ``downsample``: stride 2
+    on the main path and a strided 1x1 convolution on the skip), ``relu``, average pooling,
+    flatten, linear."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    c, h, w = input_shape
+    stride = 2 if downsample else 1
+    main = [nn.Conv2d(channels, channels, 3, stride=stride, padding=1)]
+    if batchnorm:
+        main.append(nn.BatchNorm2d(channels))
+    main += [nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
+    layers = [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(), nn.Sequential(*main)]
+    inputs = [(-1,), (0,), (1,)]
+    if downsample:
+        layers.append(nn.Conv2d(channels, channels, 1, stride=2))
+        inputs.append((1,))
+        skip = 3
+    else:
+        skip = 1
+    layers.append(Add())
+    inputs.append((2, skip))
+    out_h, out_w = (h + 1) // stride if downsample else h, (w + 1) // stride if downsample else w
+    layers += [nn.ReLU(), nn.AvgPool2d(2, stride=1), nn.Flatten(),
+               nn.Linear(channels * (out_h - 1) * (out_w - 1), n_classes)]
+    for _ in range(4):
+        inputs.append((len(inputs) - 1,))
+    return _finish(GraphNetwork(layers, inputs), generator, dtype)
+
+
+class TracedResidualNet(nn.Module):
+    """A plain module with a skip connection written as ``+`` (the torch.fx path), and its
+    :class:`GraphNetwork` twin sharing the same layers (:meth:`as_graph`)."""
+
+    def __init__(self, d_in: int = 5, width: int = 6, n_classes: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Linear(d_in, width)
+        self.branch = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.branch(h))
+        return self.head(torch.flatten(h, 1))
+
+    def as_graph(self) -> GraphNetwork:
+        return GraphNetwork(
+            [self.stem, nn.ReLU(), self.branch, Add(), nn.ReLU(), nn.Flatten(), self.head],
+            [(-1,), (0,), (1,), (1, 2), (3,), (4,), (5,)],
+        ).eval()
+
+
+def make_random_residual_network(
+    rng: np.random.Generator, *, max_relus: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[GraphNetwork, tuple[int, ...], int]:
+    """Draw a random residual MLP or CNN (see :func:`make_random_network`)."""
+    for _ in range(100):
+        seed = int(rng.integers(2**31))
+        n_classes = int(rng.integers(2, 5))
+        if rng.random() < 0.6:
+            width = int(rng.integers(2, 7))
+            input_skip = bool(rng.random() < 0.4)
+            d_in = width if input_skip else int(rng.integers(2, 6))
+            net = make_residual_mlp(d_in, width, int(rng.integers(1, 3)), n_classes, seed=seed,
+                                    batchnorm=bool(rng.random() < 0.5), input_skip=input_skip,
+                                    weight_scale=float(rng.uniform(0.8, 1.6)), dtype=dtype)
+            shape: tuple[int, ...] = (d_in,)
+        else:
+            shape = (int(rng.integers(1, 3)), int(rng.integers(3, 6)), int(rng.integers(3, 6)))
+            net = make_residual_cnn(shape, int(rng.integers(1, 3)), n_classes, seed=seed,
+                                    batchnorm=bool(rng.random() < 0.6),
+                                    downsample=bool(rng.random() < 0.4), dtype=dtype)
+        if max_relus is None or count_relus(net, shape) <= max_relus:
+            return net, shape, n_classes
+    raise RuntimeError("could not draw a small enough residual network")

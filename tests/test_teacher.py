@@ -130,7 +130,7 @@ def test_custom_modules(small):
     teacher = CertifiedTeacher(make_net, module__hidden=12, **params).fit(X, y)
     assert teacher.module_[0].out_features == 12
 
-    class Net(nn.Module):  # a custom forward: the bound engine refuses what it cannot follow
+    class Net(nn.Module):  # a custom forward the engine follows by torch.fx tracing
         def __init__(self):
             super().__init__()
             self.body = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -138,9 +138,16 @@ def test_custom_modules(small):
         def forward(self, x):
             return self.body(x)
 
-    with pytest.raises(UnsupportedLayerError):
-        CertifiedTeacher(Net, **params).fit(X, y)
-    plain = CertifiedTeacher(Net, eps_train_ratio=0.0, **params).fit(X, y)  # clean training
+    traced = CertifiedTeacher(Net, **params).fit(X, y)
+    assert traced.certify(X[:5], method="crown").margins.shape == (5, 4)
+
+    class Squashed(Net):  # ... and refuses what it cannot bound
+        def forward(self, x):
+            return torch.sigmoid(self.body(x))
+
+    with pytest.raises(UnsupportedLayerError, match="sigmoid"):
+        CertifiedTeacher(Squashed, **params).fit(X, y)
+    plain = CertifiedTeacher(Squashed, eps_train_ratio=0.0, **params).fit(X, y)  # clean training
     assert plain.score(X, y) > 0.5
 
     bad = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 4))

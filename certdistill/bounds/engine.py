@@ -1,4 +1,9 @@
-"""The bound engine: walks a list of bound operations to bound specification margins.
+"""The bound engine: walks a graph of bound operations to bound specification margins.
+
+The graph (:mod:`certdistill.bounds.graph`) lists the operations in topological order with the
+nodes each reads; a ``Sequential`` is the chain case. Forward sweeps run the nodes in order;
+backward passes run them in reverse and sum the linear functions ``A`` of a node read by several
+others (the skip connection of a residual block) before passing them on.
 
 Methods (DESIGN.md section 3), one entry each in :data:`METHOD_TABLE`:
 
@@ -24,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from certdistill.bounds.graph import INPUT, build_graph
 from certdistill.bounds.memory import MemoryPlan, plan_memory
-from certdistill.bounds.ops import BoundOp, Relaxation, build_ops, numel
+from certdistill.bounds.ops import BoundOp, Relaxation, numel
 from certdistill.bounds.patches import (
     PatchGeometry,
     concretize_patches,
@@ -238,14 +244,17 @@ def _method(name: str) -> BoundMethod:
 
 
 class BoundEngine:
-    """Bound propagation over an ``nn.Sequential`` of supported layers.
+    """Bound propagation over a network of supported layers.
 
     Parameters
     ----------
     module : torch.nn.Module
-        The network. Its parameters are read at every call (no copy), so bounds stay
-        differentiable with respect to them and follow training updates; its structure is read
-        once (build a new engine, or use :func:`engine_for`, after replacing layers).
+        The network: an ``nn.Sequential``, a :class:`~certdistill.bounds.layers.GraphNetwork`
+        or a ``torch.fx``-traceable module with skip connections (see
+        :func:`~certdistill.bounds.graph.build_graph`). Its parameters are read at every call
+        (no copy), so bounds stay differentiable with respect to them and follow training
+        updates; its structure is read once (build a new engine, or use :func:`engine_for`,
+        after replacing layers).
     conv_mode : {"auto", "patches", "matrix"}, default="auto"
         How CROWN computes pre-activation bounds of convolutional feature maps: with sparse
         patches over each neuron's receptive field, or with dense backward matrices restricted
@@ -266,10 +275,22 @@ class BoundEngine:
             )
         self.module = module
         self.conv_mode = conv_mode
-        self.ops: list[BoundOp] = build_ops(module)
+        self.graph = build_graph(module)
+        self.ops: list[BoundOp] = self.graph.ops
+        #: The nodes each operation reads (``-1``: the network input), in topological order.
+        self.inputs: list[tuple[int, ...]] = self.graph.inputs
+        self._is_chain = self.graph.is_chain
         self._activation_indices = [i for i, op in enumerate(self.ops) if op.is_activation]
         last_activation = self._activation_indices[-1] if self._activation_indices else -1
-        self._tail_start = last_activation + 1
+        # The trailing affine part: after the last activation, entered through one node only.
+        self._tail_start = next(k for k in range(last_activation + 1, len(self.ops) + 1)
+                                if self._single_entry(k, len(self.ops)))
+        self._last_use = {INPUT: 0}
+        for index, reads in enumerate(self.inputs):
+            for j in reads:
+                self._last_use[j] = index
+        self._exact_interval = {index: self._interval_exact_up_to(index)
+                                for index in self._activation_indices}
         self._shape_cache: dict[tuple[int, ...], list[torch.Size]] = {}
 
     # ------------------------------------------------------------------ public
@@ -452,8 +473,10 @@ class BoundEngine:
 
         The first maps the flattened input to the first activation's input, each next one an
         activation's output to the next activation's input, the last one the last activation's
-        output to the logits; the network is ``W_L act(... act(W_1 x + b_1) ...) + b_L``. The
-        module should be in eval mode (BatchNorm's running statistics, no Dropout).
+        output to the logits; the network is ``W_L act(... act(W_1 x + b_1) ...) + b_L``. With
+        skip connections (:attr:`segments_are_wide`) map ``k`` reads the flattened input and the
+        outputs of activations ``0 .. k - 1``, concatenated in that order. The module should be
+        in eval mode (BatchNorm's running statistics, no Dropout).
 
         Parameters
         ----------
@@ -470,6 +493,8 @@ class BoundEngine:
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
         probe = torch.zeros(1, *sample_shape, dtype=dtype, device=device)
         state = self._sweep(probe, _ZeroPerturbation, record_bounds=False)
+        if self.segments_are_wide:
+            return self._wide_segments(state, dtype, device)
         ends = [*self._activation_indices, len(self.ops)]
         starts = [0, *(index + 1 for index in self._activation_indices)]
         segments = []
@@ -479,6 +504,31 @@ class BoundEngine:
             rows = torch.eye(width, dtype=dtype, device=device).view(1, width, *shape)
             A, bias = self._backward(rows, state, end=end, start=start)
             segments.append((A.reshape(width, -1), bias.reshape(width)))
+        return segments
+
+    @property
+    def segments_are_wide(self) -> bool:
+        """True when :meth:`affine_segments` are wide: with skip connections, each map reads the
+        flattened input followed by the outputs of every earlier activation."""
+        return not self._is_chain
+
+    def _wide_segments(self, state: _Propagation, dtype, device) -> list[tuple[Tensor, Tensor]]:
+        activations = self._activation_indices
+        targets = [(self._source(a), state.input_shapes[a]) for a in activations]
+        targets.append((len(self.ops) - 1, state.logits.shape[1:]))
+        segments = []
+        for k, (node, shape) in enumerate(targets):
+            width = numel(shape)
+            rows = torch.eye(width, dtype=dtype, device=device).view(1, width, *shape)
+            reached: dict[int, Tensor] = {}
+            A, bias = self._backward(rows, state, end=node + 1, leaves=reached)
+            blocks = [A.reshape(width, -1)]
+            for earlier in activations[:k]:
+                size = numel(state.input_shapes[earlier])
+                block = reached.get(earlier)
+                blocks.append(block.reshape(width, size) if block is not None
+                              else A.new_zeros(width, size))
+            segments.append((torch.cat(blocks, dim=1), bias.reshape(width)))
         return segments
 
     def bound_subdomains(
@@ -677,21 +727,36 @@ class BoundEngine:
         """The clean forward and the interval bounds up to the last activation, in one pass."""
         center, radius = perturbation.box(x)
         state = _Propagation(center=center, radius=radius)
+        values: dict[int, tuple] = {INPUT: (x, center, radius)}
         for index, op in enumerate(self.ops):
+            reads = self.inputs[index]
+            x, center, radius = values[reads[0]]
             state.input_shapes.append(x.shape[1:])
             if index == self._tail_start:
                 state.tail_interval = (center, radius)
             if index >= self._tail_start:
                 # After the last activation the specification is folded into the exact affine
                 # map (IBP) or bounded by a backward pass: no interval is needed there.
-                x = op.forward(x, update_running_stats=training)
-                continue
-            if record_bounds and op.is_activation:
-                state.ibp_bounds[index] = (center - radius, center + radius)
-            x, center, radius = op.propagate(x, center, radius, training)
+                if op.arity == 1:
+                    out = (op.forward(x, update_running_stats=training), None, None)
+                else:
+                    out = (op.forward_many([values[j][0] for j in reads]), None, None)
+            elif op.arity == 1:
+                if record_bounds and op.is_activation:
+                    state.ibp_bounds[index] = (center - radius, center + radius)
+                out = op.propagate(x, center, radius, training)
+            else:
+                parts = [values[j] for j in reads]
+                out = (op.forward_many([p[0] for p in parts]),
+                       *op.interval_many([p[1] for p in parts], [p[2] for p in parts]))
+            values[index] = out
+            for j in set(reads):
+                if self._last_use[j] == index:
+                    del values[j]
+        last = values[len(self.ops) - 1]
         if state.tail_interval is None:  # the network ends with an activation
-            state.tail_interval = (center, radius)
-        state.logits = x
+            state.tail_interval = (last[1], last[2])
+        state.logits = last[0]
         return state
 
     # --------------------------------------------------------------- passes
@@ -704,29 +769,64 @@ class BoundEngine:
         alphas: dict[int, Tensor] | None = None,
         record: dict[int, Tensor] | None = None,
         betas: dict[int, tuple[Tensor, Tensor]] | None = None,
+        leaves: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Propagate ``A`` from the output of op ``end - 1`` back to the input of op ``start``.
+        """Propagate ``A`` from the output of node ``end - 1`` back to the input of node
+        ``start`` (the output of node ``start - 1``, or the network input), which must be the
+        only way into the nodes ``start .. end - 1`` (see :meth:`_single_entry`).
 
         With ``record``, the coefficients reaching each activation's output are kept in it.
         ``betas`` maps an activation op index to ``(beta, sign)``: the Lagrangian term
         ``-beta * sign * z`` of the split constraints ``sign * z >= 0`` on that activation's input
-        ``z`` is added where the pass reaches it (beta-CROWN).
+        ``z`` is added where the pass reaches it (beta-CROWN). With ``leaves`` (a dict to fill),
+        the pass stops at activations: the coefficients on each activation's output are stored
+        there instead of being propagated through it.
         """
         bias = A.new_zeros(A.shape[:2])
+        if end <= start:
+            return A, bias
+        pending: dict[int, Tensor] = {end - 1: A}
+        rows = A.shape[:2]
+        entered = None
         for index in range(end - 1, start - 1, -1):
+            A = pending.pop(index, None)
+            if A is None:
+                continue
             op = self.ops[index]
+            if leaves is not None and op.is_activation:
+                leaves[index] = A
+                continue
             if record is not None and op.is_activation:
                 record[index] = A
-            alpha = alphas.get(index) if alphas else None
-            A, bias_term = op.backward(
-                A, state.input_shapes[index], state.relaxations.get(index), alpha
-            )
-            if betas is not None and index in betas:
-                beta, sign = betas[index]
-                A = A - beta * sign.unsqueeze(1)
+            if op.arity == 1:
+                alpha = alphas.get(index) if alphas else None
+                A, bias_term = op.backward(
+                    A, state.input_shapes[index], state.relaxations.get(index), alpha
+                )
+                if betas is not None and index in betas:
+                    beta, sign = betas[index]
+                    A = A - beta * sign.unsqueeze(1)
+                passed = ((self.inputs[index][0], A),)
+            else:
+                coefficients, bias_term = op.backward_many(A, state.input_shapes[index])
+                passed = tuple(zip(self.inputs[index], coefficients, strict=True))
             if bias_term is not None:
                 bias = bias + bias_term
-        return A, bias
+            for node, coefficient in passed:
+                if node < start:
+                    entered = coefficient if entered is None else entered + coefficient
+                elif node in pending:
+                    pending[node] = pending[node] + coefficient
+                else:
+                    pending[node] = coefficient
+        if entered is None:  # every path stopped at a leaf
+            entered = bias.new_zeros(rows + state.input_shapes[start])
+        return entered, bias
+
+    def _single_entry(self, start: int, end: int) -> bool:
+        """Nodes ``start .. end - 1`` read only each other and node ``start - 1`` (or the input
+        for ``start == 0``): a backward pass over them ends on that one node."""
+        return all(j >= start - 1 for node in self.inputs[start:end] for j in node)
 
     def _backward_both_signs(
         self, A: Tensor, state: _Propagation, end: int
@@ -738,6 +838,9 @@ class BoundEngine:
         """
         previous = [i for i in self._activation_indices if i < end]
         split = previous[-1] + 1 if previous else 0
+        if not self._single_entry(split, end):
+            # Skip connections cross the activation: no shared affine stretch to reuse.
+            return self._backward(torch.cat([A, -A], dim=1), state, end=end)
         A, bias = self._backward(A, state, end=end, start=split)
         A, bias = torch.cat([A, -A], dim=1), torch.cat([bias, -bias], dim=1)
         if split == 0:
@@ -763,9 +866,23 @@ class BoundEngine:
 
     # -------------------------------------------------------- intermediate
     def _interval_is_exact(self, index: int) -> bool:
+        return self._exact_interval[index]
+
+    def _interval_exact_up_to(self, index: int) -> bool:
         # Interval arithmetic is exact through one feature-mixing layer followed by
-        # element-wise affine ones, so CROWN would return the same bounds.
-        return sum(op.mixes_features for op in self.ops[:index]) <= 1
+        # element-wise affine ones, so CROWN would return the same bounds. A merge of branches
+        # (counted as mixing) loses their correlation.
+        ancestors, stack = set(), list(self.inputs[index])
+        while stack:
+            node = stack.pop()
+            if node >= 0 and node not in ancestors:
+                ancestors.add(node)
+                stack.extend(self.inputs[node])
+        return sum(self.ops[node].mixes_features for node in ancestors) <= 1
+
+    def _source(self, index: int) -> int:
+        """The node whose output is op ``index``'s (first) input."""
+        return self.inputs[index][0]
 
     def _set_bounds(self, state: _Propagation, index: int, lower: Tensor, upper: Tensor) -> None:
         state.bounds[index] = (lower, upper)
@@ -788,6 +905,7 @@ class BoundEngine:
     def _patches_apply(self, state: _Propagation, index: int, unstable: Tensor) -> bool:
         if not (
             self.conv_mode != "matrix"
+            and self._is_chain
             and all(len(shape) == 3 for shape in state.input_shapes[: index + 1])
             and all(op.supports_patches for op in self.ops[:index])
         ):
@@ -872,7 +990,7 @@ class BoundEngine:
                 neurons = order[:, first:first + group]
                 one_hot = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
                 A, bias = self._backward_both_signs(one_hot.view(n, -1, *shape), state,
-                                                    end=index)
+                                                    end=self._source(index) + 1)
                 bound = self._concretize(A, bias, state.center, state.radius)
                 k = neurons.shape[1]
                 lower_flat.scatter_(1, neurons, torch.maximum(lower_flat.gather(1, neurons),
@@ -888,7 +1006,8 @@ class BoundEngine:
             rows, columns = samples[first:first + group], neurons[first:first + group]
             sub = state.rows(rows)
             one_hot = torch.nn.functional.one_hot(columns, width).to(ibp_lower.dtype)
-            A, bias = self._backward_both_signs(one_hot.view(-1, 1, *shape), sub, end=index)
+            A, bias = self._backward_both_signs(one_hot.view(-1, 1, *shape), sub,
+                                                end=self._source(index) + 1)
             bound = self._concretize(A, bias, sub.center, sub.radius)
             lower_flat[rows, columns] = torch.maximum(lower_flat[rows, columns], bound[:, 0])
             upper_flat[rows, columns] = torch.minimum(upper_flat[rows, columns], -bound[:, 1])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConstantAffine", "Reshape"]
+__all__ = ["Add", "ConstantAffine", "GraphNetwork", "Reshape"]
 
 
 class ConstantAffine(nn.Module):
@@ -68,3 +68,58 @@ class Reshape(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
+
+
+class Add(nn.Module):
+    """The sum of two tensors of one shape: the merge of a residual connection."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+
+class GraphNetwork(nn.Module):
+    """A network whose layers form a directed acyclic graph (residual connections).
+
+    Layer ``i`` reads the outputs of the nodes ``inputs[i]`` (``-1`` is the network's input),
+    in topological order; the last layer's output is the network's. A chain
+    (``inputs[i] == (i - 1,)`` for every ``i``) is an ``nn.Sequential``.
+
+    Parameters
+    ----------
+    layers : sequence of torch.nn.Module
+        One module per node; :class:`Add` for a node with two inputs.
+    inputs : sequence of sequence of int
+        The nodes each layer reads, every one smaller than the layer's own index.
+
+    Examples
+    --------
+    ``x + W2 relu(W1 x)``, then a classifier::
+
+        GraphNetwork([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), Add(), nn.Linear(4, 3)],
+                     [(-1,), (0,), (1,), (2, -1), (3,)])
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], inputs: Sequence[Sequence[int]]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.inputs = [tuple(int(j) for j in node) for node in inputs]
+        if len(self.inputs) != len(self.layers) or not self.layers:
+            raise ValueError(
+                f"GraphNetwork needs one input list per layer, got {len(self.layers)} layers "
+                f"and {len(self.inputs)} input lists."
+            )
+        for index, node in enumerate(self.inputs):
+            if not node or any(not -1 <= j < index for j in node):
+                raise ValueError(
+                    f"layer {index} reads {node}: every input must be an earlier layer's index "
+                    "or -1 (the network input)."
+                )
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs: list[Tensor] = []
+        for layer, node in zip(self.layers, self.inputs, strict=True):
+            outputs.append(layer(*(x if j < 0 else outputs[j] for j in node)))
+        return outputs[-1]
+
+    def extra_repr(self) -> str:
+        return f"inputs={self.inputs}"

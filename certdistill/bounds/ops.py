@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certdistill.bounds.layers import ConstantAffine, Reshape
+from certdistill.bounds.layers import Add, ConstantAffine, Reshape
 from certdistill.bounds.patches import PatchGeometry, unfold_map
 from certdistill.exceptions import UnsupportedLayerError
 
@@ -68,6 +68,8 @@ class BoundOp:
     is_activation = False
     #: True when ``backward_patches`` is implemented (layers acting locally on feature maps).
     supports_patches = False
+    #: Number of inputs; operations with more (:class:`MergeOp`) use the ``*_many`` steps.
+    arity = 1
 
     @property
     def uses_batch_statistics(self) -> bool:
@@ -552,6 +554,47 @@ class DropoutOp(IdentityOp):
         return self._mask is None
 
 
+class MergeOp(BoundOp):
+    """Base of operations with several inputs (the merge of branches of a graph).
+
+    They replace the one-input steps by ``forward_many(xs)``, ``interval_many(centers, radii)``
+    and ``backward_many(A, input_shapes) -> (list of A, bias)``, one entry per input.
+    """
+
+    arity = 2
+
+    def forward_many(self, xs: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def interval_many(self, centers: list[Tensor], radii: list[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward_many(self, A: Tensor, input_shapes) -> tuple[list[Tensor], Tensor | None]:
+        raise NotImplementedError
+
+
+class AddOp(MergeOp):
+    """:class:`~certdistill.bounds.layers.Add` of two branches (a residual connection).
+
+    Interval arithmetic adds centres and radii (it forgets that the branches are correlated,
+    which CROWN's backward pass keeps: ``A`` reaches both branches and sums where they meet).
+    """
+
+    mixes_features = True  # the sum of correlated branches is not exact in intervals
+
+    def __init__(self, layer: Add):
+        self.layer = layer
+
+    def forward_many(self, xs):
+        return xs[0] + xs[1]
+
+    def interval_many(self, centers, radii):
+        return centers[0] + centers[1], radii[0] + radii[1]
+
+    def backward_many(self, A, input_shapes):
+        return [A, A], None
+
+
 @dataclass(frozen=True)
 class Relaxation:
     """Lines bounding an activation ``f`` on its input bounds, per neuron.
@@ -707,7 +750,8 @@ def supported_layers_text() -> str:
         f"{layer_type.__name__} ({entry.note})" if entry.note else layer_type.__name__
         for layer_type, entry in OP_REGISTRY.items()
     ]
-    return (f"Supported layers: {', '.join(names)} and nested Sequential. "
+    return (f"Supported layers: {', '.join(names)}, nested Sequential, GraphNetwork and "
+            "torch.fx-traceable modules of them (with + of two branches, relu and flatten). "
             "For other layers use backend='auto_lirpa'.")
 
 
@@ -724,9 +768,10 @@ register_op(nn.Identity, IdentityOp)
 register_op(nn.Dropout, DropoutOp)
 register_op(ConstantAffine, ConstantAffineOp, note="constants broadcast over a sample")
 register_op(nn.ZeroPad2d, ZeroPad2dOp, note="non-negative padding")
+register_op(Add, AddOp, note="two branches of one shape, in a GraphNetwork or a traced module")
 
 
-def _op_for(layer: nn.Module, name: str) -> BoundOp:
+def op_for(layer: nn.Module, name: str) -> BoundOp:
     # Exact type first, so that a user subclass overriding forward() is not silently mis-bounded.
     entry = OP_REGISTRY.get(type(layer))
     if entry is None:
@@ -761,7 +806,7 @@ def build_ops(module: nn.Module) -> list[BoundOp]:
             for child_name, child in layer.named_children():
                 visit(child, f"{name}.{child_name}" if name else child_name)
         else:
-            ops.append(_op_for(layer, name or type(layer).__name__))
+            ops.append(op_for(layer, name or type(layer).__name__))
 
     visit(module, "")
     if not ops:

@@ -403,7 +403,7 @@ class Cascade:
             float64 = BoundEngine(copy.deepcopy(self.module).double().eval())
             segments = float64.affine_segments(tuple(X.shape[1:]))
             self._milp = MarginMilp([(w.detach().cpu().numpy(), b.detach().cpu().numpy())
-                                     for w, b in segments])
+                                     for w, b in segments], wide=float64.segments_are_wide)
         return self._milp
 
     def _check_search_stages(self, stages: Sequence[str]) -> None:

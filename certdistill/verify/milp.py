@@ -66,11 +66,15 @@ class MarginMilp:
     segments : list of (ndarray, ndarray)
         Float64 ``(W, b)`` of the affine maps between activations (the engine's
         ``affine_segments``); ReLU between consecutive maps.
+    wide : bool, default=False
+        Map ``k`` reads the input and every earlier activation's output, concatenated (networks
+        with skip connections, ``segments_are_wide``), instead of the previous one's only.
     """
 
-    def __init__(self, segments: list[tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, segments: list[tuple[np.ndarray, np.ndarray]], *, wide: bool = False):
         self.weights = [np.asarray(w, dtype=np.float64) for w, _ in segments]
         self.biases = [np.asarray(b, dtype=np.float64) for _, b in segments]
+        self.wide = wide
 
     def solve(
         self,
@@ -110,8 +114,8 @@ class MarginMilp:
                 complete = False
                 break
             cost = np.zeros(model.n_variables)
-            cost[model.last_offset:model.last_offset + last_w.shape[1]] = (last_w[reference]
-                                                                           - last_w[j])
+            first = 0 if self.wide else model.last_offset
+            cost[first:first + last_w.shape[1]] = last_w[reference] - last_w[j]
             constant = last_b[reference] - last_b[j]
             with _quiet_native_stdout():
                 result = milp(cost, integrality=model.integrality,
@@ -157,7 +161,7 @@ class MarginMilp:
         binary = int(offsets[-1])
         for k, (lo, up, mask) in enumerate(zip(relu_lower, relu_upper, unstable, strict=True)):
             w, b = self.weights[k], self.biases[k]
-            previous, current = int(offsets[k]), int(offsets[k + 1])
+            previous, current = 0 if self.wide else int(offsets[k]), int(offsets[k + 1])
             var_upper[current:current + len(up)] = np.maximum(up, 0.0)
             var_lower[current:current + len(up)] = 0.0
             active = lo >= 0
