@@ -229,7 +229,49 @@ def _case_symbolic_batch_and_bias_free_conv():
     return _model(nodes, inits, ["N", 2, 4, 4], ["N", 3])
 
 
+def _case_residual_mlp():
+    # h = relu(W1 x); y = W3 relu(h + W2 h - x) : an Add and a Sub of branches.
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["g1"], transB=1),
+        helper.make_node("Relu", ["g1"], ["h"]),
+        helper.make_node("Gemm", ["h", "W2", "b2"], ["g2"], transB=1),
+        helper.make_node("Add", ["h", "g2"], ["s"]),
+        helper.make_node("Sub", ["s", "x"], ["d"]),
+        helper.make_node("Relu", ["d"], ["r"]),
+        helper.make_node("Gemm", ["r", "W3", "b3"], ["y"], transB=1),
+    ]
+    inits = [_const("W1", _weights(6, 6)), _const("b1", _weights(6)),
+             _const("W2", _weights(6, 6)), _const("b2", _weights(6)),
+             _const("W3", _weights(3, 6)), _const("b3", _weights(3))]
+    return _model(nodes, inits, [1, 6], [1, 3])
+
+
+def _case_residual_cnn():
+    # cifar10_resnet style: conv-relu, a block conv-bn-relu-conv added to its input, relu.
+    nodes = [
+        helper.make_node("Conv", ["x", "K0", "k0"], ["c0"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "K1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["c1", "g", "be", "rm", "rv"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r1"]),
+        helper.make_node("Conv", ["r1", "K2", "k2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Add", ["c2", "r0"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["f"]),
+        helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1),
+    ]
+    inits = [_const("K0", _weights(2, 1, 3, 3)), _const("k0", _weights(2)),
+             _const("K1", _weights(2, 2, 3, 3)), _const("g", _weights(2)),
+             _const("be", _weights(2)), _const("rm", _weights(2)),
+             _const("rv", 0.5 + RNG.random(2)), _const("K2", _weights(2, 2, 3, 3)),
+             _const("k2", _weights(2)), _const("W", _weights(3, 2 * 5 * 5)),
+             _const("b", _weights(3))]
+    return _model(nodes, inits, [1, 1, 5, 5], [1, 3])
+
+
 CASES = {
+    "residual-mlp-add-sub": _case_residual_mlp,
+    "residual-cnn": _case_residual_cnn,
     "gemm-mnistfc-shape": _case_gemm_mnistfc_shape,
     "gemm-attributes": _case_gemm_attributes,
     "matmul-add-normalisation": _case_matmul_add_normalisation,
@@ -312,6 +354,17 @@ def test_complete_verification_of_an_imported_network(tmp_path):
         assert (logits.argmax(1) != cert.prediction[falsified]).all()
 
 
+def test_residual_files_load_as_graph_networks(tmp_path):
+    from certdistill.bounds.layers import GraphNetwork
+
+    graph = load_onnx(_save(_case_residual_cnn(), tmp_path, "res.onnx"))
+    chain = load_onnx(_save(_case_gemm_mnistfc_shape(), tmp_path, "chain.onnx"))
+    assert isinstance(graph, GraphNetwork) and type(chain) is torch.nn.Sequential
+    x = RNG.uniform(0, 1, size=(4, *graph.input_shape))
+    cert = certify(graph, x, 0.05, method="complete", timeout=10)
+    assert (cert.status != "unknown").all()
+
+
 def test_loaded_module_attributes(tmp_path):
     path = _save(_case_gemm_mnistfc_shape(), tmp_path)
     module = load_onnx(path)
@@ -324,17 +377,18 @@ def test_loaded_module_attributes(tmp_path):
 
 # ------------------------------------------------------------------------------ errors
 def _error_cases():
-    residual = _model(
+    broadcast = _model(
         [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
-         helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("Add", ["r", "h"], ["y"])],
+         helper.make_node("ReduceSum", ["h"], ["s"], keepdims=1),
+         helper.make_node("Add", ["h", "x"], ["y"])],
         [_const("W", _weights(4, 4))], [1, 4], [1, 4])
-    skip = _model(
+    product = _model(
         [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("Relu", ["x"], ["unused"]),  # a dead branch is ignored
-         helper.make_node("Gemm", ["r", "W"], ["g"], transB=1),
-         helper.make_node("Add", ["g", "x"], ["y"])],
-        [_const("W", _weights(4, 4))], [1, 4], [1, 4])
+         helper.make_node("Mul", ["r", "x"], ["y"])], [], [1, 4], [1, 4])
+    shapes = _model(
+        [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+         helper.make_node("Add", ["h", "x"], ["y"])],
+        [_const("W", _weights(3, 4))], [1, 4], [1, 3])
     unsupported = _model([helper.make_node("Sigmoid", ["x"], ["y"], name="act")], [], [1, 4],
                          [1, 4])
     permuting = _model([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
@@ -349,9 +403,10 @@ def _error_cases():
                       helper.make_node("Flatten", ["p"], ["y"])],
                      [_const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))],
                      [1, 1, 3, 3], [1, 25])
+    del broadcast
     return {
-        "residual-add": (residual, r"Add node .*reads .h. again .*skip or residual"),
-        "skip-connection": (skip, r"Add node .*reads 'x' again .*skip or residual"),
+        "product-of-branches": (product, r"Mul of 2 computed tensors is not supported"),
+        "branches-of-two-shapes": (shapes, r"Add node .*shapes \(1, 3\) and \(1, 4\)"),
         "unsupported-op": (unsupported, r"Sigmoid node 'act'.*op 'Sigmoid' is not supported\. "
                                         r"Supported ONNX ops: Gemm, MatMul"),
         "permuting-transpose": (permuting, r"Transpose .*perm=\[0, 2, 1\].*permutes data"),

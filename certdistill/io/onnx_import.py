@@ -16,8 +16,9 @@ Conventions
 * **Constants** (initializers, ``Constant`` nodes and whatever is computed from constants only,
   such as the ``Shape -> Gather -> Concat`` chains of exported ``Reshape`` targets) are evaluated
   once with onnx's reference evaluator.
-* **Chains only, for now.** Exactly one computed tensor flows through the graph; a node with two
-  computed inputs (the ``Add`` of a residual connection) is refused with an error naming it.
+* **Graphs.** A file whose computed tensors branch and merge again (residual connections:
+  ``Add`` or ``Sub`` of two branches of one shape) becomes a
+  :class:`~certdistill.bounds.layers.GraphNetwork`; a chain becomes an ``nn.Sequential``.
 
 Layers emitted: ``nn.Linear`` (Gemm, MatMul by a constant matrix, with a following constant
 ``Add`` folded into its bias), ``nn.Conv2d`` (and ``nn.ZeroPad2d`` before it for asymmetric
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from certdistill.bounds.layers import ConstantAffine, Reshape
+from certdistill.bounds.layers import Add, ConstantAffine, GraphNetwork, Reshape
 from certdistill.exceptions import UnsupportedLayerError
 
 __all__ = ["ONNX_OPS", "OnnxImportError", "load_onnx", "supported_onnx_ops_text"]
@@ -63,12 +64,14 @@ def _require_onnx():
 
 @dataclass
 class _Flow:
-    """The one computed tensor of the chain: its name and its shape in the file (batch 1)."""
+    """A computed tensor: its name, its shape in the file (batch 1) and the layer writing it."""
 
     name: str
     shape: tuple[int, ...]
     #: Axis 0 of the file's tensor is the batch axis (our samples drop it).
     batched: bool
+    #: Index of the layer that computes it (-1: the network input).
+    node: int = -1
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -80,7 +83,7 @@ def load_onnx(
     *,
     output: str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> nn.Sequential:
+) -> nn.Module:
     """Read an ONNX network as an ``nn.Sequential`` of layers the bound engine supports.
 
     Parameters
@@ -94,8 +97,9 @@ def load_onnx(
 
     Returns
     -------
-    torch.nn.Sequential
-        In eval mode. It takes ``(n, *module.input_shape)`` and returns ``(n, n_outputs)``; the
+    torch.nn.Sequential or GraphNetwork
+        In eval mode (a ``GraphNetwork`` when the file has skip connections). It takes
+        ``(n, *module.input_shape)`` and returns ``(n, n_outputs)``; the
         attributes ``input_shape`` (one sample), ``onnx_input`` and ``onnx_output`` (names in the
         file) and ``onnx_path`` describe where it came from.
 
@@ -103,7 +107,8 @@ def load_onnx(
     ------
     OnnxImportError
         For an unsupported op (the message names the op, the node and the supported ops), an
-        unsupported attribute, several computed inputs or a residual connection.
+        unsupported attribute, several network inputs, or branches merged other than by
+        ``Add``/``Sub`` of equal shapes.
     FileNotFoundError, ValueError
         For a missing file or one that is not an ONNX model.
     ImportError
@@ -150,13 +155,20 @@ class _Converter:
             raise ValueError(f"{source}: no graph output named {output!r}; outputs: {outputs}.")
         self.output = output
         self.layers: list[nn.Module] = []
-        #: The layer that wrote the flow last, when a following op may fold into it.
-        self.foldable: nn.Module | None = None
-        #: Computed tensors already consumed (a second reader means a branch of the graph).
-        self.past_flows: dict[str, tuple[int, ...]] = {}
+        #: The layers each layer reads (-1: the network input).
+        self.reads: list[tuple[int, ...]] = []
+        #: Computed tensors by name.
+        self.tensors: dict[str, _Flow] = {}
+        #: Layer -> the tensor it writes, where a following constant op may fold into it.
+        self.foldable_at: dict[int, str] = {}
+        #: Readers of each tensor among the nodes the output needs.
+        self.consumers: dict[str, int] = {}
+        #: The layer the next emitted layer reads (moves as a handler emits several).
+        self.cursor = -1
+        self._emitted_foldable = False
 
     # ------------------------------------------------------------------ driver
-    def convert(self) -> nn.Sequential:
+    def convert(self) -> nn.Module:
         inputs = [i for i in self.graph.input if i.name not in self.constants]
         if len(inputs) != 1:
             names = [i.name for i in inputs]
@@ -177,27 +189,53 @@ class _Converter:
         shape = tuple(1 if d == -1 else d for d in dims)
         if not shape:
             raise OnnxImportError(f"{self.source}: the input {graph_input.name!r} is a scalar.")
-        flow = _Flow(graph_input.name, shape, batched)
+        flow = _Flow(graph_input.name, shape, batched, -1)
         input_shape = flow.sample_shape
-        for node in self._needed_nodes(graph_input.name):
-            flow = self._convert_node(node, flow)
+        self.tensors[flow.name] = flow
+        nodes = self._needed_nodes(graph_input.name)
+        for node in nodes:
+            for name in node.input:
+                self.consumers[name] = self.consumers.get(name, 0) + 1
+        for node in nodes:
+            self._convert_node(node)
         if self.output in self.constants:
             raise OnnxImportError(f"{self.source}: output {self.output!r} does not depend on "
                                   "the input.")
-        if flow.name != self.output:  # pragma: no cover - guarded by _needed_nodes
+        out = self.tensors.get(self.output)
+        if out is None:  # pragma: no cover - guarded by _needed_nodes
             raise OnnxImportError(f"{self.source}: the output is not reached from the input.")
-        if len(flow.sample_shape) != 1:
+        self.cursor = out.node
+        if len(out.sample_shape) != 1:
             # Logits of shape (n, n_outputs), whatever extra unit axes the file keeps.
-            self.layers.append(nn.Flatten())
-        module = nn.Sequential(*self.layers).to(self.dtype).eval()
+            self._append(nn.Flatten())
+        elif out.node != len(self.layers) - 1 or out.node < 0:
+            self._append(nn.Identity())
+        module = self._module().to(self.dtype).eval()
         module.input_shape = tuple(input_shape)
         module.onnx_input = graph_input.name
         module.onnx_output = self.output
         return module
 
+    def _module(self) -> nn.Module:
+        """The layers as a ``Sequential`` (a chain) or a ``GraphNetwork``, without the layers
+        the output does not read (those that only fed a ``Shape``)."""
+        keep, stack = set(), [len(self.layers) - 1]
+        while stack:
+            index = stack.pop()
+            if index >= 0 and index not in keep:
+                keep.add(index)
+                stack.extend(self.reads[index])
+        order = sorted(keep)
+        renumber = {old: new for new, old in enumerate(order)}
+        renumber[-1] = -1
+        layers = [self.layers[i] for i in order]
+        reads = [tuple(renumber[j] for j in self.reads[i]) for i in order]
+        if all(r == (k - 1,) for k, r in enumerate(reads)):
+            return nn.Sequential(*layers)
+        return GraphNetwork(layers, reads)
+
     def _needed_nodes(self, input_name: str) -> list:
-        """The nodes the output depends on, in file order (ONNX stores them sorted), each
-        computed tensor consumed by one node at most (a chain)."""
+        """The nodes the output depends on, in file order (ONNX stores them sorted)."""
         producers = {}
         for node in self.graph.node:
             for name in node.output:
@@ -222,43 +260,62 @@ class _Converter:
     def _refuse(self, node, why: str) -> OnnxImportError:
         return OnnxImportError(f"{self._where(node)}: {why}")
 
-    def _convert_node(self, node, flow: _Flow) -> _Flow:
+    def _convert_node(self, node) -> None:
         if node.domain not in ("", "ai.onnx"):
             raise self._refuse(node, f"custom domain {node.domain!r} is not supported. "
                                f"{supported_onnx_ops_text()}")
         computed = [name for name in node.input if name and name not in self.constants]
         if not computed:
             self._fold_constant(node)
-            return flow
+            return
+        flows = [self.tensors[name] for name in computed]
         if node.op_type == "Shape":
             # The file's shape with the batch of one: what exported Reshape targets are built from.
-            shape = flow.shape if computed[0] == flow.name else self.past_flows[computed[0]]
             start, end = self.attribute(node, "start", 0), self.attribute(node, "end")
-            self.constants[node.output[0]] = np.array(shape[start:end], dtype=np.int64)
-            return flow
-        reused = [name for name in computed if name in self.past_flows]
-        if reused:
-            raise self._refuse(
-                node,
-                f"it reads {reused[0]!r} again after another node consumed it (a skip or "
-                "residual connection); the native engine reads chains of ops for now.",
-            )
-        if len(set(computed)) > 1 or computed.count(flow.name) != len(computed):
-            raise self._refuse(
-                node,
-                "it combines two computed tensors (a residual connection or a second input); "
-                "the native engine reads chains of ops for now.",
-            )
-        if len(computed) > 1:
+            self.constants[node.output[0]] = np.array(flows[0].shape[start:end], dtype=np.int64)
+            return
+        if len(set(computed)) != len(computed):
             raise self._refuse(node, "it uses the same computed tensor twice (e.g. x * x), "
                                "which is not linear in it.")
+        if len(flows) > 1:
+            self._merge(node, flows)
+            return
         handler = _HANDLERS.get(node.op_type)
         if handler is None:
             raise self._refuse(node, f"op {node.op_type!r} is not supported. "
                                f"{supported_onnx_ops_text()}")
-        new = handler(self, node, flow)
-        self.past_flows[flow.name] = flow.shape
-        return _Flow(node.output[0], *new)
+        flow = flows[0]
+        self.cursor, self._emitted_foldable = flow.node, False
+        shape, batched = handler(self, node, flow)
+        name = node.output[0]
+        self.tensors[name] = _Flow(name, shape, batched, self.cursor)
+        if self.cursor != flow.node:
+            if self._emitted_foldable:
+                self.foldable_at[self.cursor] = name
+        elif self.foldable_at.get(flow.node) == flow.name and self.consumers[flow.name] == 1:
+            self.foldable_at[flow.node] = name  # folded in place, or passed through
+        else:
+            self.foldable_at.pop(flow.node, None)
+
+    def _merge(self, node, flows: list[_Flow]) -> None:
+        """``Add`` (or ``Sub``) of two computed tensors: the merge of a residual connection."""
+        if node.op_type not in ("Add", "Sub") or len(flows) != 2:
+            raise self._refuse(node, f"{node.op_type} of {len(flows)} computed tensors is not "
+                               "supported (only the Add or Sub of two branches).")
+        first, second = (self.tensors[name] for name in node.input[:2])
+        if first.shape != second.shape or first.batched != second.batched:
+            raise self._refuse(node, f"the branches have shapes {first.shape} and "
+                               f"{second.shape}; broadcasting between branches is not "
+                               "supported.")
+        right = second.node
+        if node.op_type == "Sub":
+            self.cursor = second.node
+            self._append(ConstantAffine(-1.0, 0.0))
+            right = self.cursor
+        self.layers.append(Add())
+        self.reads.append((first.node, right))
+        name = node.output[0]
+        self.tensors[name] = _Flow(name, first.shape, first.batched, len(self.layers) - 1)
 
     def _fold_constant(self, node) -> None:
         from onnx.reference import ReferenceEvaluator
@@ -282,10 +339,16 @@ class _Converter:
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.tensor(np.asarray(array, dtype=np.float64))
 
+    def _append(self, layer: nn.Module) -> None:
+        """Add ``layer`` reading the cursor's layer; the cursor moves to it."""
+        self.layers.append(layer.to(torch.float64))
+        self.reads.append((self.cursor,))
+        self.cursor = len(self.layers) - 1
+
     def emit(self, layer: nn.Module, flow: _Flow, *, foldable: bool = False) -> tuple:
         """Append ``layer`` and return the flow's new (shape, batched)."""
-        self.layers.append(layer.to(torch.float64))
-        self.foldable = layer if foldable else None
+        self._append(layer)
+        self._emitted_foldable = foldable
         with torch.no_grad():
             probe = layer(torch.zeros(1, *flow.sample_shape, dtype=torch.float64))
         sample = tuple(probe.shape[1:])
@@ -300,9 +363,8 @@ class _Converter:
         batched = len(shape) >= 2 and shape[0] == 1
         sample = shape[1:] if batched else shape
         if sample != flow.sample_shape:
-            layer = nn.Flatten() if len(sample) == 1 else Reshape(sample)
-            self.layers.append(layer)
-            self.foldable = None
+            self._append(nn.Flatten() if len(sample) == 1 else Reshape(sample))
+            self._emitted_foldable = False
         return shape, batched
 
     def per_sample_constant(self, node, value: np.ndarray, flow: _Flow) -> np.ndarray:
@@ -327,14 +389,16 @@ class _Converter:
         """Emit ``x * scale + shift`` (per-sample constants), folded into what came before."""
         scale = self.per_sample_constant(node, scale, flow)
         shift = self.per_sample_constant(node, shift, flow)
-        previous = self.foldable
+        # Fold only into the layer writing this tensor, and only when nothing else reads it.
+        foldable = (flow.node >= 0 and self.foldable_at.get(flow.node) == flow.name
+                    and self.consumers.get(flow.name, 0) == 1)
+        previous = self.layers[flow.node] if foldable else None
         if isinstance(previous, ConstantAffine):
             # (x * a + b) * s + h = x * (a s) + (b s + h): one layer for a whole normalisation.
             a, b = previous.scale.numpy(), previous.shift.numpy()
             merged_scale, merged_shift = a * scale, b * scale + shift
-            self.layers[-1] = ConstantAffine(self.tensor(merged_scale),
-                                             self.tensor(merged_shift)).double()
-            self.foldable = self.layers[-1]
+            self.layers[flow.node] = ConstantAffine(self.tensor(merged_scale),
+                                                    self.tensor(merged_shift)).double()
             return flow.shape, flow.batched
         if np.all(scale == 1) and isinstance(previous, nn.Linear | nn.Conv2d):
             bias = _bias_vector(previous, shift)
