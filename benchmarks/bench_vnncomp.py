@@ -6,10 +6,11 @@ The benchmarks are not part of this repository: fetch the public VNN-COMP 2021 r
 ``certdistill verify --instances`` calls), one process, torch on ``--threads`` threads.
 
 alpha-beta-CROWN is run separately on the same machine, one instance after another with the
-same timeouts (built by ``shared/tools/abcrown_setup.sh``), and its per-instance results CSV
-(``onnx,vnnlib,result,seconds``) is passed as ``--abcrown``. ``--published`` takes a CSV
-``onnx,vnnlib,answer`` of the answers VNN-COMP 2021's tools agreed on; an answer that contradicts
-it is counted as wrong.
+same timeouts (``benchmarks/abcrown_reference.py``, on the build of
+``shared/tools/abcrown_setup.sh``), and its per-instance results CSV
+(``onnx,vnnlib,result,seconds``) is passed as ``--abcrown``. ``--published`` takes the CSV of
+``benchmarks/vnncomp_published.py`` (the answers of VNN-COMP 2021's tools, conflicts resolved as
+the organisers did); an answer that contradicts it is counted as wrong.
 
 Usage::
 
@@ -33,15 +34,17 @@ from certdistill.verify.vnncomp import read_instances, verify_instances
 
 
 def _read_results(path: str | None) -> dict[tuple[str, str], tuple[str, float | None]]:
+    """``(onnx, vnnlib) -> (answer, seconds)`` of a results CSV with a header: ``result`` (or
+    ``answer_resolved``, ``answer``) and ``seconds`` columns."""
     if path is None:
         return {}
     table = {}
     with open(path, newline="") as handle:
-        for row in csv.reader(handle):
-            if len(row) < 3 or row[0] == "onnx":
-                continue
-            seconds = float(row[3]) if len(row) > 3 and row[3] else None
-            table[(_key(row[0]), _key(row[1]))] = (row[2].strip(), seconds)
+        for row in csv.DictReader(handle):
+            answer = row.get("answer_resolved") or row.get("result") or row.get("answer") or ""
+            seconds = row.get("seconds")
+            table[(_key(row["onnx"]), _key(row["vnnlib"]))] = (
+                answer.strip(), float(seconds) if seconds else None)
     return table
 
 
