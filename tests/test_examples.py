@@ -21,6 +21,7 @@ SHORT_ARGS = {
     "dask_grid_search.py": ["--epochs", "2"],
     "checkpoint_resume.py": ["--epochs", "4"],
     "grid_search.py": ["--epochs", "2"],
+    "onnx_deploy.py": ["--epochs", "2"],
     "persistence.py": ["--epochs", "2"],
     "quickstart.py": ["--epochs", "2"],
     "radius_histograms.py": ["--epochs", "2", "--output", "{tmp}"],
@@ -28,7 +29,7 @@ SHORT_ARGS = {
 # Files an example must leave in "{tmp}".
 OUTPUTS = {"radius_histograms.py": ["radius_histogram.png"]}
 # Modules of an optional extra an example needs (all of them are in the "test" extra).
-REQUIRES = {"dask_grid_search.py": "distributed"}
+REQUIRES = {"dask_grid_search.py": "distributed", "onnx_deploy.py": "onnxruntime"}
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
