@@ -89,3 +89,45 @@ def test_alpha_crown_is_at_least_as_tight_as_auto_lirpa_crown():
     crown = certify(module, X, 0.05, method="crown", backend="auto_lirpa", batch_size=1).margins
     finite = np.isfinite(ours)
     assert np.all(ours[finite] >= crown[finite] - 1e-5)
+
+
+def _residual_mlp() -> nn.Module:
+    from certdistill.bounds.layers import Add, GraphNetwork
+
+    branch = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16))
+    return _randomise_batchnorm(GraphNetwork(
+        [nn.Linear(20, 16), nn.ReLU(), branch, Add(), nn.ReLU(), nn.Linear(16, 5)],
+        [(-1,), (0,), (1,), (2, 1), (3,), (4,)],
+    ))
+
+
+class _ResidualCNN(nn.Module):
+    """A traced module: ``relu(x + conv(relu(conv(x))))`` after a stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                    nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(h + self.branch(h)))
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+@pytest.mark.parametrize(
+    ("factory", "sample_shape"),
+    [(_residual_mlp, (20,)), (lambda: _randomise_batchnorm(_ResidualCNN()), (1, 6, 6))],
+    ids=["residual-mlp", "residual-cnn"],
+)
+def test_residual_margins_match_auto_lirpa(factory, sample_shape, method):
+    torch.manual_seed(2)
+    module = factory()
+    X = torch.rand(8, *sample_shape)
+    lirpa_batch = 1 if method == "crown" else 256
+    ours = certify(module, X, 0.03, method=method, lower=0.0, upper=1.0).margins
+    theirs = certify(module, X, 0.03, method=method, lower=0.0, upper=1.0,
+                     backend="auto_lirpa", batch_size=lirpa_batch).margins
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL)

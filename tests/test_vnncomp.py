@@ -320,3 +320,12 @@ def test_cli_certify_reads_an_onnx_network(tmp_path, capsys):
     assert main(["certify", str(tmp_path / "bare.onnx"), str(tmp_path / "test.npz"),
                  "--eps", "0.05", "--method", "ibp", "--quiet"]) == 0
     assert "certified accuracy at eps 0.05" in capsys.readouterr().out
+
+
+def test_cli_verify_reports_a_malformed_property_with_its_line(tmp_path, capsys):
+    path = _write_net(_net(0), tmp_path / "net.onnx")
+    bad = tmp_path / "bad.vnnlib"
+    bad.write_text("(declare-const X_0 Real)\n(assert (<= X_0 0.5)\n")
+    assert main(["verify", str(path), str(bad), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.vnnlib" in err and ":2" in err

@@ -408,7 +408,21 @@ def _per_channel(constant: Tensor) -> Tensor | None:
     return None
 
 
-class ZeroPad2dOp(BoundOp):
+class _PlacementOp(BoundOp):
+    """Layers that only move values, or add zeros: each output is one input or 0, so the
+    layer itself maps centres and radii."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def forward(self, x, update_running_stats=False):
+        return self.layer(x)
+
+    def interval(self, center, radius):
+        return self.layer(center), self.layer(radius)
+
+
+class ZeroPad2dOp(_PlacementOp):
     """``nn.ZeroPad2d``: zeros around each feature map (exact for intervals and relaxations)."""
 
     def __init__(self, layer: nn.ZeroPad2d):
@@ -417,13 +431,7 @@ class ZeroPad2dOp(BoundOp):
                 f"{layer!r}: negative padding (cropping) is not supported. "
                 f"{supported_layers_text()}"
             )
-        self.layer = layer
-
-    def forward(self, x, update_running_stats=False):
-        return self.layer(x)
-
-    def interval(self, center, radius):
-        return self.layer(center), self.layer(radius)
+        super().__init__(layer)
 
     def backward(self, A, input_shape, relaxation=None, alpha=None):
         left, _, top, _ = self.layer.padding
@@ -483,18 +491,9 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-class ReshapeOp(BoundOp):
+class ReshapeOp(_PlacementOp):
     """``nn.Flatten``, ``nn.Unflatten`` and :class:`~certdistill.bounds.layers.Reshape`: a
     change of shape only."""
-
-    def __init__(self, layer: nn.Flatten | nn.Unflatten | Reshape):
-        self.layer = layer
-
-    def forward(self, x, update_running_stats=False):
-        return self.layer(x)
-
-    def interval(self, center, radius):
-        return self.layer(center), self.layer(radius)
 
     def backward(self, A, input_shape, relaxation=None, alpha=None):
         return A.reshape(*A.shape[:2], *input_shape), None
