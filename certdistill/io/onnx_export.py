@@ -13,9 +13,16 @@ Conventions
   first node is a ``Reshape`` to ``(batch, *input_shape)``. Two outputs: ``logits``
   ``(batch, n_classes)`` and ``probabilities``, their ``Softmax`` over axis 1 (columns in the
   order of ``classes_``, so ``classes_[probabilities.argmax(1)]`` is ``predict``).
-* **Modules** (an ``nn.Sequential`` of supported layers, possibly nested, or one supported layer).
-  The input ``input`` has shape ``(batch, *input_shape)`` and the one output ``logits`` the
-  module's output shape (a module need not be a classifier, so no ``probabilities``).
+* **Modules** (any network the bound engine takes: an ``nn.Sequential`` of supported layers,
+  possibly nested, one supported layer, a :class:`~certdistill.bounds.layers.GraphNetwork` or a
+  ``torch.fx``-traceable module with skip connections). The input ``input`` has shape
+  ``(batch, *input_shape)`` and the one output ``logits`` the module's output shape (a module
+  need not be a classifier, so no ``probabilities``).
+* **Graph.** The exporter walks :func:`~certdistill.bounds.graph.build_graph`, the bound engine's
+  own view of the network, so it exports exactly what the engine certifies: each operation's
+  layer becomes its nodes, reading the tensors of the operations it reads (``input`` for the
+  network's input), and the last operation's tensor is ``logits``. A chain gives a chain of
+  nodes; a residual network the same nodes joined by ``Add``.
 * **Batch.** The first axis is the symbolic dimension ``"batch"``: one file serves any batch size.
 * **Eval mode.** BatchNorm uses its running statistics and Dropout is the identity, whatever the
   module's ``training`` flag (the estimators predict in eval mode).
@@ -34,7 +41,8 @@ more than one axis per sample), ``nn.Conv2d`` -> ``Conv``, ``nn.ReLU`` -> ``Relu
 :class:`~certdistill.bounds.layers.ConstantAffine` -> ``Mul`` then ``Add``,
 ``nn.BatchNorm1d``/``nn.BatchNorm2d`` -> ``BatchNormalization`` (inference),
 ``nn.AvgPool2d`` -> ``AveragePool``, ``nn.ZeroPad2d`` -> ``Pad`` (constant zeros),
-``nn.Identity`` and ``nn.Dropout`` -> no node.
+``nn.Identity`` and ``nn.Dropout`` -> no node, :class:`~certdistill.bounds.layers.Add` (the
+merge of a skip connection; ``x + y`` of a traced module) -> ``Add`` of its two input tensors.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
 from torch import nn
 
-from certdistill.bounds.layers import ConstantAffine, Reshape
+from certdistill.bounds.graph import INPUT, BoundGraph, build_graph
+from certdistill.bounds.layers import Add, ConstantAffine, Reshape
 from certdistill.exceptions import UnsupportedLayerError
 
 __all__ = ["EXPORTED_LAYERS", "METADATA_KEYS", "MIN_OPSET", "export_onnx",
@@ -101,6 +110,7 @@ EXPORTED_LAYERS: dict[type[nn.Module], str] = {
     nn.ZeroPad2d: "non-negative padding",
     nn.Identity: "",
     nn.Dropout: "",
+    Add: "two inputs of one shape",
 }
 
 
@@ -113,30 +123,23 @@ def supported_export_layers_text() -> str:
     """
     names = [f"{t.__name__} ({note})" if note else t.__name__
              for t, note in EXPORTED_LAYERS.items()]
-    return f"Supported layers: {', '.join(names)} and nested Sequential."
+    return (f"Supported layers: {', '.join(names)}; nested Sequential, GraphNetwork and "
+            "torch.fx-traceable modules of them (with + of two branches, relu and flatten).")
 
 
-def _layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(dotted name, layer)`` of a (nested) ``nn.Sequential``, as the bound engine walks it."""
-    found: list[tuple[str, nn.Module]] = []
-
-    def visit(layer: nn.Module, name: str) -> None:
-        if type(layer) is nn.Sequential:
-            for child_name, child in layer.named_children():
-                visit(child, f"{name}.{child_name}" if name else child_name)
-            return
-        label = name or type(layer).__name__
-        if type(layer) not in EXPORTED_LAYERS:
+def _bound_graph(module: nn.Module) -> BoundGraph:
+    """The bound engine's graph of ``module`` (:func:`~certdistill.bounds.graph.build_graph`:
+    nested Sequentials flattened, GraphNetworks expanded, other modules traced with
+    ``torch.fx``), every operation's layer one the exporter writes."""
+    graph = build_graph(module)  # UnsupportedLayerError for what the engine cannot bound
+    for name, op in zip(graph.names, graph.ops, strict=True):
+        layer = getattr(op, "layer", None)
+        if type(layer) not in _WRITERS:
             raise UnsupportedLayerError(
-                f"Layer '{label}' ({layer!r}) cannot be exported to ONNX. "
+                f"Layer '{name}' ({layer!r}) cannot be exported to ONNX. "
                 f"{supported_export_layers_text()}"
             )
-        found.append((label, layer))
-
-    visit(module, "")
-    if not found:
-        raise UnsupportedLayerError("The module has no layers to export to ONNX.")
-    return found
+    return graph
 
 
 # ----------------------------------------------------------------------- graph builder
@@ -413,6 +416,17 @@ def _write_nothing(g: _Graph, name: str, layer: nn.Module) -> None:
     """Identity and Dropout (eval mode) compute nothing."""
 
 
+def _write_add(g: _Graph, name: str, layer: Add, operands: Sequence[tuple[str, tuple]]) -> None:
+    """The sum of two tensors ``(name, sample shape)`` of one shape (a skip connection)."""
+    (first, first_shape), (second, second_shape) = operands
+    if first_shape != second_shape:
+        raise ValueError(
+            f"Layer '{name}' ({layer!r}) adds samples of shapes {first_shape} and "
+            f"{second_shape}; a skip connection needs one shape: check input_shape."
+        )
+    g.node("Add", name, [first, second], first_shape)
+
+
 _WRITERS = {
     nn.Linear: _write_linear,
     nn.Conv2d: _write_conv2d,
@@ -427,10 +441,14 @@ _WRITERS = {
     nn.ZeroPad2d: _write_zero_pad2d,
     nn.Identity: _write_nothing,
     nn.Dropout: _write_nothing,
+    Add: _write_add,
 }
 
+#: Layers reading several tensors: their writers take the ``(tensor, sample shape)`` of each.
+_MERGES = (Add,)
+
 #: Layers that keep the sample shape and do not say what it is.
-_SHAPE_AGNOSTIC = (nn.ReLU, nn.Identity, nn.Dropout, ConstantAffine, nn.BatchNorm1d)
+_SHAPE_AGNOSTIC = (nn.ReLU, nn.Identity, nn.Dropout, ConstantAffine, nn.BatchNorm1d, Add)
 
 
 # ----------------------------------------------------------------------- inputs
@@ -467,11 +485,20 @@ def _sample_shape_arg(input_shape) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def _infer_input_shape(layers: list[tuple[str, nn.Module]]) -> tuple[int, ...]:
-    for name, layer in layers:
+def _infer_input_shape(graph: BoundGraph) -> tuple[int, ...]:
+    """The sample shape read off the first layer reading the input (through layers that keep
+    the shape without fixing it; for a chain, the first layers)."""
+    like_input = {INPUT}  # nodes whose samples have the input's shape
+    for index, (name, op, reads) in enumerate(zip(graph.names, graph.ops, graph.inputs,
+                                                  strict=True)):
+        if like_input.isdisjoint(reads):
+            continue
+        layer = op.layer
         if isinstance(layer, nn.Linear):
             return (layer.in_features,)
-        if type(layer) not in _SHAPE_AGNOSTIC:
+        if type(layer) in _SHAPE_AGNOSTIC:
+            like_input.add(index)
+        else:
             raise ValueError(
                 f"input_shape is required: the shape of one input sample cannot be read off the "
                 f"first layer '{name}' ({layer!r}). Pass the shape of one sample without the "
@@ -519,6 +546,37 @@ def _fitted_module(estimator) -> nn.Module:
 
 
 # ----------------------------------------------------------------------- export
+def _write_graph(g: _Graph, graph: BoundGraph) -> tuple[str, tuple[int, ...]]:
+    """Write the nodes of every operation of ``graph`` in its (topological) order.
+
+    Each operation reads the tensors of the nodes ``graph.inputs`` names (``g.flow`` as it is on
+    entry for the network's input) and its output is the tensor its last node writes (the one it
+    reads for Identity and Dropout). Returns the tensor and sample shape of the last operation,
+    the network's output.
+    """
+    tensors: dict[int, tuple[str, tuple[int, ...]]] = {INPUT: (g.flow, g.shape)}
+    for index, (name, op, reads) in enumerate(zip(graph.names, graph.ops, graph.inputs,
+                                                  strict=True)):
+        layer = op.layer
+        operands = [tensors[j] for j in reads]
+        if type(layer) in _MERGES:
+            _WRITERS[type(layer)](g, name, layer, operands)
+        else:
+            (g.flow, g.shape), = operands
+            _WRITERS[type(layer)](g, name, layer)
+        tensors[index] = (g.flow, g.shape)
+    return tensors[len(graph.ops) - 1]
+
+
+def _rename_tensor(nodes: list, old: str, new: str) -> None:
+    """Rename the tensor ``old`` where nodes write and read it."""
+    for node in nodes:
+        for names in (node.input, node.output):
+            for k, name in enumerate(names):
+                if name == old:
+                    names[k] = new
+
+
 def export_onnx(
     estimator_or_module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
     opset: int = 17,
@@ -530,17 +588,22 @@ def export_onnx(
     estimator_or_module : CertifiedNetBase, sklearn.frozen.FrozenEstimator or torch.nn.Module
         A fitted :class:`~certdistill.CertifiedTeacher` or :class:`~certdistill.DistilledStudent`
         (or a ``FrozenEstimator`` of one): the graph takes flat rows ``(batch, n_features_in_)``
-        like ``predict_proba`` and has the outputs ``logits`` and ``probabilities``. Or an
-        ``nn.Sequential`` of supported layers (nested ones are flattened) or one supported
-        layer: the graph takes ``(batch, *input_shape)`` and has the output ``logits``. The graph
-        computes the network in eval mode (BatchNorm's running statistics, no Dropout).
+        like ``predict_proba`` and has the outputs ``logits`` and ``probabilities``. Or a
+        network the bound engine takes (:func:`~certdistill.bounds.graph.build_graph`): an
+        ``nn.Sequential`` of supported layers (nested ones are flattened), one supported layer,
+        a :class:`~certdistill.bounds.layers.GraphNetwork` or a ``torch.fx``-traceable module of
+        them with skip connections (``x + y``, ``relu``, ``flatten(x, 1)``): the graph takes
+        ``(batch, *input_shape)`` and has the output ``logits``. The estimators' ``module_`` may
+        be any of these too. The graph computes the network in eval mode (BatchNorm's running
+        statistics, no Dropout).
     path : str or path-like
         The file to write (its folder must exist).
     input_shape : sequence of int or None, default=None
         For a module, the shape of one input sample without the batch axis, e.g.
         ``(1, 28, 28)``. It may be omitted when the first layer that fixes it is an
-        ``nn.Linear`` (``(in_features,)``; only ReLU, Identity, Dropout, BatchNorm1d and
-        ConstantAffine may come before it). For an estimator it must be None or
+        ``nn.Linear`` (``(in_features,)``; only ReLU, Identity, Dropout, BatchNorm1d,
+        ConstantAffine and Add may come before it; in a residual network, the first layer
+        reading the input). For an estimator it must be None or
         ``(n_features_in_,)``: the graph takes flat rows and reshapes them as the estimator does.
     opset : int, default=17
         ONNX opset of the default domain, at least :data:`MIN_OPSET` (13).
@@ -555,8 +618,10 @@ def export_onnx(
     NotFittedError
         For an unfitted estimator.
     UnsupportedLayerError
-        For a layer (or a layer setting) outside the supported ones; the message names the
-        layer by its dotted name in the module and lists the supported layers.
+        For a layer (or a layer setting) outside the supported ones, or a module the bound
+        engine cannot read as a graph (an untraceable module, an unsupported function); the
+        message names the layer by its dotted name in the module (or the ``torch.fx`` node)
+        and lists the supported layers.
     ValueError
         Without ``input_shape`` for a module whose input shape cannot be read off its first
         layer, for an ``input_shape`` the layers do not accept, or for a bad ``opset``.
@@ -575,8 +640,10 @@ def export_onnx(
     -> ``Flatten`` or ``Reshape``, ``Unflatten`` and ``Reshape`` -> ``Reshape``,
     ``ConstantAffine`` -> ``Mul`` and ``Add``, ``BatchNorm1d``/``BatchNorm2d`` ->
     ``BatchNormalization``, ``AvgPool2d`` -> ``AveragePool``, ``ZeroPad2d`` -> ``Pad``;
-    ``Identity`` and ``Dropout`` write no node. The batch axis is the symbolic ``"batch"``.
-    ``metadata_props`` hold JSON values, listed in :data:`METADATA_KEYS`.
+    ``Identity`` and ``Dropout`` write no node, ``Add`` (a skip connection) -> ``Add``. The
+    graph follows the bound engine's operations, each reading its inputs' tensors. The batch
+    axis is the symbolic ``"batch"``. ``metadata_props`` hold JSON values, listed in
+    :data:`METADATA_KEYS`.
 
     Examples
     --------
@@ -601,7 +668,7 @@ def export_onnx(
                 "own input_shape); leave input_shape=None."
             )
         sample_shape = estimator._module_sample_shape() or (n_features,)
-        layers = _layers(module)
+        graph = _bound_graph(module)
         metadata["certdistill.estimator"] = json.dumps(type(estimator).__name__)
         metadata["certdistill.classes"] = _json(np.asarray(estimator.classes_))
         metadata["certdistill.n_features_in"] = json.dumps(n_features)
@@ -613,8 +680,8 @@ def export_onnx(
         graph_input = (n_features,)
     elif isinstance(estimator_or_module, nn.Module):
         module = estimator_or_module
-        layers = _layers(module)
-        sample_shape = (_infer_input_shape(layers) if input_shape is None
+        graph = _bound_graph(module)
+        sample_shape = (_infer_input_shape(graph) if input_shape is None
                         else _sample_shape_arg(input_shape))
         graph_input = sample_shape
     else:
@@ -630,11 +697,10 @@ def export_onnx(
     g = _Graph(onnx, graph_input)
     if graph_input != sample_shape:
         g.reshape("input_reshape", sample_shape)
-    for name, layer in layers:
-        _WRITERS[type(layer)](g, name, layer)
-    if estimator is not None and g.shape != (len(estimator.classes_),):
+    output, output_shape = _write_graph(g, graph)
+    if estimator is not None and output_shape != (len(estimator.classes_),):
         raise ValueError(
-            f"The network of {type(estimator).__name__} gives outputs of shape {g.shape} per "
+            f"The network of {type(estimator).__name__} gives outputs of shape {output_shape} per "
             f"sample, not one logit per class ({len(estimator.classes_)})."
         )
     if g.float64:
@@ -645,16 +711,16 @@ def export_onnx(
         )
 
     helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
-    if g.flow == _INPUT:  # only Identity/Dropout layers
+    if output == _INPUT:  # only Identity/Dropout layers
         g.nodes.append(helper.make_node("Identity", [_INPUT], [_LOGITS], name="output/Identity"))
     else:
-        g.nodes[-1].output[0] = _LOGITS
-    outputs = [helper.make_tensor_value_info(_LOGITS, float32, ["batch", *g.shape])]
+        _rename_tensor(g.nodes, output, _LOGITS)
+    outputs = [helper.make_tensor_value_info(_LOGITS, float32, ["batch", *output_shape])]
     if estimator is not None:
         g.nodes.append(helper.make_node("Softmax", [_LOGITS], [_PROBABILITIES], axis=1,
                                         name="probabilities/Softmax"))
         outputs.append(helper.make_tensor_value_info(_PROBABILITIES, float32,
-                                                     ["batch", *g.shape]))
+                                                     ["batch", *output_shape]))
     graph = helper.make_graph(
         g.nodes, "certdistill", [helper.make_tensor_value_info(_INPUT, float32,
                                                                ["batch", *graph_input])],
