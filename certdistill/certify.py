@@ -145,7 +145,8 @@ def certify(
         A stage or a cascade of stages tried in order, each on the samples the previous ones
         left open: the bound methods ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``
         (incomplete: they certify or leave the sample ``unknown``), ``"attack"`` (PGD towards
-        every class; falsifies), ``"bab"`` (branch and bound over ReLUs) and ``"milp"`` (exact
+        every class; falsifies), ``"refine"`` (intermediate bounds tightened by linear
+        programming; certifies), ``"bab"`` (branch and bound over ReLUs) and ``"milp"`` (exact
         mixed-integer program). ``"complete"`` is the whole cascade
         (:data:`~certdistill.verify.cascade.COMPLETE`): every sample is certified or falsified
         unless its ``timeout`` or the ``budget`` runs out.

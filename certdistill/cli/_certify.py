@@ -206,9 +206,9 @@ def _add_method_argument(parser: argparse.ArgumentParser) -> None:
                         default=list(DEFAULT_METHODS), metavar="METHOD",
                         help="stage(s) of the certificate; with several, a cascade: each runs on "
                              "the samples the previous ones left open. Bound methods "
-                             "(ibp, crown-ibp, crown, alpha-crown) certify, attack falsifies, "
-                             "bab and milp decide; 'complete' (alone) is the whole cascade, "
-                             "which certifies or falsifies every sample within --timeout. "
+                             "(ibp, crown-ibp, crown, alpha-crown) and refine certify, attack "
+                             "falsifies, bab and milp decide; 'complete' (alone) is the whole "
+                             "cascade, which certifies or falsifies every sample within --timeout. "
                              f"Default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument("--timeout", type=positive_float, default=10.0,
                         help="seconds of branch and bound and MILP per sample (default 10)")

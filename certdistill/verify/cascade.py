@@ -7,6 +7,8 @@ Stages (:data:`STAGES`):
   bound of the stages run so far is kept;
 * ``"attack"``: targeted PGD with restarts towards every class; a point of the set at which the
   module's decision changes (checked in float64 too) falsifies the sample;
+* ``"refine"``: the bounds of every activation's input tightened layer by layer by linear
+  programming (:mod:`certdistill.verify.refine`); the later search stages start from them;
 * ``"bab"``: branch and bound over unstable ReLUs (:mod:`certdistill.verify.bab`), batched over
   the subdomains of all open samples;
 * ``"milp"``: the exact mixed-integer program of each open sample with its CROWN bounds
@@ -40,19 +42,24 @@ from certdistill.bounds.ops import ReLUOp
 from certdistill.verify.bab import branch_and_bound
 from certdistill.verify.counterexamples import Judge, inner_box
 from certdistill.verify.milp import MarginMilp
+from certdistill.verify.refine import refine_bounds
 
 __all__ = ["COMPLETE", "STAGES", "CascadeOptions", "check_stages"]
 
 #: The complete cascade of ``method="complete"``.
-COMPLETE: tuple[str, ...] = ("ibp", "crown", "attack", "alpha-crown", "bab", "milp")
+COMPLETE: tuple[str, ...] = ("ibp", "crown", "attack", "alpha-crown", "refine", "bab", "milp")
 
 #: Stage names that are not bound methods.
-_SEARCH_STAGES = ("attack", "bab", "milp")
+_SEARCH_STAGES = ("attack", "refine", "bab", "milp")
 
 #: Every stage a cascade may name, cheapest first.
 STAGES: tuple[str, ...] = (*METHODS, *_SEARCH_STAGES)
 
-#: Share of a sample's ``timeout`` that branch and bound may use; the exact MILP gets the rest.
+#: Share of a sample's ``timeout`` that bound refinement may use at most.
+_REFINE_SHARE = 0.3
+
+#: Share of a sample's ``timeout`` that branch and bound may use (refinement included); the
+#: exact MILP gets the rest.
 _BAB_SHARE = 0.7
 
 #: ``decided_by`` of a sample refuted by its clean prediction (wrong against the label).
@@ -301,8 +308,7 @@ class Cascade:
         sub = perturbation.for_rows(rows)
         center, radius = sub.box(X[rows])
         lower, upper = inner_box(X[rows], sub)
-        root = dict(zip(engine._activation_indices,
-                        engine.activation_interval_bounds(X[rows], sub), strict=True))
+        root = self._root_bounds(engine, X, rows, sub, state)
         generator = torch.Generator(device=X.device).manual_seed(self.options.random_state)
 
         def search(samples: Tensor, starts: Tensor, targets: Tensor) -> Tensor:
@@ -313,15 +319,19 @@ class Cascade:
                 targets=targets, start=starts)
             return points[torch.arange(samples.numel(), device=X.device), targets.int().argmax(1)]
 
+        spent = state.extras.setdefault("spent", np.zeros(state.decided.numel()))
+        # Each sample's refinement counts against its branch and bound time (the share of the
+        # most refined sample, as the search charges all samples together).
+        already = float(spent[rows.cpu().numpy()].max()) if rows.numel() else 0.0
         with self._progress(rows.numel(), "branch and bound") as progress:
             result = branch_and_bound(
                 engine, self.judge, self._exact(X), center, radius, (lower, upper),
                 state.reference[rows], root,
-                timeout=self.options.timeout * _BAB_SHARE, deadline=deadline,
+                timeout=max(self.options.timeout * _BAB_SHARE - already, 1e-3),
+                deadline=deadline,
                 batch_size=self.options.domain_batch, max_domains=self.options.max_domains,
                 search=search, on_round=progress,
             )
-        spent = state.extras.setdefault("spent", np.zeros(state.decided.numel()))
         spent[rows.cpu().numpy()] += result.spent
         state.decided[rows[result.certified]] = stage
         falsified = rows[result.falsified]
@@ -346,8 +356,8 @@ class Cascade:
                 sub = perturbation.for_rows(torch.tensor([row], device=X.device))
                 x = X[row:row + 1]
                 center, radius = sub.box(x)
-                interval = dict(zip(engine._activation_indices,
-                                    engine.activation_interval_bounds(x, sub), strict=True))
+                interval = self._root_bounds(engine, X, torch.tensor([row], device=X.device),
+                                             sub, state)
                 reference = state.reference[row:row + 1]
                 root = engine.bound_subdomains(center, radius, interval, reference)
                 bounds = [(lo[0].flatten().double().cpu().numpy(),
@@ -375,7 +385,55 @@ class Cascade:
                 spent[row] += time.perf_counter() - started
                 progress(count + 1)
 
+    def _refine_stage(self, stage: int, X: Tensor, perturbation: Perturbation,
+                      state: CascadeState, deadline: float) -> None:
+        rows_open = state.open_rows
+        if rows_open.numel() == 0:
+            return
+        engine = self._engine()
+        milp = self._exact(X)
+        refined = state.extras.setdefault("refined_bounds", {})
+        spent = state.extras.setdefault("spent", np.zeros(state.decided.numel()))
+        with self._progress(rows_open.numel(), "refining bounds") as progress:
+            for count, row in enumerate(rows_open.tolist()):
+                started = time.perf_counter()
+                share = self.options.timeout * _REFINE_SHARE - spent[row]
+                if share <= 0 or started >= deadline:
+                    continue
+                index = torch.tensor([row], device=X.device)
+                sub = perturbation.for_rows(index)
+                center, radius = sub.box(X[row:row + 1])
+                interval = dict(zip(engine._activation_indices,
+                                    engine.activation_interval_bounds(X[row:row + 1], sub),
+                                    strict=True))
+                result = refine_bounds(engine, milp, center, radius, interval,
+                                       state.reference[index],
+                                       deadline=min(deadline, started + share))
+                refined[row] = result.bounds
+                margins = result.margins.to(state.margins.dtype)
+                state.margins[row] = torch.maximum(state.margins[row], margins)
+                if bool((state.margins[row] > 0).all()):
+                    state.decided[row] = stage
+                spent[row] += time.perf_counter() - started
+                progress(count + 1)
+
     # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _root_bounds(engine: BoundEngine, X: Tensor, rows: Tensor, sub: Perturbation,
+                     state: CascadeState) -> dict[int, tuple[Tensor, Tensor]]:
+        """Bounds of every activation's input on the boxes of ``rows``: IBP's, replaced by the
+        refined ones where the ``"refine"`` stage ran."""
+        root = dict(zip(engine._activation_indices,
+                        engine.activation_interval_bounds(X[rows], sub), strict=True))
+        refined = state.extras.get("refined_bounds", {})
+        for position, row in enumerate(rows.tolist()):
+            if row not in refined:
+                continue
+            for index, (lower, upper) in refined[row].items():
+                root[index][0][position] = torch.maximum(root[index][0][position], lower[0])
+                root[index][1][position] = torch.minimum(root[index][1][position], upper[0])
+        return root
+
     def memory_plan(self, method: str, X: Tensor) -> MemoryPlan:
         """Samples per chunk and backward group size of a bound stage on samples like ``X``'s,
         within ``options.memory_limit`` (the device's default when None)."""
@@ -407,16 +465,16 @@ class Cascade:
         return self._milp
 
     def _check_search_stages(self, stages: Sequence[str]) -> None:
-        if not any(name in ("bab", "milp") for name in stages):
+        if not any(name in ("refine", "bab", "milp") for name in stages):
             return
         engine = self._engine()
         others = sorted({type(op.layer).__name__ for op in engine.ops
                          if op.is_activation and not isinstance(op, ReLUOp)})
         if others:
             raise ValueError(
-                f"Complete verification (branch and bound, MILP) handles ReLU activations only; "
-                f"the module also has {', '.join(others)}. Use the bound methods "
-                f"{METHODS} for it."
+                f"Complete verification (bound refinement, branch and bound, MILP) handles "
+                f"ReLU activations only; the module also has {', '.join(others)}. Use the "
+                f"bound methods {METHODS} for it."
             )
 
     def _progress(self, total: int, description: str):

@@ -25,14 +25,14 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix, csr_matrix, vstack
 
-__all__ = ["MILP_TOLERANCE", "MarginMilp", "MilpOutcome"]
+__all__ = ["BOUND_SLACK", "MILP_TOLERANCE", "MarginMilp", "MilpOutcome", "quiet_native_stdout"]
 
 #: A margin is proven by the MILP when its dual (lower) bound exceeds this.
 MILP_TOLERANCE = 1e-5
 
 #: Slack added to the engine's bounds in the big-M constants: they were computed in the module's
 #: precision, the MILP describes the float64 network.
-_BOUND_SLACK = 1e-6
+BOUND_SLACK = 1e-6
 
 
 @dataclass
@@ -103,7 +103,7 @@ class MarginMilp:
             ``time.perf_counter()`` value after which no new solve starts and a running one
             stops (its dual bound is still used).
         """
-        model = self._model(lower.reshape(-1), upper.reshape(-1), bounds)
+        model = self.model(lower.reshape(-1), upper.reshape(-1), bounds)
         last_w, last_b = self.weights[-1], self.biases[-1]
         n_classes = last_w.shape[0]
         margin_lower = np.full(n_classes, np.inf)
@@ -117,7 +117,7 @@ class MarginMilp:
             first = 0 if self.wide else model.last_offset
             cost[first:first + last_w.shape[1]] = last_w[reference] - last_w[j]
             constant = last_b[reference] - last_b[j]
-            with _quiet_native_stdout():
+            with quiet_native_stdout():
                 result = milp(cost, integrality=model.integrality,
                               bounds=model.variable_bounds, constraints=model.constraints,
                               options={"time_limit": max(remaining, 1e-3),
@@ -141,13 +141,13 @@ class MarginMilp:
         return MilpOutcome(proven, margin_lower, candidate, complete)
 
     # ------------------------------------------------------------------ model
-    def _model(self, lower, upper, bounds):
+    def model(self, lower, upper, bounds):
         """Variables ``x | a_1 | ... | a_L | delta``; one binary per unstable neuron."""
         widths = [lower.size] + [w.shape[0] for w in self.weights[:-1]]
         offsets = np.concatenate([[0], np.cumsum(widths)])
         relu_lower = [np.asarray(lo, np.float64).reshape(-1) for lo, _ in bounds]
         relu_upper = [np.asarray(up, np.float64).reshape(-1) for _, up in bounds]
-        slack = [_BOUND_SLACK * (1 + np.abs(lo) + np.abs(up))
+        slack = [BOUND_SLACK * (1 + np.abs(lo) + np.abs(up))
                  for lo, up in zip(relu_lower, relu_upper, strict=True)]
         relu_lower = [lo - s for lo, s in zip(relu_lower, slack, strict=True)]
         relu_upper = [up + s for up, s in zip(relu_upper, slack, strict=True)]
@@ -217,7 +217,7 @@ class MarginMilp:
 
 
 @contextmanager
-def _quiet_native_stdout():
+def quiet_native_stdout():
     """Silence what HiGHS's C++ code prints to the process's stdout (a debug line it writes
     on some solves even with display off), restoring it afterwards."""
     try:
