@@ -39,11 +39,12 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 from skorch import NeuralNetClassifier
 from skorch.callbacks import Callback, EpochScoring
+from skorch.dataset import Dataset as SkorchDataset
 from skorch.dataset import unpack_data
 from skorch.exceptions import NotInitializedError
 from skorch.utils import to_tensor
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from certdistill.bounds import Perturbation, engine_for
 from certdistill.certify import DEFAULT_METHOD, Certificate, _check_radius_search, _Problem
@@ -236,6 +237,100 @@ def _batchnorm_eval_for_single_sample(module: nn.Module, n: int):
     finally:
         for m in layers:
             m.train()
+
+
+class TensorBatches:
+    """Training batches of a ``skorch.dataset.Dataset`` of arrays, made by indexing tensors of the
+    whole data rather than row by row (``__getitem__`` and collation per row, as skorch's
+    ``DataLoader`` does).
+
+    The batches, their order and the draws from torch's global random generator are those of the
+    ``DataLoader`` (its iterator draws a base seed; with ``shuffle``, its ``RandomSampler``
+    draws a seed and a permutation), so training gives the same results, faster. Each batch is a
+    fresh tensor (not a view of the data), as the ``DataLoader``'s are.
+
+    Parameters
+    ----------
+    X, y : ndarray or Tensor
+        The dataset's inputs and targets (same length).
+    batch_size : int
+        Rows per batch (the last batch may be smaller).
+    shuffle : bool, default=False
+        A new random order every epoch.
+
+    Attributes
+    ----------
+    source : ndarray or Tensor
+        ``X`` as given (for a step to check which data its batch comes from).
+    """
+
+    def __init__(self, X, y, batch_size: int, shuffle: bool = False):
+        self.source = X
+        self.X = torch.as_tensor(X)
+        self.y = torch.as_tensor(y)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self._last = None
+
+    @classmethod
+    def for_dataset(cls, net, dataset) -> TensorBatches | None:
+        """The batches ``net.get_iterator(dataset, training=True)`` would make with skorch's
+        ``DataLoader``, or None where they cannot be made by indexing (another iterator or
+        dataset class, iterator options beyond ``batch_size`` and ``shuffle``, data that are
+        not arrays)."""
+        if net.iterator_train is not DataLoader or type(dataset) is not SkorchDataset:
+            return None
+        kwargs = net.get_params_for("iterator_train")
+        if not set(kwargs) <= {"batch_size", "shuffle"}:
+            return None
+        X, y = dataset.X, dataset.y
+        arrays = (np.ndarray, Tensor)
+        if not (isinstance(X, arrays) and isinstance(y, arrays)) or X.ndim < 1:
+            return None
+        if isinstance(X, np.ndarray) and (X.dtype.hasobject or not X.flags.writeable):
+            return None
+        n = len(dataset)
+        if n == 0 or len(X) != n or len(y) != n:
+            return None
+        batch_size = kwargs.get("batch_size", net.batch_size)
+        if batch_size == -1:
+            batch_size = n
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            return None
+        return cls(X, y, batch_size, shuffle=bool(kwargs.get("shuffle", False)))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.X) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.X)
+        # What DataLoader's iterator and RandomSampler draw from the global generator.
+        torch.empty((), dtype=torch.int64).random_()
+        order = None
+        if self.shuffle:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        try:
+            for start in range(0, n, self.batch_size):
+                if order is None:
+                    rows = torch.arange(start, min(start + self.batch_size, n))
+                    batch = (self.X[start:start + self.batch_size].clone(),
+                             self.y[start:start + self.batch_size].clone())
+                else:
+                    rows = order[start:start + self.batch_size]
+                    batch = (self.X[rows], self.y[rows])
+                self._last = (batch[0], rows)
+                yield batch
+        finally:
+            self._last = None
+
+    def rows_of(self, X_batch) -> Tensor | None:
+        """Row indices into ``X`` of the batch just yielded, if ``X_batch`` is its input tensor
+        (None otherwise)."""
+        last = self._last
+        if last is None or last[0] is not X_batch:
+            return None
+        return last[1]
 
 
 class _GradClip(Callback):
@@ -805,6 +900,21 @@ class CertifiedNetBase(NeuralNetClassifier):
                     if isinstance(value, Tensor) and value.dim() > 0:
                         state[key] = value.to(device)
 
+    # ------------------------------------------------------------- batches
+    #: Make training batches by indexing tensors of the whole data (:class:`TensorBatches`:
+    #: the same batches as skorch's ``DataLoader``, without its per-row loading) where the data
+    #: allow it; the student's fits use it.
+    _tensor_batches: ClassVar[bool] = False
+
+    def get_iterator(self, dataset, training=False):
+        """skorch's batch iterator; for training, :class:`TensorBatches` when the class sets
+        ``_tensor_batches`` and the dataset allows it (the same batches)."""
+        if training and self._tensor_batches:
+            batches = TensorBatches.for_dataset(self, dataset)
+            if batches is not None:
+                return batches
+        return super().get_iterator(dataset, training=training)
+
     # --------------------------------------------------------------- module
     def initialize_module(self):
         """Build the default network from the data when ``module`` is None."""
@@ -1039,8 +1149,9 @@ class CertifiedNetBase(NeuralNetClassifier):
         method : str or sequence of str, default=("ibp", "crown-ibp", "crown")
             A stage or a cascade of stages, each run on the samples the previous ones left
             open: the bound methods ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``,
-            and ``"attack"``, ``"bab"``, ``"milp"``; ``"complete"`` decides every sample
-            (certified or falsified) within its ``timeout`` (see :func:`certdistill.certify`).
+            and ``"attack"``, ``"refine"``, ``"bab"``, ``"milp"``; ``"complete"`` decides every
+            sample (certified or falsified) within its ``timeout`` (see
+            :func:`certdistill.certify`).
         y : array-like of shape (n_samples,) or None, default=None
             Labels (of the type seen in ``fit``): the certificate then says the sample is
             robustly classified *correctly*.

@@ -21,6 +21,7 @@ from certdistill.base import (
     Choice,
     Range,
     Subset,
+    TensorBatches,
 )
 from certdistill.bounds import Perturbation
 from certdistill.certify import eval_mode
@@ -265,7 +266,8 @@ default="selective"
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         """Final schedule values (used when a schedule callback is removed); a fresh cache of
-        teacher outputs."""
+        teacher outputs, bound to the training rows (their outputs are computed for all rows
+        at once and looked up by row index)."""
         self.current_kappa_ = float(self.kappa_end)
         self.current_distill_weight_ = float(
             self.distill_weight if self.distill_weight_end is None else self.distill_weight_end
@@ -274,12 +276,45 @@ default="selective"
             self.temperature if self.temperature_end is None else self.temperature_end
         )
         self.teacher_outputs_ = None
+        self._train_batches = self._batch_rows = None
         super().on_train_begin(net, X=X, y=y, **kwargs)
+        if self.cache_teacher and isinstance(X, (np.ndarray, Tensor)) and y is not None:
+            self._teacher_outputs().bind(X, y)
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
-        """Drop the cached teacher outputs (they would bloat a pickled student)."""
+        """Drop the cached teacher outputs and the batch iterator (they would bloat a pickled
+        student)."""
         self.teacher_outputs_ = None
+        self._train_batches = self._batch_rows = None
         super().on_train_end(net, X=X, y=y, **kwargs)
+
+    # ---------------------------------------------------------------- batches
+    #: Training batches by indexing tensors of the training rows (the same batches as
+    #: skorch's DataLoader); each batch's row indices find the teacher's outputs.
+    _tensor_batches = True
+
+    def get_iterator(self, dataset, training=False):
+        """skorch's iterator, or for training :class:`~certdistill.base.TensorBatches` (kept
+        for the steps to find each batch's rows)."""
+        iterator = super().get_iterator(dataset, training=training)
+        if training:
+            self._train_batches = iterator if isinstance(iterator, TensorBatches) else None
+        return iterator
+
+    def train_step_single(self, batch, **fit_params):
+        """The base training step; the batch's row indices are known to the loss meanwhile."""
+        batches = getattr(self, "_train_batches", None)
+        rows = None
+        if batches is not None and isinstance(batch, (tuple, list)) and batch:
+            outputs = getattr(self, "teacher_outputs_", None)
+            bound = (outputs is not None and outputs.teacher is getattr(self, "teacher_", None)
+                     and outputs.is_bound_to(batches.source))
+            rows = batches.rows_of(batch[0]) if bound else None
+        self._batch_rows = rows
+        try:
+            return super().train_step_single(batch, **fit_params)
+        finally:
+            self._batch_rows = None
 
     # --------------------------------------------------------------- teacher
     def _validate_fit_data(self, X, y, *, reset: bool, classes=None):
@@ -460,8 +495,10 @@ default="selective"
         terms = self.interval_terms(x, y, training)
         logits, worst = terms.logits, terms.worst_logits
         needs_worst = self.loss in ("baseline", "margin", "selective")
-        t, that = self.teacher_logits(x, y, self._teacher_outputs().rounded_up(terms.perturbation),
-                                      worst_case=needs_worst and lam > 0)
+        outputs = self._teacher_outputs()
+        rows = getattr(self, "_batch_rows", None) if training else None
+        t, that = outputs(x, y, outputs.rounded_up(terms.perturbation),
+                          worst_case=needs_worst and lam > 0, rows=rows)
 
         target, weights = y, None
         if self.loss == "soft-certified":

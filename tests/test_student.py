@@ -19,6 +19,7 @@ from skorch_checks import SKORCH_EXPECTED_FAILURES
 from certdistill import CertifiedTeacher, DistilledStudent
 from certdistill.scoring import CertifiedAccuracy
 from certdistill.student import DISTILLATION_LOSSES
+from certdistill.teacher_outputs import BULK_ROWS, clear_shared_cache
 
 TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
                random_state=0, module__hidden_sizes=(32,))
@@ -37,6 +38,14 @@ def small():
 def teacher(small):
     X, y = small
     return CertifiedTeacher(**TEACHER).fit(X, y)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_teacher_cache():
+    """Teacher outputs are shared between fits from one teacher: each test starts without."""
+    clear_shared_cache()
+    yield
+    clear_shared_cache()
 
 
 def _weights(net):
@@ -167,7 +176,8 @@ def test_teacher_bounds_are_cached_while_eps_is_constant(small, teacher, monkeyp
     # no warm-up and no ramp: every batch has the same eps, 3 batches per epoch, 4 epochs
     student = DistilledStudent(teacher, warmup=0.0, ramp=0.0, batch_size=100,
                                cache_teacher=cache, **{**STUDENT, "max_epochs": 4}).fit(X, y)
-    assert len(calls) == (3 if cache else 12)
+    # cached: the 300 rows once, in chunks of BULK_ROWS; uncached: every batch
+    assert len(calls) == (math.ceil(300 / BULK_ROWS["cpu"]) if cache else 12)
     assert student.teacher_outputs_ is None  # dropped after fit: not pickled with the student
 
 
@@ -180,9 +190,50 @@ def test_teacher_radius_levels_bound_the_teacher_passes_of_the_ramp(small, teach
     student = DistilledStudent(teacher, warmup=0.0, ramp=1.0, batch_size=100,
                                teacher_radius_levels=levels, **{**STUDENT, "max_epochs": 6})
     student.fit(X, y)
-    # exact: one pass per batch but the first (eps 0); rounded: one per batch and step (each
-    # step's rows are computed once)
-    assert len(calls) == (17 if levels is None else 3 * levels)
+    # exact: one pass per batch but the first (eps 0); rounded: each step's rows computed once,
+    # in chunks of BULK_ROWS
+    assert len(calls) == (17 if levels is None
+                          else levels * math.ceil(300 / BULK_ROWS["cpu"]))
+
+
+def test_second_fit_from_the_same_teacher_reuses_its_outputs(small, teacher, monkeypatch):
+    X, y = small
+    calls = _count_teacher_bounds(monkeypatch, teacher)
+    params = dict(warmup=0.0, ramp=0.0, batch_size=100, **{**STUDENT, "max_epochs": 2})
+    first = DistilledStudent(teacher, **params).fit(X, y)
+    once = len(calls)
+    assert once > 0
+    second = DistilledStudent(teacher, **params).fit(X, y)
+    assert len(calls) == once  # the whole-set worst cases came from the first fit
+    np.testing.assert_allclose(first.predict_proba(X), second.predict_proba(X), atol=1e-6)
+    # other rows miss the shared outputs
+    DistilledStudent(teacher, **params).fit(X[:200], y[:200])
+    assert len(calls) > once
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensor_batches_are_the_data_loaders_batches(shuffle):
+    from skorch.dataset import Dataset
+    from torch.utils.data import DataLoader
+
+    from certdistill.base import TensorBatches
+
+    X = np.random.default_rng(0).normal(size=(23, 3)).astype(np.float32)
+    y = np.arange(23) % 4
+    torch.manual_seed(5)
+    expected = [(a.clone(), b.clone())
+                for a, b in DataLoader(Dataset(X, y), batch_size=5, shuffle=shuffle)]
+    after_loader = torch.rand(1)
+    torch.manual_seed(5)
+    batches = TensorBatches(X, y, batch_size=5, shuffle=shuffle)
+    got = []
+    for a, b in batches:
+        np.testing.assert_array_equal(X[batches.rows_of(a).numpy()], a.numpy())
+        got.append((a, b))
+    assert torch.equal(torch.rand(1), after_loader)  # the same draws from the global generator
+    assert len(got) == len(expected) == len(batches)
+    for (a, b), (c, d) in zip(got, expected, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
 
 
 def test_cached_training_equals_uncached(small, teacher):
