@@ -240,3 +240,57 @@ def test_every_supported_layer_combination_in_tiny_networks():
         cert = certify(net, x, 0.15, method="complete", lower=0.0, upper=1.0, timeout=20.0)
         assert np.all(cert.status != "unknown")
         _check_against_oracle(net, x, cert, 0.15, 0.0, 1.0)
+
+
+def test_filtered_smart_branching_picks_free_unstable_neurons_with_the_best_child():
+    """FSB's choice is a free unstable ReLU, and its better trial child is bounded at least as
+    well as that of BaBSR's choice (the first candidate FSB tries)."""
+    from certdistill.bounds import BoundEngine, Perturbation
+    from certdistill.verify.bab import _choose_splits
+
+    net, shape = NETWORKS["mlp"]()
+    engine = BoundEngine(net.eval())
+    generator = torch.Generator().manual_seed(5)
+    center = torch.rand(12, *shape, generator=generator)
+    radius = torch.full_like(center, 0.15)
+    perturbation = Perturbation.create(0.15, shape)
+    interval = dict(zip(engine._activation_indices,
+                        engine.activation_interval_bounds(center, perturbation), strict=True))
+    with torch.no_grad():
+        reference = net(center).argmax(1)
+    root = engine.bound_subdomains(center, radius, interval, reference)
+    layers = sorted(root.bounds)
+    splits = {k: torch.zeros(len(center), lower[0].numel(), dtype=torch.int8)
+              for k, (lower, _) in root.bounds.items()}
+    rows = torch.arange(len(center))
+    boxes = (center, radius, reference)
+
+    def better_child(layer, neuron):
+        best = torch.full((len(center),), float("-inf"))
+        for sign in (1, -1):
+            child_bounds, child_splits = {}, {}
+            for k in layers:
+                lower, upper = (b.flatten(1).clone() for b in root.bounds[k])
+                split = splits[k].clone()
+                here = rows[layer == k]
+                split[here, neuron[here]] = sign
+                if sign > 0:
+                    lower[here, neuron[here]] = lower[here, neuron[here]].clamp(min=0)
+                else:
+                    upper[here, neuron[here]] = upper[here, neuron[here]].clamp(max=0)
+                child_bounds[k] = (lower.view_as(root.bounds[k][0]),
+                                   upper.view_as(root.bounds[k][1]))
+                child_splits[k] = split.view_as(root.bounds[k][0])
+            child = engine.bound_split_subdomains(center, radius, child_bounds, child_splits,
+                                                  reference, closed=root.margins > 0, steps=0)
+            best = torch.maximum(best, child.margins.min(1).values)
+        return best
+
+    babsr = _choose_splits(engine, root, layers, splits, boxes, rows, candidates=1)
+    fsb = _choose_splits(engine, root, layers, splits, boxes, rows, candidates=4)
+    assert bool((fsb[0] >= 0).any())
+    for layer, neuron in (babsr, fsb):
+        for row in rows[layer >= 0].tolist():
+            assert bool(root.relaxations[int(layer[row])].unstable.flatten(1)[row, neuron[row]])
+    has_choice = babsr[0] >= 0
+    assert torch.all(better_child(*fsb)[has_choice] >= better_child(*babsr)[has_choice] - 1e-6)
