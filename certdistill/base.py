@@ -903,8 +903,8 @@ class CertifiedNetBase(NeuralNetClassifier):
     # ------------------------------------------------------------- batches
     #: Make training batches by indexing tensors of the whole data (:class:`TensorBatches`:
     #: the same batches as skorch's ``DataLoader``, without its per-row loading) where the data
-    #: allow it; the student's fits use it.
-    _tensor_batches: ClassVar[bool] = False
+    #: allow it.
+    _tensor_batches: ClassVar[bool] = True
 
     def get_iterator(self, dataset, training=False):
         """skorch's batch iterator; for training, :class:`TensorBatches` when the class sets

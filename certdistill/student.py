@@ -289,10 +289,6 @@ default="selective"
         super().on_train_end(net, X=X, y=y, **kwargs)
 
     # ---------------------------------------------------------------- batches
-    #: Training batches by indexing tensors of the training rows (the same batches as
-    #: skorch's DataLoader); each batch's row indices find the teacher's outputs.
-    _tensor_batches = True
-
     def get_iterator(self, dataset, training=False):
         """skorch's iterator, or for training :class:`~certdistill.base.TensorBatches` (kept
         for the steps to find each batch's rows)."""

@@ -421,3 +421,17 @@ def test_a_collapsed_fit_warns(small):
         net[0].bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
     with pytest.warns(ConvergenceWarning, match="single class 2"):
         CertifiedTeacher(net, lr=0.0, max_epochs=1, random_state=0).fit(X, y)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensor_batches_train_as_the_data_loader_does(monkeypatch, shuffle):
+    """Batches by tensor indexing are the DataLoader's: the same fitted weights."""
+    X, y = load_digits(return_X_y=True)
+    X = (X[:300] / 16).astype(np.float32)
+    y = y[:300]
+    params = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=2, batch_size=64,
+                  random_state=0, module__hidden_sizes=(16,), iterator_train__shuffle=shuffle)
+    fast = CertifiedTeacher(**params).fit(X, y)
+    monkeypatch.setattr(CertifiedTeacher, "_tensor_batches", False)
+    slow = CertifiedTeacher(**params).fit(X, y)
+    np.testing.assert_allclose(fast.predict_proba(X), slow.predict_proba(X), atol=1e-6)
