@@ -15,7 +15,8 @@ the organisers did); an answer that contradicts it is counted as wrong.
 Usage::
 
     python benchmarks/bench_vnncomp.py --root ../vnncomp2021/benchmarks/mnistfc \\
-        --filter 256x2 [--abcrown abcrown.csv] [--published published.csv] [--output ours.csv]
+        --filter 256x2 [--property-filter _0.03] [--abcrown abcrown.csv] \\
+        [--published published.csv] [--output ours.csv]
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", default=None,
                         help="instances CSV inside --root (default: the only *_instances.csv)")
     parser.add_argument("--filter", default="", help="only instances whose onnx name has this")
+    parser.add_argument("--property-filter", default="",
+                        help="only instances whose vnnlib name has this (e.g. _0.03)")
     parser.add_argument("--abcrown", help="alpha-beta-CROWN's results CSV on the same instances")
     parser.add_argument("--published", help="published answers CSV (onnx,vnnlib,answer)")
     parser.add_argument("--output", help="write certdistill's results CSV there")
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     root = Path(args.root)
     instances = Path(args.instances) if args.instances else next(root.glob("*_instances.csv"))
-    rows = [r for r in read_instances(instances) if args.filter in r[0]]
+    rows = [r for r in read_instances(instances)
+            if args.filter in r[0] and args.property_filter in r[1]]
     with tempfile.TemporaryDirectory() as scratch:
         subset = Path(scratch) / "instances.csv"
         with open(subset, "w", newline="") as handle:
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - start
     abcrown = _read_results(args.abcrown)
     published = _read_results(args.published)
-    print(f"# {instances.name}, filter {args.filter!r}: {len(rows)} instances, torch "
+    print(f"# {instances.name}, filter {args.filter!r} {args.property_filter!r}: {len(rows)} "
+          f"instances, torch "
           f"{torch.__version__}, {args.threads} threads")
     print("\n| instance | timeout | certdistill | s | alpha-beta-CROWN | s | published |")
     print("|---|---|---|---|---|---|---|")
