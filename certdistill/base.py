@@ -953,7 +953,8 @@ class CertifiedNetBase(NeuralNetClassifier):
         return make_mlp(n_features, n_classes, **kwargs)
 
     def interval_terms(
-        self, x: Tensor, y: Tensor, training: bool = True, *, keep_state: bool = False
+        self, x: Tensor, y: Tensor, training: bool = True, *, keep_state: bool = False,
+        center: Tensor | None = None, scale: float = 1.0,
     ) -> IntervalTerms:
         """The IBP pieces of a certified training loss for one batch, at the scheduled eps.
 
@@ -968,6 +969,12 @@ class CertifiedNetBase(NeuralNetClassifier):
         keep_state : bool, default=False
             Keep the sweep's state so that CROWN-IBP can bound the same network again
             (:meth:`~certdistill.bounds.BoundEngine.crown_ibp_margins`).
+        center : Tensor or None, default=None
+            Bound the box of radius ``scale * eps`` around ``center`` instead of the ball
+            around ``x`` (SABR's small box; the caller keeps it inside the ball). The terms'
+            ``logits`` are then those at ``center``.
+        scale : float, default=1.0
+            Fraction of the scheduled radius bounded around ``center``.
 
         Returns
         -------
@@ -986,8 +993,10 @@ class CertifiedNetBase(NeuralNetClassifier):
         reg_weight = 0.0
         if training and reg_lambda > 0 and eps_level < eps_max_level:
             reg_weight = reg_lambda * (1.0 - eps_level / eps_max_level)
+        bounded = perturbation if scale == 1.0 else perturbation.scaled(scale)
         out = self.bound_engine().interval_pass(
-            x, perturbation, y, record_activations=reg_weight > 0, keep_state=keep_state
+            x if center is None else center, bounded, y, record_activations=reg_weight > 0,
+            keep_state=keep_state,
         )
         regularizer = out.logits.new_zeros(())
         if reg_weight > 0 and out.activation_bounds:

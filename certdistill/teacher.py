@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from certdistill.attacks import pgd_attack
 from certdistill.base import UNIT, CertifiedNetBase, Choice, Range
-from certdistill.bounds import METHOD_TABLE
 from certdistill.losses import certified_loss, worst_case_logits
 from certdistill.schedules import AlphaSchedule, BetaSchedule, KappaSchedule
 
-__all__ = ["TRAINING_METHODS", "CertifiedTeacher"]
+__all__ = ["TRAINING_LOSSES", "TRAINING_METHODS", "CertifiedTeacher", "sabr_center"]
 
-#: Certified training methods of :class:`CertifiedTeacher`: the engine's trainable bound methods
-#: and MTL-IBP (IBP bounds mixed with a PGD attack).
-TRAINING_METHODS = (*(m.name for m in METHOD_TABLE.values() if m.trainable), "mtl-ibp")
+#: Certified training methods of :class:`CertifiedTeacher` (the keys of ``TRAINING_LOSSES``).
+TRAINING_METHODS = ("ibp", "crown-ibp", "mtl-ibp", "sabr")
 
 
 class CertifiedTeacher(CertifiedNetBase):
@@ -29,7 +28,12 @@ class CertifiedTeacher(CertifiedNetBase):
       ``zhat = -[(1 - beta) m_IBP + beta m_CROWN-IBP]``, ``beta`` going from ``beta_start`` to
       ``beta_end`` (CROWN-IBP bounds are not computed once ``beta`` reaches 0);
     * ``"mtl-ibp"`` (De Palma et al. 2024): ``(1 - alpha) CE(z(x_adv), y) + alpha CE(zhat_IBP, y)``
-      with ``x_adv`` from a short PGD attack inside the ball.
+      with ``x_adv`` from a short PGD attack inside the ball;
+    * ``"sabr"`` (Mueller et al. 2023): IBP's loss with ``zhat`` bounded over a small box, of
+      radius ``sabr_lambda * eps``, around the PGD point ``x_adv`` moved just enough towards
+      ``x`` that the box lies inside the ball (:func:`sabr_center`): tighter bounds on a box that
+      still contains the likely worst case. The network is certified on the whole ball as any
+      other.
 
     All methods use the recipe of Shi et al. (2021) by default: IBP initialisation and BatchNorm in
     the default networks, a warm-up and an eps ramp (``warmup``, ``ramp``), and, while eps ramps,
@@ -44,15 +48,18 @@ class CertifiedTeacher(CertifiedNetBase):
     module : torch.nn.Module, class or None, default=None
         The network (see :class:`~certdistill.base.CertifiedNetBase`). ``None`` builds an MLP for
         flat features or, with ``input_shape``, a small CNN.
-    method : {"ibp", "crown-ibp", "mtl-ibp"}, default="ibp"
+    method : {"ibp", "crown-ibp", "mtl-ibp", "sabr"}, default="ibp"
         Certified training method. IBP is the default: on the digits benchmark it certified as
         much as CROWN-IBP at less than half the cost per step (README, training benchmark).
     beta_start, beta_end : float, default=(1.0, 0.0)
         CROWN-IBP mixing weight, interpolated over the ramp (``crown-ibp`` only).
     alpha : float, default=0.5
         Weight of the certified term of MTL-IBP (``mtl-ibp`` only).
+    sabr_lambda : float, default=0.4
+        Radius of SABR's small box as a fraction of eps, in (0, 1] (``sabr`` only; 1 is IBP
+        on the whole ball).
     pgd_steps : int, default=1
-        PGD steps of the MTL-IBP attack.
+        PGD steps of the MTL-IBP and SABR attack.
     pgd_step_size : float or None, default=None
         PGD step length (``None``: ``2.5 * eps / steps``).
     **kwargs
@@ -94,6 +101,7 @@ class CertifiedTeacher(CertifiedNetBase):
         "beta_start": UNIT,
         "beta_end": UNIT,
         "alpha": UNIT,
+        "sabr_lambda": Range(0.0, 1.0, low_open=True),
         "pgd_steps": Range(0, integer=True),
         "pgd_step_size": Range(0.0, low_open=True, optional=True),
     }
@@ -106,6 +114,7 @@ class CertifiedTeacher(CertifiedNetBase):
         beta_start: float = 1.0,
         beta_end: float = 0.0,
         alpha: float = 0.5,
+        sabr_lambda: float = 0.4,
         pgd_steps: int = 1,
         pgd_step_size: float | None = None,
         **kwargs,
@@ -115,6 +124,7 @@ class CertifiedTeacher(CertifiedNetBase):
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.alpha = alpha
+        self.sabr_lambda = sabr_lambda
         self.pgd_steps = pgd_steps
         self.pgd_step_size = pgd_step_size
 
@@ -156,27 +166,78 @@ class CertifiedTeacher(CertifiedNetBase):
         logits : Tensor
             Clean logits.
         """
-        beta = float(getattr(self, "current_beta_", self.beta_end))
-        crown_ibp = self.method == "crown-ibp" and beta > 0.0
-        terms = self.interval_terms(x, y, training, keep_state=crown_ibp)
-        logits = terms.logits
-        if terms.margins is None:
-            return F.cross_entropy(logits, y), logits
+        return TRAINING_LOSSES[self.method](self, x, y, training)
 
-        if self.method == "mtl-ibp":
-            alpha = float(getattr(self, "current_alpha_", self.alpha))
-            loss = alpha * F.cross_entropy(terms.worst_logits, y)
-            if alpha < 1.0:
-                x_adv = pgd_attack(
-                    self.module_, x, y, terms.perturbation, steps=int(self.pgd_steps),
-                    step_size=self.pgd_step_size, mode="current",
-                )
-                loss = loss + (1.0 - alpha) * F.cross_entropy(self.module_(x_adv), y)
-            return loss + terms.regularizer, logits
-        worst = terms.worst_logits
-        if crown_ibp:
-            # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
-            margins = self.bound_engine().crown_ibp_margins(terms.interval_pass)
-            worst = (1.0 - beta) * worst + beta * worst_case_logits(margins)
-        kappa = float(getattr(self, "current_kappa_", self.kappa_end))
-        return certified_loss(logits, worst, y, kappa) + terms.regularizer, logits
+    def _attack(self, x: Tensor, y: Tensor, perturbation) -> Tensor:
+        """The short PGD attack of MTL-IBP and SABR inside the batch's ball."""
+        return pgd_attack(self.module_, x, y, perturbation, steps=int(self.pgd_steps),
+                          step_size=self.pgd_step_size, mode="current")
+
+
+def _kappa(net: CertifiedTeacher) -> float:
+    return float(getattr(net, "current_kappa_", net.kappa_end))
+
+
+def _ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """``kappa CE(z, y) + (1 - kappa) CE(zhat_IBP, y)``."""
+    terms = net.interval_terms(x, y, training)
+    if terms.margins is None:
+        return F.cross_entropy(terms.logits, y), terms.logits
+    return (certified_loss(terms.logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
+            terms.logits)
+
+
+def _crown_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """IBP's loss with the worst case mixed with CROWN-IBP's, ``beta`` of the way."""
+    beta = float(getattr(net, "current_beta_", net.beta_end))
+    if beta <= 0.0:
+        return _ibp_loss(net, x, y, training)
+    terms = net.interval_terms(x, y, training, keep_state=True)
+    if terms.margins is None:
+        return F.cross_entropy(terms.logits, y), terms.logits
+    # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
+    margins = net.bound_engine().crown_ibp_margins(terms.interval_pass)
+    worst = (1.0 - beta) * terms.worst_logits + beta * worst_case_logits(margins)
+    return certified_loss(terms.logits, worst, y, _kappa(net)) + terms.regularizer, terms.logits
+
+
+def _mtl_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """``(1 - alpha) CE(z(x_adv), y) + alpha CE(zhat_IBP, y)``."""
+    terms = net.interval_terms(x, y, training)
+    if terms.margins is None:
+        return F.cross_entropy(terms.logits, y), terms.logits
+    alpha = float(getattr(net, "current_alpha_", net.alpha))
+    loss = alpha * F.cross_entropy(terms.worst_logits, y)
+    if alpha < 1.0:
+        x_adv = net._attack(x, y, terms.perturbation)
+        loss = loss + (1.0 - alpha) * F.cross_entropy(net.module_(x_adv), y)
+    return loss + terms.regularizer, terms.logits
+
+
+def sabr_center(x: Tensor, x_adv: Tensor, eps: Tensor, fraction: float) -> Tensor:
+    """The center of SABR's small box: ``x_adv`` moved towards ``x`` until the box of radius
+    ``fraction * eps`` around it lies inside the ball of radius ``eps`` around ``x``."""
+    reach = (1.0 - float(fraction)) * eps
+    return x + torch.maximum(torch.minimum(x_adv - x, reach), -reach)
+
+
+def _sabr_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """IBP's loss on a box of ``sabr_lambda`` times the radius around a PGD point, inside the
+    ball (Mueller et al. 2023)."""
+    perturbation = getattr(net, "current_perturbation_", None)
+    if perturbation is None:
+        perturbation = net.training_perturbation()
+    if perturbation.level <= 0.0:
+        return _ibp_loss(net, x, y, training)
+    eps = perturbation.reshaped(x.shape[1:]).eps.to(device=x.device, dtype=x.dtype)
+    center = sabr_center(x, net._attack(x, y, perturbation).detach(), eps, net.sabr_lambda)
+    terms = net.interval_terms(x, y, training, center=center, scale=float(net.sabr_lambda))
+    logits = net.module_(x)
+    return (certified_loss(logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
+            logits)
+
+
+#: Training method -> its loss ``(net, x, y, training) -> (loss, clean logits)``: a new
+#: method is one function and one entry here.
+TRAINING_LOSSES = {"ibp": _ibp_loss, "crown-ibp": _crown_ibp_loss, "mtl-ibp": _mtl_ibp_loss,
+                   "sabr": _sabr_loss}

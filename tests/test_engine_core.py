@@ -113,10 +113,10 @@ def test_one_method_table():
 
 
 def test_training_methods_and_teacher_bounds_derive_from_the_table():
-    from certdistill.teacher import TRAINING_METHODS
+    from certdistill.teacher import TRAINING_LOSSES, TRAINING_METHODS
     from certdistill.teacher_outputs import TEACHER_BOUNDS
 
-    assert TRAINING_METHODS == ("ibp", "crown-ibp", "mtl-ibp")
+    assert TRAINING_METHODS == ("ibp", "crown-ibp", "mtl-ibp", "sabr") == tuple(TRAINING_LOSSES)
     assert TEACHER_BOUNDS == (*METHODS, "best", "pgd")
 
 

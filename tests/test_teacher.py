@@ -435,3 +435,36 @@ def test_tensor_batches_train_as_the_data_loader_does(monkeypatch, shuffle):
     monkeypatch.setattr(CertifiedTeacher, "_tensor_batches", False)
     slow = CertifiedTeacher(**params).fit(X, y)
     np.testing.assert_allclose(fast.predict_proba(X), slow.predict_proba(X), atol=1e-6)
+
+
+def test_sabr_box_lies_inside_the_ball_around_the_attack():
+    from certdistill.teacher import sabr_center
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 10, generator=generator)
+    eps = torch.rand(10, generator=generator) * 0.2
+    x_adv = x + eps * (2 * torch.rand(64, 10, generator=generator) - 1)
+    for fraction in (0.1, 0.4, 1.0):
+        center = sabr_center(x, x_adv, eps, fraction)
+        assert torch.all((center - x).abs() + fraction * eps <= eps + 1e-7)
+        # moved only as far as needed: a point already deep inside stays where it is
+        inside = (x_adv - x).abs() <= (1 - fraction) * eps
+        assert torch.equal(center[inside], x_adv[inside])
+
+
+def test_sabr_trains_a_network_certified_by_the_sound_bounds(small):
+    X, y = small
+    sabr = CertifiedTeacher(method="sabr", sabr_lambda=0.3, pgd_steps=3, eps=0.05,
+                            **{**FAST, "max_epochs": 8}).fit(X, y)
+    assert np.isfinite(sabr.history[:, "train_loss"]).all()
+    assert sabr.score(X, y) > 0.5
+    # The certificate is on the whole ball, whatever the training: sampled points agree.
+    cert = sabr.certify(X[:40], method="crown", y=y[:40])
+    certified = np.flatnonzero(cert.certified)
+    generator = np.random.default_rng(0)
+    for _ in range(20):
+        noise = generator.uniform(-0.05, 0.05, size=(len(certified), X.shape[1]))
+        points = np.clip(X[certified] + noise, 0.0, 1.0).astype(np.float32)
+        assert np.all(sabr.predict(points) == y[certified])
+    with pytest.raises(ValueError, match="sabr_lambda"):
+        CertifiedTeacher(method="sabr", sabr_lambda=0.0, **FAST).fit(X, y)

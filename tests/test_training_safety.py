@@ -48,6 +48,7 @@ class Interrupt(Callback):
 ESTIMATORS = {
     "crown-ibp": lambda t: CertifiedTeacher(module__hidden_sizes=(16,), **COMMON),
     "mtl-ibp": lambda t: CertifiedTeacher(method="mtl-ibp", module__hidden_sizes=(16,), **COMMON),
+    "sabr": lambda t: CertifiedTeacher(method="sabr", module__hidden_sizes=(16,), **COMMON),
     "student": lambda t: DistilledStudent(FrozenEstimator(t), module__hidden_sizes=(8,),
                                           **COMMON),
 }
