@@ -63,10 +63,17 @@ def pgd_accuracy(teacher, X, y, eps, steps=20, restarts=2, seed=0) -> float:
     return float((pred == y_enc).float().mean())
 
 
+def _synchronize(net) -> None:
+    if str(net.device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _time_steps(net, batch, n_steps: int) -> float:
+    _synchronize(net)
     start = time.perf_counter()
     for _ in range(n_steps):
         net.train_step(batch)
+    _synchronize(net)
     return (time.perf_counter() - start) / n_steps
 
 
@@ -106,8 +113,10 @@ def run(args) -> list[dict]:
         for seed in args.seeds:
             params = dict(
                 eps=args.eps, method=method, input_shape=DATA[args.data][1], lower=0.0,
-                upper=1.0, random_state=seed,
+                upper=1.0, random_state=seed, device=args.device,
             )
+            if args.batch_size is not None:
+                params["batch_size"] = args.batch_size
             if args.epochs is not None:
                 params["max_epochs"] = args.epochs
             if args.flat:
@@ -171,6 +180,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-step-cost", action="store_true")
     parser.add_argument("--no-crown", action="store_true",
                         help="skip the CROWN-alone column (slow on large images)")
+    parser.add_argument("--device", default="cpu", help="the estimators' device (cpu, cuda)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch size (default: the teacher's, 128)")
     parser.add_argument("--data", choices=sorted(DATA), default="digits",
                         help="digits (8x8) or digits28 (MNIST-sized, generated)")
     args = parser.parse_args(argv)
@@ -180,8 +192,9 @@ def main(argv=None) -> None:
     shape = DATA[args.data][1]
     print(f"Data {args.data} ({len(load_data(args.data)[0])} training images), stratified split "
           f"(seed 0), eps = {args.eps}, {'flat MLP' if args.flat else f'input_shape={shape} CNN'}"
-          f" default teacher, {args.threads} torch threads. Certified by the default cascade of "
-          "certify() (IBP, then CROWN-IBP and CROWN on the samples still open), timed in "
+          f" default teacher, device {args.device}, {args.threads} torch threads. Certified by "
+          "the default cascade of certify() (IBP, then CROWN-IBP and CROWN on the samples "
+          "still open), timed in "
           "'certify s'. Step ratios at full training eps (CROWN-IBP with beta = 1).")
     print()
     print(HEADER)
