@@ -155,6 +155,16 @@ def clear_shared_cache() -> None:
     _SHARED.clear()
 
 
+def _on_batch_device(logits: Tensor, worst: Tensor | None, x: Tensor, y: Tensor,
+                     worst_case: bool) -> tuple[Tensor, Tensor | None]:
+    """The outputs on the batch's device; without a worst case (eps 0) the clean logits
+    shifted so that the label's is 0, where one is wanted."""
+    logits = logits.to(x.device)
+    if worst is not None:
+        return logits, worst.to(x.device)
+    return logits, (logits - logits.gather(1, y[:, None]) if worst_case else None)
+
+
 def _sample_keys(x: Tensor, y: Tensor) -> list[int]:
     rows = x.detach().reshape(x.shape[0], -1).cpu().numpy()
     return [hash((row.tobytes(), label)) for row, label in zip(rows, y.tolist(), strict=True)]
@@ -266,12 +276,7 @@ class TeacherOutputs:
                     self._worst.update(zip(keys, worst.cpu(), strict=True))
         else:
             self.hits += 1
-        logits = logits.to(x.device)
-        if worst is not None:
-            worst = worst.to(x.device)
-        elif worst_case:
-            worst = logits - logits.gather(1, y[:, None])
-        return logits, worst
+        return _on_batch_device(logits, worst, x, y, worst_case)
 
     def rounded_up(self, perturbation: Perturbation) -> Perturbation:
         """The perturbation the worst case is computed at: ``perturbation`` itself, or (with
@@ -361,12 +366,7 @@ class TeacherOutputs:
                 _, worst = self._compute(x, y, perturbation, True, clean=False)
         self.misses += computed
         self.hits += not computed
-        logits = logits.to(x.device)
-        if worst is not None:
-            worst = worst.to(x.device)
-        elif worst_case:
-            worst = logits - logits.gather(1, y[:, None])
-        return logits, worst
+        return _on_batch_device(logits, worst, x, y, worst_case)
 
     def _table_device(self) -> torch.device:
         return next(iter(self.teacher.module_.parameters()), torch.empty(0)).device
