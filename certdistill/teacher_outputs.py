@@ -194,7 +194,7 @@ class TeacherOutputs:
         Share the outputs on a bound training set with other fits from the same teacher on the
         same rows (deterministic bound methods only, not ``"pgd"``).
     bulk_rows : int or None, default=None
-        Rows per teacher call of the whole-set computations (``None``: :data:`BULK_ROWS` of the
+        Rows per teacher call of the whole-set computations (``None``: ``BULK_ROWS`` of the
         teacher's device type).
 
     Attributes
