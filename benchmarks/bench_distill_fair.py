@@ -21,7 +21,8 @@ not used: ``--hidden``):
   network, trained on the labelled rows only;
 * ``alone ibp, augmented``: the same, on the labelled rows plus as many noise and ball inputs per
   kind as the distilled student gets (its default ``transfer_size``;
-  :func:`certdistill.transfer.transfer_inputs`), each with the label of the row it was made
+  :func:`certdistill.estimators.transfer.transfer_inputs`), each with the label of the row it was
+  made
   from: is a gain the teacher's, or the augmentation's?
 * ``distilled``: ``DistilledStudent`` with its default loss (selective loss, teacher-labelled
   transfer inputs, unlabelled rows labelled by the teacher), its teacher a default
@@ -62,7 +63,7 @@ from sklearn.model_selection import train_test_split
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, from anywhere
 from benchmarks.bench_distill import load as load_split  # noqa: E402
 from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
-from certdistill.transfer import transfer_inputs  # noqa: E402
+from certdistill.estimators.transfer import transfer_inputs  # noqa: E402
 
 RATIOS = [1.0, 1.25, 1.5, 2.0]
 #: Contender -> the knobs it is tuned over (each product of values is one configuration; 8 per

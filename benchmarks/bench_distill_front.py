@@ -86,7 +86,7 @@ from benchmarks.distill_variants import (  # noqa: E402
     SourceLabelledStudent,
 )
 from certdistill import CertifiedTeacher, DistilledStudent  # noqa: E402
-from certdistill.teacher_outputs import clear_shared_cache  # noqa: E402
+from certdistill.estimators.teacher_outputs import clear_shared_cache  # noqa: E402
 
 #: Distilled contender -> its class (the research variants of ``distill_variants``).
 DISTILLED = {"distilled": DistilledStudent, "distilled, exact teacher radius": DistilledStudent,

@@ -156,7 +156,7 @@ def bench_dask(path: Path, n: int, method: str, trim: bool) -> None:
     import dask
     from distributed import Client, LocalCluster
 
-    from certdistill.distributed import certify_dask
+    from certdistill.scale.distributed import certify_dask
 
     torch.set_num_threads(1)
     module = tiny_mlp()
@@ -171,7 +171,7 @@ def bench_dask(path: Path, n: int, method: str, trim: bool) -> None:
           LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                        dashboard_address=None, silence_logs=logging.ERROR) as cluster,
           Client(cluster) as client):
-        client.run(lambda: __import__("certdistill.certify"))
+        client.run(lambda: __import__("certdistill.certification.certify"))
         started = time.perf_counter() - start
         times = []
         for _ in range(2):  # the first run also unpickles the module on each worker

@@ -27,9 +27,9 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from certdistill.attacks import pgd_attack
 from certdistill.datasets import make_digits28
-from certdistill.teacher import CertifiedTeacher
+from certdistill.estimators.teacher import CertifiedTeacher
+from certdistill.verify.attacks import pgd_attack
 
 #: Data set name -> (loader, input_shape).
 DATA = {

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from certdistill.verify.vnncomp import read_instances, verify_instances
+from certdistill.certification.vnncomp import read_instances, verify_instances
 
 
 def _read_results(path: str | None) -> dict[tuple[str, str], tuple[str, float | None]]:

@@ -36,7 +36,7 @@ run() {  # run a command, its stdout to the table, its stderr to the log; keep g
 : >"$log"
 
 section "CUDA-only tests"
-run python -m pytest -q -p no:cacheprovider tests/test_bounds_gpu.py tests/test_gpu_scaling.py
+run python -m pytest -q -p no:cacheprovider tests/bounds/test_bounds_gpu.py tests/certification/test_gpu_scaling.py
 
 for batch in "${batches[@]}"; do
     section "certify() throughput, batch $batch"

@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from certdistill import CertifiedTeacher
-from certdistill.models import make_cnn, make_mlp
+from certdistill.estimators.models import make_cnn, make_mlp
 
 EPS = 0.1
 

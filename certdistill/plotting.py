@@ -8,7 +8,7 @@ plot is drawn (``pip install certdistill[plot]``).
 
 :func:`certified_accuracy_curve` computes the data of :func:`plot_certified_accuracy_curve` from
 a network or a fitted estimator with one call of
-:func:`~certdistill.certify.certified_radius`.
+:func:`~certdistill.certification.certify.certified_radius`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from certdistill.certify import DEFAULT_METHOD
+from certdistill.certification.certify import DEFAULT_METHOD
 
 if TYPE_CHECKING:  # pragma: no cover - for type hints only
     from matplotlib.axes import Axes
@@ -37,7 +37,8 @@ SCHEDULE_KEYS = ("eps", "kappa", "beta", "alpha", "lr")
 """History keys that :func:`plot_training_schedule` plots by default: the values recorded by the
 schedule callbacks of the estimators, and the learning rate."""
 
-#: Keyword arguments of :func:`certdistill.certify.certify` (used for the clean pass at eps 0).
+#: Keyword arguments of :func:`certdistill.certification.certify.certify` (used for the clean pass
+# at eps 0).
 _CERTIFY_KWARGS = ("lower", "upper", "batch_size", "backend")
 
 
@@ -119,7 +120,8 @@ def certified_accuracy_curve(
     Parameters
     ----------
     model : torch.nn.Module or estimator
-        Either a network accepted by :func:`certdistill.certify.certified_radius` (then ``X`` must
+        Either a network accepted by :func:`certdistill.certification.certify.certified_radius`
+        (then ``X`` must
         already have the shape the network expects and ``y`` hold class indices), or any object
         with a ``certified_radius(X, y=..., method=..., max_eps=..., **kwargs)`` method and a
         ``predict(X)`` method, such as a fitted ``CertifiedTeacher`` or ``DistilledStudent``
@@ -156,7 +158,8 @@ def certified_accuracy_curve(
     that the method could certify lies at most ``tol`` above it. Since a certificate at radius
     ``r`` holds for every smaller ball, ``r_i >= eps`` proves that sample ``i`` is robustly
     classified correctly at ``eps``: each value is a sound lower bound of the robust accuracy.
-    It can differ from the fraction that :func:`certdistill.certify.certify` certifies at
+    It can differ from the fraction that :func:`certdistill.certification.certify.certify`
+    certifies at
     exactly that ``eps``: it is lower by the samples whose radius lies less than ``tol`` above
     ``eps``, and since the bounds of the relaxation methods need not be monotone in ``eps``, a
     sample may rarely count as certified at ``eps`` although ``certify`` at ``eps`` fails (it is
@@ -199,7 +202,7 @@ def certified_accuracy_curve(
     at_zero = eps == 0
     if at_zero.any():
         if is_module:
-            from certdistill.certify import certify
+            from certdistill.certification.certify import certify
 
             kwargs = {k: v for k, v in certify_kwargs.items() if k in _CERTIFY_KWARGS}
             clean = certify(model, X, 0.0, method="ibp", y=labels, **kwargs).certified
@@ -225,7 +228,7 @@ def certified_accuracy_curve(
                 f"max_eps={max_eps!r} is below the largest radius of eps_grid ({largest!r})."
             )
         if is_module:
-            from certdistill.certify import certified_radius
+            from certdistill.certification.certify import certified_radius
 
             radius = certified_radius(
                 model, X, method=method, y=labels, max_eps=max_eps, **certify_kwargs
@@ -424,7 +427,8 @@ def plot_radius_histogram(
     Parameters
     ----------
     radii : mapping of str to array-like, or array-like
-        Certified radius of each sample (e.g. from :func:`certdistill.certify.certified_radius`
+        Certified radius of each sample (e.g. from
+        :func:`certdistill.certification.certify.certified_radius`
         or an estimator's ``certified_radius``), per model; the keys label the legend. A radius
         of 0 means not certified at any positive radius (or misclassified when labels were
         given).

@@ -4,7 +4,8 @@ A ``CertifiedTeacher`` is trained on digits and written with ``certdistill.expor
 script checks that onnxruntime computes the estimator's probabilities, that certifying the file
 (``certdistill.certify`` takes its path) gives the estimator's certificates, and then writes a
 VNN-LIB robustness property for one test image and decides it with
-``certdistill.verify.vnncomp.verify`` (what ``certdistill verify`` runs), as VNN-COMP tools do.
+``certdistill.certification.vnncomp.verify`` (what ``certdistill verify`` runs), as VNN-COMP tools
+do.
 About 20 s on one CPU core.
 
 Run: python examples/onnx_deploy.py [--epochs 20]
@@ -21,7 +22,7 @@ from sklearn.model_selection import train_test_split
 
 import certdistill
 from certdistill import CertifiedTeacher
-from certdistill.verify.vnncomp import verify
+from certdistill.certification.vnncomp import verify
 
 EPS = 0.1
 

@@ -18,7 +18,7 @@ A ``fit`` or ``partial_fit`` of a fitted estimator that raises must leave the ol
 it predicts and certifies exactly as before (:func:`_check_unchanged`).
 
 The command line's cells (:data:`CLI_CELLS`, checked by
-:func:`test_the_command_line_cells_are_complete`) name cases of ``tests/test_cli.py``'s
+:func:`test_the_command_line_cells_are_complete`) name cases of ``tests/cli/test_cli.py``'s
 ``ERRORS`` table, which runs them (one-line errors, no traceback), so that the matrix stays one
 table and the command-line error tests one mechanism. DataFrames have their own tests at the end.
 """
@@ -490,7 +490,7 @@ def _expected() -> dict[tuple[str, str], object]:
 
 EXPECTED = _expected()
 
-#: The command line's cells: a key of ``tests/test_cli.py``'s ``ERRORS`` (a one-line error
+#: The command line's cells: a key of ``tests/cli/test_cli.py``'s ``ERRORS`` (a one-line error
 #: without traceback, exit status 1 or 2), a valid input that ``test_cli.py`` runs, or the reason
 #: the case does not apply.
 CLI_COMMANDS = ("train", "distill", "certify", "report")

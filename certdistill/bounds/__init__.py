@@ -1,4 +1,13 @@
-"""Native bound propagation (IBP, CROWN-IBP, CROWN, alpha-CROWN) for ``nn.Sequential`` nets."""
+"""Native bound propagation (IBP, CROWN-IBP, CROWN, alpha-CROWN) over a network's graph.
+
+``perturbation`` (the input domain), ``specification`` (the margins bounded), ``layers`` (the
+extra layer types: residual ``Add``, ``Reshape``, ...), ``graph`` (a network as a graph of
+operations), ``ops`` (one class per layer type: its interval step and its backward relaxation),
+``patches`` (convolutions' backward step), ``memory`` (the memory plan of a pass), ``engine``
+(the walk over the graph) and ``lirpa`` (the optional auto_LiRPA backend).
+
+May import: ``exceptions`` only; everything else in the package builds on it.
+"""
 
 from certdistill.bounds.engine import (
     METHOD_TABLE,

@@ -30,7 +30,7 @@ def build_parser() -> ArgumentParser:
     -------
     ArgumentParser
     """
-    from certdistill import __version__
+    from certdistill._version import __version__
     from certdistill.cli._certify import add_certify_parser, add_report_parser
     from certdistill.cli._demo import add_demo_parser
     from certdistill.cli._train import add_distill_parser, add_train_parser

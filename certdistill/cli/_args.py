@@ -108,10 +108,10 @@ def int_tuple(text: str) -> tuple[int, ...]:
 def device(text: str) -> str:
     """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``), checked as
     the estimators' ``fit`` checks ``device``."""
-    from certdistill.base import _check_device
+    from certdistill.estimators.base import check_device
 
     try:
-        _check_device(text)
+        check_device(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text

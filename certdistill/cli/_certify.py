@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from certdistill.certify import DEFAULT_METHOD
+from certdistill.certification.certify import DEFAULT_METHOD
 from certdistill.cli._args import (
     CLIError,
     UsageError,

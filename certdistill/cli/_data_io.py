@@ -37,7 +37,8 @@ MODEL_SUFFIXES = (".joblib", ".pkl", ".pickle", ".cdsafe")
 
 #: Networks ``certdistill certify`` also reads (no estimator: labels are output indices).
 NETWORK_SUFFIXES = (".onnx",)
-#: Suffix of models in the safe format (:mod:`certdistill.persistence`), which loads without
+#: Suffix of models in the safe format (:mod:`certdistill.estimators.persistence`), which loads
+# without
 #: running code from the file.
 SAFE_SUFFIX = ".cdsafe"
 TABLE_SUFFIXES = (".csv", ".json", ".md")
@@ -226,7 +227,7 @@ def load_model(path: str | Path, *, networks: bool = False):
 
     Returns
     -------
-    certdistill.base.CertifiedNetBase
+    certdistill.estimators.base.CertifiedNetBase
         The fitted estimator.
 
     Raises
@@ -236,7 +237,7 @@ def load_model(path: str | Path, *, networks: bool = False):
     """
     import joblib
 
-    from certdistill.base import CertifiedNetBase
+    from certdistill.estimators.base import CertifiedNetBase
 
     if Path(path).suffix.lower() in NETWORK_SUFFIXES and networks:
         return OnnxModel(_existing_file(path, NETWORK_SUFFIXES, "model file"))
@@ -311,20 +312,20 @@ class OnnxModel:
         return None if y is None else encode_labels(self, y)
 
     def certify(self, X, *, eps, y=None, **options):
-        from certdistill.certify import certify
+        from certdistill.certification.certify import certify
 
         return certify(self.module_, self._inputs(X), eps, y=self._labels(y), lower=self.lower,
                        upper=self.upper, **options)
 
     def certified_radius(self, X, *, y=None, **options):
-        from certdistill.certify import certified_radius
+        from certdistill.certification.certify import certified_radius
 
         return certified_radius(self.module_, self._inputs(X), y=self._labels(y),
                                 lower=self.lower, upper=self.upper, **options)
 
 
 def _load(path: Path):
-    from certdistill.persistence import load
+    from certdistill.estimators.persistence import load
 
     return load(path)
 
@@ -340,7 +341,7 @@ def save_model(model, path: Path) -> None:
     """
     import joblib
 
-    from certdistill.persistence import SafeFormatError, save
+    from certdistill.estimators.persistence import SafeFormatError, save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() != SAFE_SUFFIX:

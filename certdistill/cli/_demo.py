@@ -65,8 +65,8 @@ def build_demo_models(
         ``"student_alone"`` (the same MLP trained by IBP without a teacher), in the order to
         fit them: the student uses the teacher object as it is once it is fitted.
     """
-    from certdistill.student import DistilledStudent
-    from certdistill.teacher import CertifiedTeacher
+    from certdistill.estimators.student import DistilledStudent
+    from certdistill.estimators.teacher import CertifiedTeacher
 
     teacher = CertifiedTeacher(
         method="ibp", input_shape=(1, 8, 8), lower=0.0, upper=1.0, eps=eps,

@@ -68,7 +68,7 @@ def pgd_accuracy(
 
     Parameters
     ----------
-    model : certdistill.base.CertifiedNetBase
+    model : certdistill.estimators.base.CertifiedNetBase
         Fitted estimator; the attack respects its input domain ``lower``/``upper``.
     X : ndarray of shape (n_samples, n_features)
     y : array-like of shape (n_samples,)
@@ -86,8 +86,8 @@ def pgd_accuracy(
     -------
     float
     """
-    from certdistill.attacks import pgd_attack
-    from certdistill.certify import eval_mode
+    from certdistill.certification.certify import eval_mode
+    from certdistill.verify.attacks import pgd_attack
 
     target = encode_labels(model, y)
     module = model.module_

@@ -69,7 +69,7 @@ def _report_fit(model, data, seconds: float, output) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``certdistill train``."""
-    from certdistill.teacher import CertifiedTeacher
+    from certdistill.estimators.teacher import CertifiedTeacher
 
     output = check_suffix(args.output, MODEL_SUFFIXES, "--output")
     data = _load(args)
@@ -88,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace) -> int:
     """Run ``certdistill distill``."""
-    from certdistill.student import DistilledStudent
+    from certdistill.estimators.student import DistilledStudent
 
     output = check_suffix(args.output, MODEL_SUFFIXES, "--output")
     teacher = load_model(args.teacher)
@@ -140,7 +140,7 @@ def _add_fit_arguments(parser: argparse.ArgumentParser, cls: type, default_outpu
 
 def add_train_parser(commands, parents) -> None:
     """Add the ``train`` command."""
-    from certdistill.teacher import TRAINING_METHODS, CertifiedTeacher
+    from certdistill.estimators.teacher import TRAINING_METHODS, CertifiedTeacher
 
     parser = commands.add_parser(
         "train", parents=parents, help="train a certified model (CertifiedTeacher) on a file",
@@ -169,7 +169,7 @@ def add_train_parser(commands, parents) -> None:
 
 def add_distill_parser(commands, parents) -> None:
     """Add the ``distill`` command."""
-    from certdistill.student import DISTILLATION_LOSSES, DistilledStudent
+    from certdistill.estimators.student import DISTILLATION_LOSSES, DistilledStudent
 
     parser = commands.add_parser(
         "distill", parents=parents,

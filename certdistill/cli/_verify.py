@@ -41,7 +41,7 @@ def add_verify_parser(commands, parents) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Run ``certdistill verify``."""
-    from certdistill.verify.vnncomp import verify, verify_instances
+    from certdistill.certification.vnncomp import verify, verify_instances
 
     if args.instances is not None:
         if args.model is not None or args.property is not None:

@@ -61,6 +61,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
 from torch import nn
 
+from certdistill._version import __version__
 from certdistill.bounds.graph import INPUT, BoundGraph, build_graph
 from certdistill.bounds.layers import Add, ConstantAffine, Reshape
 from certdistill.exceptions import UnsupportedLayerError
@@ -527,11 +528,10 @@ def _json(value) -> str:
 
 def _estimator(obj):
     """The certdistill estimator inside ``obj`` (FrozenEstimators unwrapped), or None."""
-    from certdistill.base import CertifiedNetBase
-
     while isinstance(obj, FrozenEstimator):
         obj = obj.estimator
-    return obj if isinstance(obj, CertifiedNetBase) else None
+    # A tag, not an isinstance check: formats sit below the estimators and do not import them.
+    return obj if getattr(type(obj), "_certdistill_estimator", False) else None
 
 
 def _fitted_module(estimator) -> nn.Module:
@@ -727,8 +727,6 @@ def export_onnx(
         outputs, initializer=g.initializers,
     )
     opsets = [helper.make_opsetid("", opset)]
-    from certdistill import __version__
-
     model = helper.make_model(graph, opset_imports=opsets, producer_name="certdistill",
                               producer_version=__version__)
     # The oldest IR version that can hold the opset: readable by older runtimes too.

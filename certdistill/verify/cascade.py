@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from certdistill.attacks import targeted_attack
 from certdistill.bounds import METHODS, BoundEngine, Perturbation, engine_for
 from certdistill.bounds.memory import (
     MemoryPlan,
@@ -39,6 +38,7 @@ from certdistill.bounds.memory import (
     default_memory_limit,
 )
 from certdistill.bounds.ops import ReLUOp
+from certdistill.verify.attacks import targeted_attack
 from certdistill.verify.bab import branch_and_bound
 from certdistill.verify.counterexamples import Judge, inner_box
 from certdistill.verify.milp import MarginMilp
@@ -478,10 +478,10 @@ class Cascade:
             )
 
     def _progress(self, total: int, description: str):
-        return _Progress(total, description, self.options.verbose)
+        return Progress(total, description, self.options.verbose)
 
 
-class _Progress:
+class Progress:
     """A tqdm bar of decided samples (nothing when ``verbose`` is 0)."""
 
     def __init__(self, total: int, description: str, verbose: int):
