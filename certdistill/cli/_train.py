@@ -193,7 +193,7 @@ def add_distill_parser(commands, parents) -> None:
     parser.add_argument("--distill-weight", type=unit_float,
                         help="weight of the teacher in the loss, in [0, 1] "
                              f"(default {library_default(DistilledStudent, 'distill_weight')})")
-    parser.add_argument("--loss", choices=DISTILLATION_LOSSES,
+    parser.add_argument("--loss", choices=tuple(DISTILLATION_LOSSES),
                         help="distillation loss "
                              f"(default {library_default(DistilledStudent, 'loss')})")
     parser.add_argument("--lower", type=finite_float,

@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.base import clone
-from sklearn.exceptions import NotFittedError
-from sklearn.frozen import FrozenEstimator
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import validate_data
 from torch import Tensor
 
-from certdistill.bounds import Perturbation
-from certdistill.certification.certify import eval_mode
 from certdistill.estimators.base import (
     NON_NEGATIVE,
     POSITIVE,
@@ -22,52 +13,25 @@ from certdistill.estimators.base import (
     Choice,
     Range,
     Subset,
-    TensorBatches,
 )
-from certdistill.estimators.losses import certified_loss, distillation_kl, margin_matching
+from certdistill.estimators.distillation import DISTILLATION_LOSSES, DistillationBatch
+from certdistill.estimators.guidance import TeacherGuidance
 from certdistill.estimators.schedules import (
     DistillWeightSchedule,
     KappaSchedule,
     TemperatureSchedule,
 )
-from certdistill.estimators.teacher_outputs import TEACHER_BOUNDS, TeacherOutputs
-from certdistill.estimators.transfer import TRANSFER_KINDS, transfer_inputs
-from certdistill.verify.attacks import pgd_attack
+from certdistill.estimators.teacher_outputs import TEACHER_BOUNDS
+from certdistill.estimators.transfer import TRANSFER_KINDS
 
 __all__ = ["DISTILLATION_LOSSES", "DistilledStudent"]
-
-DISTILLATION_LOSSES = ("baseline", "soft-certified", "margin", "adversarial", "selective")
-"""Distillation losses of :class:`DistilledStudent` (its ``loss`` parameter)."""
-
-
-def _unlabeled_rows(y, marker) -> np.ndarray | None:
-    """Rows whose label is ``marker`` (e.g. -1, scikit-learn's semi-supervised convention)."""
-    if y is None or marker is None:
-        return None
-    mask = np.asarray(y).reshape(-1) == marker
-    if not mask.any():
-        return None
-    if mask.all():
-        raise ValueError(f"Every row of y is {marker!r} (unlabelled): the teacher and the student "
-                         "need labelled rows too.")
-    return mask
-
-
-def _split_rows(X, mask: np.ndarray):
-    if hasattr(X, "iloc"):  # pandas
-        return X.iloc[np.flatnonzero(mask)]
-    return np.asarray(X)[mask]
 
 
 def _n_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _is_fitted(net) -> bool:
-    return bool(getattr(net, "initialized_", False)) and hasattr(net, "n_features_in_")
-
-
-class DistilledStudent(CertifiedNetBase):
+class DistilledStudent(TeacherGuidance, CertifiedNetBase):
     """Certifiably robust student trained by IBP and distillation from a certified teacher.
 
     The student is trained as :class:`~certdistill.CertifiedTeacher` with ``method="ibp"`` (same
@@ -295,112 +259,6 @@ default="selective"
         self._train_batches = self._batch_rows = None
         super().on_train_end(net, X=X, y=y, **kwargs)
 
-    # ---------------------------------------------------------------- batches
-    def get_iterator(self, dataset, training=False):
-        """skorch's iterator, or for training :class:`~certdistill.estimators.base.TensorBatches`
-        (kept
-        for the steps to find each batch's rows)."""
-        iterator = super().get_iterator(dataset, training=training)
-        if training:
-            self._train_batches = iterator if isinstance(iterator, TensorBatches) else None
-        return iterator
-
-    def train_step_single(self, batch, **fit_params):
-        """The base training step; the batch's row indices are known to the loss meanwhile."""
-        batches = getattr(self, "_train_batches", None)
-        rows = None
-        if batches is not None and isinstance(batch, (tuple, list)) and batch:
-            outputs = getattr(self, "teacher_outputs_", None)
-            bound = (outputs is not None and outputs.teacher is getattr(self, "teacher_", None)
-                     and outputs.is_bound_to(batches.source))
-            rows = batches.rows_of(batch[0]) if bound else None
-        self._batch_rows = rows
-        try:
-            return super().train_step_single(batch, **fit_params)
-        finally:
-            self._batch_rows = None
-
-    # --------------------------------------------------------------- teacher
-    def _validate_fit_data(self, X, y, *, reset: bool, classes=None):
-        unlabeled = _unlabeled_rows(y, self.unlabeled_label)
-        X_unlabeled = None
-        if unlabeled is not None:
-            X_unlabeled, X = _split_rows(X, unlabeled), _split_rows(X, ~unlabeled)
-            y = np.asarray(y).reshape(-1)[~unlabeled]
-        X, y_enc = super()._validate_fit_data(X, y, reset=reset, classes=classes)
-        if reset or not hasattr(self, "teacher_"):
-            y_orig = np.asarray(self.classes_)[y_enc]
-            self.teacher_ = self._fitted_teacher(X, y_orig)
-        extra = [] if X_unlabeled is None else [self._validate_unlabeled(X_unlabeled)]
-        if self.transfer:
-            extra.append(self._transfer_inputs(np.concatenate([X, *extra])))
-        extra = [rows for rows in extra if len(rows)]  # a small transfer_size may make none
-        if extra:
-            # The teacher labels every row that has no label of its own.
-            X_extra = np.concatenate(extra)
-            y_extra = self._teacher_labels(X_extra)
-            X, y_enc = np.concatenate([X, X_extra]), np.concatenate([y_enc, y_extra])
-        return X, y_enc
-
-    def _teacher_labels(self, X: np.ndarray) -> np.ndarray:
-        """The teacher's predicted class index of each (validated, flat) row."""
-        module = self.teacher_.module_
-        with torch.no_grad(), eval_mode(module):
-            logits = [module(self.teacher_.module_input(X[start:start + 1024]))
-                      for start in range(0, len(X), 1024)]
-        return torch.cat(logits).argmax(1).cpu().numpy().astype(np.int64)
-
-    def _validate_unlabeled(self, X: np.ndarray) -> np.ndarray:
-        X = validate_data(self, self._flatten_nd(X), reset=False, dtype=np.float32)
-        self._check_domain(X)
-        return X
-
-    def _transfer_inputs(self, X: np.ndarray, return_sources: bool = False):
-        """Transfer inputs made from the rows ``X`` (and, with ``return_sources``, the row each
-        was made from; see :func:`~certdistill.estimators.transfer.transfer_inputs`)."""
-        perturbation = self.perturbation_.reshaped((X.shape[1],))
-        flat = [None if t is None else t.cpu().numpy() for t in (perturbation.lower,
-                                                                 perturbation.upper)]
-        kinds = (self.transfer,) if isinstance(self.transfer, str) else tuple(self.transfer)
-        if "shift" in kinds and (self.input_shape is None or len(self.input_shape) != 3):
-            raise ValueError("transfer='shift' moves images: it needs input_shape=(C, H, W).")
-        return transfer_inputs(
-            X, kinds, self.transfer_size, perturbation.eps.cpu().numpy(), lower=flat[0],
-            upper=flat[1], input_shape=self.input_shape,
-            random_state=check_random_state(self._seed()), return_sources=return_sources,
-        )
-
-    def _fitted_teacher(self, X: np.ndarray, y: np.ndarray) -> CertifiedNetBase:
-        """The teacher to distil from: as given if fitted, else a clone fitted on ``X``, ``y``."""
-        teacher = self.teacher
-        frozen = isinstance(teacher, FrozenEstimator)
-        if frozen:
-            teacher = teacher.estimator
-        if not isinstance(teacher, CertifiedNetBase):
-            raise TypeError(
-                "teacher must be a certdistill estimator (e.g. CertifiedTeacher) or a "
-                f"FrozenEstimator wrapping one, got {type(teacher).__name__}."
-            )
-        if not _is_fitted(teacher):
-            if frozen:
-                raise NotFittedError(
-                    "The FrozenEstimator passed as teacher wraps an unfitted teacher: fit the "
-                    "teacher before freezing it (or pass the unfitted teacher itself)."
-                )
-            teacher = clone(teacher).fit(X, y)
-        if int(teacher.n_features_in_) != X.shape[1]:
-            raise ValueError(
-                f"The teacher was fitted on {teacher.n_features_in_} features, but the student's "
-                f"X has {X.shape[1]} features."
-            )
-        if not np.array_equal(np.asarray(teacher.classes_), np.asarray(self.classes_)):
-            raise ValueError(
-                f"The teacher's classes {np.asarray(teacher.classes_)!r} differ from the "
-                f"student's classes {np.asarray(self.classes_)!r}: distil on data with the "
-                "teacher's classes."
-            )
-        return teacher
-
     # --------------------------------------------------------------- module
     def build_default_module(self, n_features: int, n_classes: int, **kwargs):
         """The default student: the default network for its input, scaled to the teacher.
@@ -436,44 +294,6 @@ default="selective"
         return super().build_default_module(n_features, n_classes, **scaled(high), **kwargs)
 
     # ----------------------------------------------------------------- loss
-    def _teacher_outputs(self) -> TeacherOutputs:
-        outputs = getattr(self, "teacher_outputs_", None)
-        if outputs is None or outputs.teacher is not self.teacher_:
-            levels = self.teacher_radius_levels
-            outputs = TeacherOutputs(self.teacher_, self.teacher_bounds,
-                                     cache=bool(self.cache_teacher),
-                                     ceiling=self.training_perturbation(),
-                                     levels=None if levels is None else int(levels))
-            self.teacher_outputs_ = outputs
-        return outputs
-
-    def teacher_logits(self, x: Tensor, y: Tensor, eps, *, worst_case: bool = True):
-        """Clean and worst-case logits of ``teacher_`` (no gradients; cached, see
-        :class:`~certdistill.estimators.teacher_outputs.TeacherOutputs`).
-
-        Parameters
-        ----------
-        x : Tensor
-            Student module inputs of the batch.
-        y : LongTensor
-            Encoded labels (reference class of the worst case).
-        eps : float, array-like or Perturbation
-            Radius of the ball around the student's inputs (0 gives ``t - t_y``), or the
-            student's perturbation of the batch.
-        worst_case : bool, default=True
-            Compute the worst-case logits (``None`` is returned otherwise).
-
-        Returns
-        -------
-        logits : Tensor
-            Clean teacher logits ``t(x)``, on ``x``'s device.
-        worst : Tensor or None
-            Worst-case logits from ``teacher_bounds`` (0 in the label's column).
-        """
-        if not isinstance(eps, Perturbation):
-            eps = self.perturbation_.with_eps(eps).to(device=x.device)
-        return self._teacher_outputs()(x, y, eps, worst_case=worst_case)
-
     def training_loss(self, x: Tensor, y: Tensor, training: bool = True) -> tuple[Tensor, Tensor]:
         """Distillation loss of one batch (see the class docstring).
 
@@ -494,50 +314,19 @@ default="selective"
             Clean student logits.
         """
         lam = float(getattr(self, "current_distill_weight_", self.distill_weight))
-        temp = float(getattr(self, "current_temperature_", self.temperature))
-        kappa = float(getattr(self, "current_kappa_", self.kappa_end))
         terms = self.interval_terms(x, y, training)
-        logits, worst = terms.logits, terms.worst_logits
-        needs_worst = self.loss in ("baseline", "margin", "selective")
+        entry = DISTILLATION_LOSSES[self.loss]
         outputs = self._teacher_outputs()
         rows = getattr(self, "_batch_rows", None) if training else None
         t, that = outputs(x, y, outputs.rounded_up(terms.perturbation),
-                          worst_case=needs_worst and lam > 0, rows=rows)
-
-        target, weights = y, None
-        if self.loss == "soft-certified":
-            target = (1.0 - lam) * F.one_hot(y, logits.shape[1]).to(logits.dtype)
-            target = target + lam * F.softmax(t / temp, dim=1)
-        elif self.loss == "selective" and lam > 0.0:
-            # How far the teacher is from certifying the sample: its largest worst-case logit
-            # other than the label's (minus its smallest margin bound), softened by T.
-            gap = that.scatter(1, y[:, None], float("-inf")).amax(1)
-            weights = 1.0 - lam * torch.sigmoid(gap / temp)
-        loss = certified_loss(logits, worst, target, kappa, weights)
-        if lam > 0.0 and self.loss in ("baseline", "margin", "adversarial"):
-            loss = (1.0 - lam) * loss + lam * self._distillation_term(x, y, terms, t, that, temp)
-        return loss + terms.regularizer, logits
-
-    def _distillation_term(self, x, y, terms, t, that, temp: float) -> Tensor:
-        mu = float(self.worst_case_weight)
-        logits, worst = terms.logits, terms.worst_logits
-        if self.loss == "baseline":
-            term = distillation_kl(t, logits, temp)
-            if mu > 0.0:
-                term = term + mu * distillation_kl(that, worst, temp)
-            return term
-        if self.loss == "margin":
-            shifted = logits - logits.gather(1, y[:, None])
-            term = margin_matching(t - t.gather(1, y[:, None]), shifted, temp)
-            if mu > 0.0:
-                term = term + mu * margin_matching(that, worst, temp)
-            return term
-        # "adversarial": the teacher's logits at the student's own PGD point
-        if terms.margins is None:
-            return distillation_kl(t, logits, temp)
-        x_adv = pgd_attack(self.module_, x, y, terms.perturbation, steps=int(self.pgd_steps),
-                           mode="current")
-        t_adv, _ = self._teacher_outputs()(x_adv, y, terms.perturbation.scaled(0.0),
-                                           worst_case=False, cache=False)
-        return distillation_kl(t_adv, self.module_(x_adv), temp)
-
+                          worst_case=entry.needs_worst and lam > 0, rows=rows)
+        batch = DistillationBatch(
+            x, y, terms, t, that, weight=lam,
+            temperature=float(getattr(self, "current_temperature_", self.temperature)),
+            kappa=float(getattr(self, "current_kappa_", self.kappa_end)),
+            worst_case_weight=float(self.worst_case_weight), module=self.module_,
+            pgd_steps=int(self.pgd_steps),
+            teacher_at=lambda inputs: outputs(inputs, y, terms.perturbation.scaled(0.0),
+                                              worst_case=False, cache=False)[0],
+        )
+        return entry.function(batch) + terms.regularizer, terms.logits

@@ -17,8 +17,13 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skorch_checks import SKORCH_EXPECTED_FAILURES
 
 from certdistill import CertifiedTeacher, DistilledStudent
+from certdistill.estimators.distillation import (
+    DISTILLATION_LOSSES,
+    DistillationBatch,
+    DistillationLoss,
+)
+from certdistill.estimators.losses import distillation_kl
 from certdistill.estimators.scoring import CertifiedAccuracy
-from certdistill.estimators.student import DISTILLATION_LOSSES
 from certdistill.estimators.teacher_outputs import BULK_ROWS, clear_shared_cache
 
 TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
@@ -70,6 +75,24 @@ def test_fit_with_fitted_teacher(small, teacher, loss):
     cert = student.certify(X[:20], method="ibp", y=y[:20])
     np.testing.assert_array_equal(cert.certified, (cert.margins > 0).all(1))
     assert student.certified_accuracy(X[:20], y[:20], method="ibp") == cert.certified.mean()
+
+
+def test_a_new_distillation_loss_is_one_function_and_one_table_entry(small, teacher,
+                                                                     monkeypatch):
+    X, y = small
+    seen = []
+
+    def clean_kl_only(batch: DistillationBatch):
+        seen.append(batch.teacher_worst)
+        return distillation_kl(batch.teacher_logits, batch.terms.logits, batch.temperature)
+
+    monkeypatch.setitem(DISTILLATION_LOSSES, "clean-kl",
+                        DistillationLoss(clean_kl_only, needs_worst=False))
+    student = DistilledStudent(teacher, loss="clean-kl", **STUDENT).fit(X, y)
+    assert seen and all(worst is None for worst in seen)
+    assert np.isfinite(student.history[:, "train_loss"]).all()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        DistilledStudent(teacher, loss="no-such-loss", **STUDENT).fit(X, y)
 
 
 def test_frozen_teacher_survives_clone(small, teacher):
