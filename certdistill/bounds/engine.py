@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from certdistill.bounds.graph import INPUT, build_graph
 from certdistill.bounds.memory import MemoryPlan, plan_memory
-from certdistill.bounds.ops import BoundOp, Relaxation, numel
+from certdistill.bounds.ops import BoundOp, Relaxation, needs_graph, numel
 from certdistill.bounds.patches import (
     PatchGeometry,
     concretize_patches,
@@ -286,9 +286,13 @@ class BoundEngine:
         self._tail_start = next(k for k in range(last_activation + 1, len(self.ops) + 1)
                                 if self._single_entry(k, len(self.ops)))
         self._last_use = {INPUT: 0}
+        readers: dict[int, int] = {}
         for index, reads in enumerate(self.inputs):
             for j in reads:
                 self._last_use[j] = index
+                readers[j] = readers.get(j, 0) + 1
+        #: Nodes read by one operation only, once: that reader may overwrite their outputs.
+        self._single_reader = {j for j, count in readers.items() if count == 1}
         self._exact_interval = {index: self._interval_exact_up_to(index)
                                 for index in self._activation_indices}
         self._shape_cache: dict[tuple[int, ...], list[torch.Size]] = {}
@@ -571,7 +575,7 @@ class BoundEngine:
         spec = margin_specification(reference, self._n_classes(center), dtype=center.dtype)
         record: dict[int, Tensor] = {}
         A, bias = self._backward(spec, state, end=len(self.ops), record=record)
-        margins = self._concretize(A, bias, center, radius)
+        margins = self._concretize(A, bias, center, radius, overwrite=True)
         margins = _mask_reference(margins, reference)
         if closed is not None:
             margins = margins.masked_fill(closed, float("inf"))
@@ -728,6 +732,7 @@ class BoundEngine:
         center, radius = perturbation.box(x)
         state = _Propagation(center=center, radius=radius)
         values: dict[int, tuple] = {INPUT: (x, center, radius)}
+        fresh = {INPUT: False}  # the input is the caller's
         for index, op in enumerate(self.ops):
             reads = self.inputs[index]
             x, center, radius = values[reads[0]]
@@ -744,12 +749,14 @@ class BoundEngine:
             elif op.arity == 1:
                 if record_bounds and op.is_activation:
                     state.ibp_bounds[index] = (center - radius, center + radius)
-                out = op.propagate(x, center, radius, training)
+                owned = fresh[reads[0]] and reads[0] in self._single_reader
+                out = op.propagate(x, center, radius, training, owned=owned)
             else:
                 parts = [values[j] for j in reads]
                 out = (op.forward_many([p[0] for p in parts]),
                        *op.interval_many([p[1] for p in parts], [p[2] for p in parts]))
             values[index] = out
+            fresh[index] = op.fresh_outputs and index < self._tail_start
             for j in set(reads):
                 if self._last_use[j] == index:
                     del values[j]
@@ -849,20 +856,25 @@ class BoundEngine:
         return A, bias + more_bias
 
     @staticmethod
-    def _concretize(A: Tensor, bias: Tensor, center: Tensor, radius: Tensor) -> Tensor:
-        """Minimum of ``A @ h + bias`` over the box ``center +- radius``."""
+    def _concretize(A: Tensor, bias: Tensor, center: Tensor, radius: Tensor, *,
+                    overwrite: bool = False) -> Tensor:
+        """Minimum of ``A @ h + bias`` over the box ``center +- radius``.
+
+        With ``overwrite`` (the caller's ``A`` is its own and not used again) and no autograd
+        graph, ``|A|`` is taken in place: ``A`` reaching the input is the largest tensor of a
+        backward pass.
+        """
         A_flat = A.flatten(2)
-        return (
-            torch.einsum("nsd,nd->ns", A_flat, center.flatten(1))
-            - torch.einsum("nsd,nd->ns", A_flat.abs(), radius.flatten(1))
-            + bias
-        )
+        at_center = torch.einsum("nsd,nd->ns", A_flat, center.flatten(1))
+        magnitude = (A_flat.abs_() if overwrite and not needs_graph(A_flat)
+                     else A_flat.abs())
+        return at_center - torch.einsum("nsd,nd->ns", magnitude, radius.flatten(1)) + bias
 
     def _final_backward(
         self, state: _Propagation, spec: Tensor, alphas: dict[int, Tensor] | None = None
     ) -> Tensor:
         A, bias = self._backward(spec, state, end=len(self.ops), alphas=alphas)
-        return self._concretize(A, bias, state.center, state.radius)
+        return self._concretize(A, bias, state.center, state.radius, overwrite=True)
 
     # -------------------------------------------------------- intermediate
     def _interval_is_exact(self, index: int) -> bool:
@@ -991,7 +1003,7 @@ class BoundEngine:
                 one_hot = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
                 A, bias = self._backward_both_signs(one_hot.view(n, -1, *shape), state,
                                                     end=self._source(index) + 1)
-                bound = self._concretize(A, bias, state.center, state.radius)
+                bound = self._concretize(A, bias, state.center, state.radius, overwrite=True)
                 k = neurons.shape[1]
                 lower_flat.scatter_(1, neurons, torch.maximum(lower_flat.gather(1, neurons),
                                                               bound[:, :k]))
@@ -1008,7 +1020,7 @@ class BoundEngine:
             one_hot = torch.nn.functional.one_hot(columns, width).to(ibp_lower.dtype)
             A, bias = self._backward_both_signs(one_hot.view(-1, 1, *shape), sub,
                                                 end=self._source(index) + 1)
-            bound = self._concretize(A, bias, sub.center, sub.radius)
+            bound = self._concretize(A, bias, sub.center, sub.radius, overwrite=True)
             lower_flat[rows, columns] = torch.maximum(lower_flat[rows, columns], bound[:, 0])
             upper_flat[rows, columns] = torch.minimum(upper_flat[rows, columns], -bound[:, 1])
         return lower_flat.view_as(ibp_lower), upper_flat.view_as(ibp_upper)
@@ -1028,7 +1040,7 @@ class BoundEngine:
         if n_classes * n_classes * tail_width > _PAIRWISE_ELEMENT_BUDGET:
             spec = margin_specification(reference, n_classes, dtype=center.dtype)
             A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
-            return self._concretize(A, bias, center, radius)
+            return self._concretize(A, bias, center, radius, overwrite=True)
         # The tail holds no activation, so its composite affine map is the same for every
         # sample: bound all class pairs from it instead of building per-sample spec rows.
         eye = torch.eye(n_classes, dtype=center.dtype, device=center.device).unsqueeze(0)

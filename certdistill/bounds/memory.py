@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,6 +107,11 @@ def check_memory_limit(memory_limit) -> int | None:
     return int(memory_limit)
 
 
+#: (time, total, available) of the last reading of the CPU's memory, and its lifetime.
+_CPU_READING: tuple[float, int, int] | None = None
+_CPU_READING_SECONDS = 1.0
+
+
 def default_memory_limit(device: torch.device | str) -> int:
     """The budget of a certification on ``device`` when none is given.
 
@@ -133,8 +139,14 @@ def default_memory_limit(device: torch.device | str) -> int:
         return FALLBACK_CPU_LIMIT
     # A share of the total, not of what is free now, so that the plan (hence the rounding of
     # the bounds) does not change from call to call; but never more than half of what is free.
-    memory = psutil.virtual_memory()
-    limit = min(_CPU_CEILING, _CPU_SHARE * memory.total, memory.available / 2)
+    # Read at most once a second: a small certify() call should not wait on /proc/meminfo.
+    global _CPU_READING
+    now = time.monotonic()
+    if _CPU_READING is None or now - _CPU_READING[0] > _CPU_READING_SECONDS:
+        memory = psutil.virtual_memory()
+        _CPU_READING = (now, memory.total, memory.available)
+    _, total, available = _CPU_READING
+    limit = min(_CPU_CEILING, _CPU_SHARE * total, available / 2)
     return max(1, int(limit))
 
 

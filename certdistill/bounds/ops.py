@@ -70,6 +70,9 @@ class BoundOp:
     supports_patches = False
     #: Number of inputs; operations with more (:class:`MergeOp`) use the ``*_many`` steps.
     arity = 1
+    #: True when :meth:`propagate` returns tensors no other node holds (new ones, or its own
+    #: inputs' when it owned them): the next operation may then work on them in place.
+    fresh_outputs = False
 
     @property
     def uses_batch_statistics(self) -> bool:
@@ -84,13 +87,16 @@ class BoundOp:
         raise NotImplementedError
 
     def propagate(
-        self, x: Tensor, center: Tensor, radius: Tensor, training: bool = False
+        self, x: Tensor, center: Tensor, radius: Tensor, training: bool = False,
+        owned: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The clean forward and the interval step in one.
 
         With ``training``, the step is one of certified training: BatchNorm updates its running
         statistics and Dropout draws one mask for the inputs and the bounds (kept for the
-        backward steps of the same pass).
+        backward steps of the same pass). ``owned`` says that no other node reads ``x``,
+        ``center`` and ``radius`` (the engine's bookkeeping): an operation may then overwrite
+        them.
         """
         x = self.forward(x, update_running_stats=training)
         return (x, *self.interval(center, radius))
@@ -140,6 +146,23 @@ class BoundOp:
         raise NotImplementedError
 
 
+def stacked(x: Tensor, center: Tensor) -> Tensor:
+    """``torch.cat([x, center])``, without the copy when the two are already the halves of one
+    tensor in that order (the split outputs of the previous affine layer)."""
+    base = x._base
+    if (base is not None and center._base is base and base.is_contiguous()
+            and x.is_contiguous() and center.is_contiguous() and x.shape == center.shape
+            and base.numel() == 2 * x.numel() and base.data_ptr() == x.data_ptr()
+            and center.data_ptr() == x.data_ptr() + x.numel() * x.element_size()):
+        return base.view(2 * x.shape[0], *x.shape[1:])
+    return torch.cat([x, center])
+
+
+def needs_graph(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on ``tensors`` (then no in-place arithmetic)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _window_sum(coeffs: Tensor) -> Tensor:
     """Sum a patch over its channels and window: ``(n, S, L, C, Kh, Kw) -> (n, S, L)``."""
     return coeffs.flatten(3).sum(-1)
@@ -174,6 +197,7 @@ class LinearOp(BoundOp):
     """``nn.Linear``: ``y = x W^T + b``."""
 
     mixes_features = True
+    fresh_outputs = True
 
     def __init__(self, layer: nn.Linear):
         self.layer = layer
@@ -187,9 +211,9 @@ class LinearOp(BoundOp):
         return (F.linear(center, weight, self.layer.bias),
                 F.linear(radius, self.abs_weight(weight)))
 
-    def propagate(self, x, center, radius, training=False):
+    def propagate(self, x, center, radius, training=False, owned=False):
         # Clean inputs and centres share the map: one call on the stacked batch is faster.
-        x, center = self.forward(torch.cat([x, center])).split(x.shape[0])
+        x, center = self.forward(stacked(x, center)).split(x.shape[0])
         return x, center, F.linear(radius, self.abs_weight(self.layer.weight))
 
     def backward(self, A, input_shape, relaxation=None, alpha=None):
@@ -202,6 +226,7 @@ class Conv2dOp(BoundOp):
     """``nn.Conv2d`` with ``groups=1``, ``dilation=1`` and zero padding."""
 
     mixes_features = True
+    fresh_outputs = True
 
     def __init__(self, layer: nn.Conv2d):
         if layer.groups != 1 or _pair(layer.dilation) != (1, 1) or layer.padding_mode != "zeros":
@@ -224,8 +249,8 @@ class Conv2dOp(BoundOp):
         return (self._conv(center, weight, self.layer.bias),
                 self._conv(radius, self.abs_weight(weight), None))
 
-    def propagate(self, x, center, radius, training=False):
-        x, center = self.forward(torch.cat([x, center])).split(x.shape[0])
+    def propagate(self, x, center, radius, training=False, owned=False):
+        x, center = self.forward(stacked(x, center)).split(x.shape[0])
         return x, center, self._conv(radius, self.abs_weight(self.layer.weight), None)
 
     def backward(self, A, input_shape, relaxation=None, alpha=None):
@@ -533,7 +558,7 @@ class DropoutOp(IdentityOp):
         super().__init__(layer)
         self._mask: Tensor | None = None
 
-    def propagate(self, x, center, radius, training=False):
+    def propagate(self, x, center, radius, training=False, owned=False):
         layer = self.layer
         self._mask = None
         if not (training and layer.training and layer.p > 0):
@@ -650,11 +675,22 @@ class ActivationOp(BoundOp):
         else:
             lower_slope, upper_slope = relaxation.with_lower_slope(alpha)
         # Positive coefficients take the lower line, negative ones the upper line.
-        A_in = A * torch.where(A >= 0, lower_slope, upper_slope)
-        bias = torch.einsum("nsd,nd->ns", A.clamp(max=0).flatten(2),
+        negative = A.clamp(max=0)
+        bias = torch.einsum("nsd,nd->ns", negative.flatten(2),
                             relaxation.upper_intercept.flatten(1))
-        if relaxation.lower_intercept is not None:
-            bias = bias + torch.einsum("nsd,nd->ns", A.clamp(min=0).flatten(2),
+        if needs_graph(A, lower_slope, upper_slope):
+            A_in = A * torch.where(A >= 0, lower_slope, upper_slope)
+            positive = A.clamp(min=0) if relaxation.lower_intercept is not None else None
+        else:
+            # The same products on two temporaries instead of four (each coefficient is in
+            # exactly one of them, the other holds 0): new full-size tensors cost page faults.
+            positive = A.clamp(min=0)
+            if relaxation.lower_intercept is not None:
+                bias = bias + torch.einsum("nsd,nd->ns", positive.flatten(2),
+                                           relaxation.lower_intercept.flatten(1))
+            return positive.mul_(lower_slope).add_(negative.mul_(upper_slope)), bias
+        if positive is not None:
+            bias = bias + torch.einsum("nsd,nd->ns", positive.flatten(2),
                                        relaxation.lower_intercept.flatten(1))
         return A_in, bias
 
@@ -681,16 +717,35 @@ class ReLUOp(ActivationOp):
     (slopes 1 and 1 when active, 0 and 0 when inactive).
     """
 
+    fresh_outputs = True
+
     def __init__(self, layer: nn.ReLU):
         self.layer = layer
 
     def forward(self, x, update_running_stats=False):
         return F.relu(x)
 
+    def propagate(self, x, center, radius, training=False, owned=False):
+        if not owned or needs_graph(x, center, radius):
+            return super().propagate(x, center, radius, training)
+        # The arithmetic of ``interval`` on the inputs' own memory: one new tensor, not seven
+        # (on the CPU a new full-size tensor costs more in page faults than the arithmetic).
+        lower = (center - radius).clamp_(min=0)
+        upper = center.add_(radius).clamp_(min=0)
+        torch.sub(upper, lower, out=radius).mul_(0.5)
+        return x.clamp_(min=0), upper.add_(lower).mul_(0.5), radius
+
     def interval(self, center, radius):
-        lower = F.relu(center - radius)
-        upper = F.relu(center + radius)
-        return (upper + lower) / 2, (upper - lower) / 2
+        if needs_graph(center, radius):
+            lower = F.relu(center - radius)
+            upper = F.relu(center + radius)
+            return (upper + lower) / 2, (upper - lower) / 2
+        # The same arithmetic on fresh temporaries, in place: on the CPU a new full-size tensor
+        # costs its page faults, more than the arithmetic.
+        lower = (center - radius).clamp_(min=0)
+        upper = (center + radius).clamp_(min=0)
+        new_center = (upper + lower).mul_(0.5)
+        return new_center, upper.sub_(lower).mul_(0.5)
 
     def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
         return (lower < 0) & (upper > 0)

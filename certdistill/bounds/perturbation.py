@@ -275,22 +275,39 @@ class Perturbation:
         if self.lower is None and self.upper is None:
             return x, self.eps.expand_as(x)
         lo, hi = self.bounds(x)
-        return (hi + lo) / 2, (hi - lo) / 2
+        if torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad):
+            return (hi + lo) / 2, (hi - lo) / 2
+        # In place on the fresh corners (a new full-size tensor costs its page faults).
+        center = (hi + lo).mul_(0.5)
+        return center, hi.sub_(lo).mul_(0.5)
 
     def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Lower and upper corners of the set around each sample of ``x``."""
         lo, hi = x - self.eps, x + self.eps
+        if torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad):
+            if self.lower is not None:
+                lo = torch.maximum(lo, self.lower)
+            if self.upper is not None:
+                hi = torch.minimum(hi, self.upper)
+            return lo, hi
         if self.lower is not None:
-            lo = torch.maximum(lo, self.lower)
+            lo = torch.maximum(lo, self.lower, out=lo)
         if self.upper is not None:
-            hi = torch.minimum(hi, self.upper)
+            hi = torch.minimum(hi, self.upper, out=hi)
         return lo, hi
 
     def outside_domain(self, x: Tensor) -> str | None:
         """A message if some value of ``x`` lies outside ``[lower, upper]``, else None."""
-        if self.lower is not None and bool((x < self.lower).any()):
+        if self.lower is None and self.upper is None:
+            return None
+        low = high = x
+        if x.dim() > len(self.sample_shape) and not self.per_sample:
+            # A domain shared by all samples: compare each feature's extremes (one pass, no
+            # full-size mask).
+            low, high = torch.aminmax(x, dim=0)
+        if self.lower is not None and bool((low < self.lower).any()):
             return "X has values below `lower`: inputs must lie inside the domain."
-        if self.upper is not None and bool((x > self.upper).any()):
+        if self.upper is not None and bool((high > self.upper).any()):
             return "X has values above `upper`: inputs must lie inside the domain."
         return None
 

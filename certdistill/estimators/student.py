@@ -68,7 +68,7 @@ class DistilledStudent(TeacherGuidance, CertifiedNetBase):
     where ``lam = distill_weight``, ``mu = worst_case_weight`` and ``T = temperature``; ``lam`` and
     ``T`` can move linearly to ``distill_weight_end`` and ``temperature_end`` over the eps ramp.
     With ``lam = 0`` every loss is plain IBP training. ``benchmarks/bench_distill.py`` compares
-    them with students trained alone (see the README for the measured table).
+    them with students trained alone (see docs/benchmarks.md for the measured tables).
 
     Parameters
     ----------
@@ -92,7 +92,7 @@ class DistilledStudent(TeacherGuidance, CertifiedNetBase):
     loss : {"baseline", "soft-certified", "margin", "adversarial", "selective"}, \
 default="selective"
         Distillation loss. ``"selective"`` with the default transfer set is the default: it
-        measured best in ``benchmarks/bench_distill_fair.py`` (see the README for the figures).
+        measured best in ``benchmarks/bench_distill_fair.py`` (figures: docs/benchmarks.md).
     teacher_bounds : {"ibp", "crown-ibp", "best", "crown", "pgd"}, default="ibp"
         How the teacher's worst-case logits are computed: a bound method (``"best"``: the tighter
         of IBP and CROWN-IBP per margin; ``"crown"`` is tighter but slow on CNNs), or ``"pgd"``
@@ -110,7 +110,7 @@ default="selective"
         rounded up to one of this many equal steps of the final training radius (the rounded-up
         ball contains the student's, so the targets stay worst cases over the student's ball),
         and each step is computed once per training row (with ``cache_teacher``). ``None``: at
-        the student's exact radius, for every batch of the ramp (slower, see the README).
+        the student's exact radius, for every batch of the ramp (slower, see docs/benchmarks.md).
     transfer : str or tuple of str, default=("noise", "ball")
         Teacher-labelled inputs added to the training data (a transfer set), some of
         ``"noise"``, ``"ball"``, ``"shift"``, ``"mixup"`` (:mod:`certdistill.estimators.transfer`);
@@ -120,7 +120,7 @@ default="selective"
     transfer_size : float, default=4.0
         Inputs per transfer kind, as a multiple of the training rows (4: eight teacher-labelled
         inputs per training row with the default kinds; larger sets certified more on digits
-        and breast cancer and cost proportionally more fit time, see the README).
+        and breast cancer and cost proportionally more fit time, see docs/benchmarks.md).
     student_size : float, default=0.1
         Without ``module`` (and without ``module__hidden_sizes`` / ``module__channels``), the
         student is the default network for its input with every width scaled so that it has

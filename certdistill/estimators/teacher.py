@@ -51,7 +51,7 @@ class CertifiedTeacher(CertifiedNetBase):
         flat features or, with ``input_shape``, a small CNN.
     method : {"ibp", "crown-ibp", "mtl-ibp", "sabr"}, default="ibp"
         Certified training method. IBP is the default: on the digits benchmark it certified as
-        much as CROWN-IBP at less than half the cost per step (README, training benchmark).
+        much as CROWN-IBP at less than half the cost per step (docs/benchmarks.md).
     beta_start, beta_end : float, default=(1.0, 0.0)
         CROWN-IBP mixing weight, interpolated over the ramp (``crown-ibp`` only).
     alpha : float, default=0.5

@@ -265,16 +265,20 @@ class Cascade:
                      labels: Tensor | None, state: CascadeState) -> None:
         rows_open = state.open_rows
         plan = self.memory_plan(name, X)
+        # While every sample is open (open_rows is still arange(n)), chunks are slices: views of
+        # X, not gathered copies.
+        every = rows_open.numel() == X.shape[0]
         for begin in range(0, rows_open.numel(), plan.samples):
             rows = rows_open[begin:begin + plan.samples]
+            take = slice(begin, begin + rows.numel()) if every else rows
             result = self.bounder.bound(
-                X[rows], perturbation.for_rows(rows),
-                None if stage == 0 and labels is None else state.reference[rows], method=name,
+                X[take], perturbation.for_rows(take),
+                None if stage == 0 and labels is None else state.reference[take], method=name,
                 backward_elements=plan.backward_elements,
             )
             if stage == 0:
                 self._record_clean(rows, result.logits, X, labels, state, prune=False)
-            state.margins[rows] = torch.maximum(state.margins[rows], result.margins)
+            state.margins[take] = torch.maximum(state.margins[take], result.margins)
         now = (state.margins[rows_open] > 0).all(1) & ~state.falsified[rows_open]
         state.decided[rows_open[now]] = stage
 
