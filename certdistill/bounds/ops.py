@@ -255,13 +255,18 @@ class Conv2dOp(BoundOp):
 
     def backward(self, A, input_shape, relaxation=None, alpha=None):
         n, specs = A.shape[:2]
-        # The transpose of a convolution is the gradient of its input.
-        A_in = torch.nn.grad.conv2d_input(
-            (n * specs, *input_shape),
-            self.layer.weight,
-            A.reshape(n * specs, *A.shape[2:]),
-            stride=self.layer.stride,
-            padding=self.padding,
+        # The transpose of the convolution: the transposed convolution, with the output padding
+        # that gives back the input's size (rows and columns the stride skipped get zeros). It
+        # is the gradient of the input, and faster on the CPU than autograd's kernel for it.
+        stride, kernel = _pair(self.layer.stride), self.layer.kernel_size
+        out_size = A.shape[-2:]
+        output_padding = tuple(
+            size - ((out - 1) * step - 2 * pad + k)
+            for size, out, step, pad, k in zip(input_shape[-2:], out_size, stride, self.padding,
+                                               kernel, strict=True))
+        A_in = F.conv_transpose2d(
+            A.reshape(n * specs, *A.shape[2:]), self.layer.weight, stride=stride,
+            padding=self.padding, output_padding=output_padding,
         ).view(n, specs, *input_shape)
         bias = self.layer.bias
         bias_term = A.sum(dim=(3, 4)) @ bias if bias is not None else None
