@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from certdistill.bounds.graph import INPUT, build_graph
+from certdistill.bounds.inplace import needs_graph
 from certdistill.bounds.intermediate import IntermediateBounds
 from certdistill.bounds.memory import MemoryPlan, plan_memory
 from certdistill.bounds.method_steps import MethodSteps
-from certdistill.bounds.ops import BoundOp, needs_graph
+from certdistill.bounds.ops import BoundOp
 from certdistill.bounds.perturbation import Perturbation
 from certdistill.bounds.propagation import (
     BoundResult,

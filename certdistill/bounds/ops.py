@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certdistill.bounds.inplace import needs_graph
 from certdistill.bounds.layers import Add, ConstantAffine, Reshape
 from certdistill.bounds.patches import PatchGeometry, unfold_map
 from certdistill.exceptions import UnsupportedLayerError
@@ -158,11 +159,6 @@ def stacked(x: Tensor, center: Tensor) -> Tensor:
     return torch.cat([x, center])
 
 
-def needs_graph(*tensors: Tensor) -> bool:
-    """Whether autograd records operations on ``tensors`` (then no in-place arithmetic)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _window_sum(coeffs: Tensor) -> Tensor:
     """Sum a patch over its channels and window: ``(n, S, L, C, Kh, Kw) -> (n, S, L)``."""
     return coeffs.flatten(3).sum(-1)
@@ -180,7 +176,7 @@ class _AbsWeightCache:
         self._value = None
 
     def __call__(self, weight: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if needs_graph(weight):
             return weight.abs()
         key = (weight.data_ptr(), weight._version)
         if key != self._key:
@@ -680,24 +676,20 @@ class ActivationOp(BoundOp):
         else:
             lower_slope, upper_slope = relaxation.with_lower_slope(alpha)
         # Positive coefficients take the lower line, negative ones the upper line.
+        graph = needs_graph(A, lower_slope, upper_slope)
         negative = A.clamp(max=0)
+        positive = (A.clamp(min=0) if relaxation.lower_intercept is not None or not graph
+                    else None)
         bias = torch.einsum("nsd,nd->ns", negative.flatten(2),
                             relaxation.upper_intercept.flatten(1))
-        if needs_graph(A, lower_slope, upper_slope):
-            A_in = A * torch.where(A >= 0, lower_slope, upper_slope)
-            positive = A.clamp(min=0) if relaxation.lower_intercept is not None else None
-        else:
-            # The same products on two temporaries instead of four (each coefficient is in
-            # exactly one of them, the other holds 0): new full-size tensors cost page faults.
-            positive = A.clamp(min=0)
-            if relaxation.lower_intercept is not None:
-                bias = bias + torch.einsum("nsd,nd->ns", positive.flatten(2),
-                                           relaxation.lower_intercept.flatten(1))
-            return positive.mul_(lower_slope).add_(negative.mul_(upper_slope)), bias
-        if positive is not None:
+        if relaxation.lower_intercept is not None:
             bias = bias + torch.einsum("nsd,nd->ns", positive.flatten(2),
                                        relaxation.lower_intercept.flatten(1))
-        return A_in, bias
+        if graph:
+            return A * torch.where(A >= 0, lower_slope, upper_slope), bias
+        # The same products on the two temporaries (each coefficient is in exactly one of them,
+        # the other holds 0), in place.
+        return positive.mul_(lower_slope).add_(negative.mul_(upper_slope)), bias
 
     def backward_patches(self, coeffs, geometry, relaxation=None):
         def windows(line: Tensor) -> Tensor:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from certdistill.bounds.inplace import needs_graph
+
 __all__ = ["Perturbation"]
 
 
@@ -275,7 +277,7 @@ class Perturbation:
         if self.lower is None and self.upper is None:
             return x, self.eps.expand_as(x)
         lo, hi = self.bounds(x)
-        if torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad):
+        if needs_graph(lo, hi):
             return (hi + lo) / 2, (hi - lo) / 2
         # In place on the fresh corners (a new full-size tensor costs its page faults).
         center = (hi + lo).mul_(0.5)
@@ -284,7 +286,7 @@ class Perturbation:
     def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Lower and upper corners of the set around each sample of ``x``."""
         lo, hi = x - self.eps, x + self.eps
-        if torch.is_grad_enabled() and (lo.requires_grad or hi.requires_grad):
+        if needs_graph(lo, hi):
             if self.lower is not None:
                 lo = torch.maximum(lo, self.lower)
             if self.upper is not None:
