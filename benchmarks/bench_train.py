@@ -31,6 +31,9 @@ from certdistill.datasets import make_digits28
 from certdistill.estimators.teacher import CertifiedTeacher
 from certdistill.verify.attacks import pgd_attack
 
+#: Benchmark names of the teacher's configurations beyond its ``method`` values.
+VARIANTS = {"crown-ibp-per-margin": {"method": "crown-ibp", "loss_fusion": False}}
+
 #: Data set name -> (loader, input_shape).
 DATA = {
     "digits": (lambda: load_digits(return_X_y=True), (1, 8, 8)),
@@ -112,8 +115,9 @@ def run(args) -> list[dict]:
     for method in args.methods:
         for seed in args.seeds:
             params = dict(
-                eps=args.eps, method=method, input_shape=DATA[args.data][1], lower=0.0,
+                eps=args.eps, input_shape=DATA[args.data][1], lower=0.0,
                 upper=1.0, random_state=seed, device=args.device,
+                **VARIANTS.get(method, {"method": method}),
             )
             if args.batch_size is not None:
                 params["batch_size"] = args.batch_size
@@ -169,7 +173,9 @@ HEADER = (
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp", "mtl-ibp"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["ibp", "crown-ibp", "crown-ibp-per-margin", "mtl-ibp"],
+                        help="training methods, or " + ", ".join(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=None,

@@ -19,7 +19,7 @@ if [ "$QUICK" = 1 ]; then
     train_methods=(ibp); train_extra=(--no-step-cost --flat)
 else
     batches=(256 1024 4096); epochs=20; certify_extra=(); data=digits28
-    train_methods=(ibp crown-ibp); train_extra=()
+    train_methods=(ibp crown-ibp crown-ibp-per-margin); train_extra=()
 fi
 
 section() { printf '\n## %s\n\n' "$1" | tee -a "$table"; }

@@ -23,17 +23,28 @@ class MethodSteps:
         return self._tail_margins(state, reference)
 
     def _tail_margins(self, state: Propagation, reference: Tensor) -> Tensor:
-        """IBP margin bounds with the specification folded into the trailing affine layers.
+        """IBP margin lower bounds with the specification folded into the trailing affine layers.
 
         Their exact composition is tighter than interval arithmetic through each of them.
         """
+        return self._tail_margin_bounds(state, reference, upper=False)[0]
+
+    def _tail_margin_bounds(
+        self, state: Propagation, reference: Tensor, *, upper: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """IBP lower and (with ``upper``) upper bounds of the margins ``z_ref - z_j``, the
+        specification folded into the trailing affine layers; both are 0 in the reference
+        column."""
         center, radius = state.tail_interval
         n_classes = state.logits.shape[1]
         tail_width = numel(center.shape[1:])
         if n_classes * n_classes * tail_width > PAIRWISE_ELEMENT_BUDGET:
             spec = margin_specification(reference, n_classes, dtype=center.dtype)
             A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
-            return self._concretize(A, bias, center, radius, overwrite=True)
+            lower = self._concretize(A, bias, center, radius, overwrite=not upper)
+            highest = -self._concretize(-A, -bias, center, radius, overwrite=True) if upper \
+                else None
+            return lower, highest
         # The tail holds no activation, so its composite affine map is the same for every
         # sample: bound all class pairs from it instead of building per-sample spec rows.
         eye = torch.eye(n_classes, dtype=center.dtype, device=center.device).unsqueeze(0)
@@ -44,15 +55,22 @@ class MethodSteps:
         spread = (radius.flatten(1) @ pair_radius.T).view(-1, n_classes, n_classes)
         rows = reference.view(-1, 1)
         spread_of_reference = spread.gather(1, rows.unsqueeze(-1).expand(-1, 1, n_classes))
-        return logits.gather(1, rows) - logits - spread_of_reference.squeeze(1)
+        at_center = logits.gather(1, rows) - logits
+        spread_of_reference = spread_of_reference.squeeze(1)
+        return (at_center - spread_of_reference,
+                at_center + spread_of_reference if upper else None)
 
     def _specification(self, state: Propagation, reference: Tensor) -> Tensor:
         return margin_specification(reference, state.logits.shape[1], dtype=state.center.dtype)
 
     def _crown_ibp(self, state: Propagation, reference: Tensor, **_) -> Tensor:
+        return self._crown_ibp_rows(state, self._specification(state, reference))
+
+    def _crown_ibp_rows(self, state: Propagation, spec: Tensor) -> Tensor:
+        """Lower bounds of ``spec @ z`` by a backward pass over the sweep's IBP bounds."""
         for index, (lower, upper) in state.ibp_bounds.items():
             self._set_bounds(state, index, lower, upper)
-        return self._final_backward(state, self._specification(state, reference))
+        return self._final_backward(state, spec)
 
     def _crown(self, state: Propagation, reference: Tensor, **_) -> Tensor:
         self._crown_intermediate_bounds(state)

@@ -704,6 +704,36 @@ class ActivationOp(BoundOp):
         return widened, geometry, bias
 
 
+class _ReLUInterval(torch.autograd.Function):
+    """The interval step of ReLU, ``(c, r) -> ((u + l) / 2, (u - l) / 2)`` with
+    ``l = relu(c - r)`` and ``u = relu(c + r)``, for certified training.
+
+    Autograd through those eight operations keeps six full-size tensors per layer for the
+    backward pass; the gradient needs only where ``c - r`` and ``c + r`` are positive (two
+    masks), and the forward pass can reuse its temporaries. The gradient is autograd's:
+    ``P = (g_c + g_r) / 2`` where ``c + r > 0``, ``Q = (g_c - g_r) / 2`` where ``c - r > 0``,
+    ``(dc, dr) = (P + Q, P - Q)``.
+    """
+
+    @staticmethod
+    def forward(ctx, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+        lower = center - radius
+        upper = center + radius
+        lower_on, upper_on = lower > 0, upper > 0
+        ctx.save_for_backward(lower_on, upper_on)
+        lower.clamp_(min=0)
+        upper.clamp_(min=0)
+        new_radius = torch.sub(upper, lower).mul_(0.5)
+        return upper.add_(lower).mul_(0.5), new_radius
+
+    @staticmethod
+    def backward(ctx, grad_center: Tensor, grad_radius: Tensor) -> tuple[Tensor, Tensor]:
+        lower_on, upper_on = ctx.saved_tensors
+        through_upper = (grad_center + grad_radius).mul_(0.5).mul_(upper_on)
+        through_lower = (grad_center - grad_radius).mul_(0.5).mul_(lower_on)
+        return through_upper + through_lower, through_upper.sub_(through_lower)
+
+
 class ReLUOp(ActivationOp):
     """``nn.ReLU`` with the triangle relaxation of CROWN.
 
@@ -734,9 +764,7 @@ class ReLUOp(ActivationOp):
 
     def interval(self, center, radius):
         if needs_graph(center, radius):
-            lower = F.relu(center - radius)
-            upper = F.relu(center + radius)
-            return (upper + lower) / 2, (upper - lower) / 2
+            return _ReLUInterval.apply(center, radius)
         # The same arithmetic on fresh temporaries, in place: on the CPU a new full-size tensor
         # costs its page faults, more than the arithmetic.
         lower = (center - radius).clamp_(min=0)

@@ -26,7 +26,8 @@ class CertifiedTeacher(CertifiedNetBase):
     * ``"ibp"`` (Gowal et al. 2018): ``kappa CE(z, y) + (1 - kappa) CE(zhat_IBP, y)``;
     * ``"crown-ibp"`` (Zhang et al. 2020): as IBP with
       ``zhat = -[(1 - beta) m_IBP + beta m_CROWN-IBP]``, ``beta`` going from ``beta_start`` to
-      ``beta_end`` (CROWN-IBP bounds are not computed once ``beta`` reaches 0);
+      ``beta_end`` (CROWN-IBP bounds are not computed once ``beta`` reaches 0); by default the
+      CROWN-IBP term bounds the cross-entropy as a whole instead (``loss_fusion``);
     * ``"mtl-ibp"`` (De Palma et al. 2024): ``(1 - alpha) CE(z(x_adv), y) + alpha CE(zhat_IBP, y)``
       with ``x_adv`` from a short PGD attack inside the ball;
     * ``"sabr"`` (Mueller et al. 2023): IBP's loss with ``zhat`` bounded over a small box, of
@@ -54,6 +55,15 @@ class CertifiedTeacher(CertifiedNetBase):
         much as CROWN-IBP at less than half the cost per step (docs/benchmarks.md).
     beta_start, beta_end : float, default=(1.0, 0.0)
         CROWN-IBP mixing weight, interpolated over the ramp (``crown-ibp`` only).
+    loss_fusion : bool, default=True
+        ``crown-ibp`` only. True: bound the worst-case cross-entropy itself by one backward row
+        (Xu et al. 2020, :meth:`~certdistill.bounds.BoundEngine.crown_ibp_cross_entropy`) and
+        train on ``kappa CE(z, y) + (1 - kappa) [s + log((1 - beta) S_IBP + beta S_CROWN-IBP)]``,
+        an upper bound of the worst-case cross-entropy (``S`` bounds
+        ``sum_j exp(z_j - z_y - s)``). False: bound every margin by its own row, the loss of
+        Zhang et al. (2020) above. On the digits benchmark (3 seeds) both certified as much,
+        and a fused step cost 1.74-1.77 IBP steps where the per-margin one cost 5.3-5.9
+        (docs/benchmarks.md).
     alpha : float, default=0.5
         Weight of the certified term of MTL-IBP (``mtl-ibp`` only).
     sabr_lambda : float, default=0.4
@@ -102,6 +112,7 @@ class CertifiedTeacher(CertifiedNetBase):
         "method": Choice(TRAINING_METHODS),
         "beta_start": UNIT,
         "beta_end": UNIT,
+        "loss_fusion": Choice((False, True)),
         "alpha": UNIT,
         "sabr_lambda": Range(0.0, 1.0, low_open=True),
         "pgd_steps": Range(0, integer=True),
@@ -115,6 +126,7 @@ class CertifiedTeacher(CertifiedNetBase):
         method: str = "ibp",
         beta_start: float = 1.0,
         beta_end: float = 0.0,
+        loss_fusion: bool = True,
         alpha: float = 0.5,
         sabr_lambda: float = 0.4,
         pgd_steps: int = 1,
@@ -125,6 +137,7 @@ class CertifiedTeacher(CertifiedNetBase):
         self.method = method
         self.beta_start = beta_start
         self.beta_end = beta_end
+        self.loss_fusion = loss_fusion
         self.alpha = alpha
         self.sabr_lambda = sabr_lambda
         self.pgd_steps = pgd_steps
@@ -198,6 +211,13 @@ def _crown_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool)
     if terms.margins is None:
         return F.cross_entropy(terms.logits, y), terms.logits
     # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
+    if net.loss_fusion:
+        worst_ce = net.bound_engine().crown_ibp_cross_entropy(terms.interval_pass, mix=beta)
+        kappa = _kappa(net)
+        loss = (1.0 - kappa) * worst_ce.mean()
+        if kappa > 0.0:
+            loss = loss + kappa * F.cross_entropy(terms.logits, y)
+        return loss + terms.regularizer, terms.logits
     margins = net.bound_engine().crown_ibp_margins(terms.interval_pass)
     worst = (1.0 - beta) * terms.worst_logits + beta * worst_case_logits(margins)
     return certified_loss(terms.logits, worst, y, _kappa(net)) + terms.regularizer, terms.logits

@@ -105,3 +105,30 @@ def test_dropout_in_training_thins_inputs_and_bounds_alike():
     assert torch.all(clean_margins[finite] >= result.margins[finite] - 1e-5)
     # A thinned network differs from the full one on some sample.
     assert not torch.allclose(result.logits, module.eval()(x))
+
+
+def test_the_relu_interval_step_of_training_has_autograd_values_and_gradients():
+    """The training pass's ReLU interval step is one autograd Function: the same values and
+    gradients as autograd through ``relu(c - r)`` and ``relu(c + r)``, ties at 0 included."""
+    from certdistill.bounds.ops import _ReLUInterval
+
+    gen = torch.Generator().manual_seed(0)
+    center = torch.randn(32, 12, generator=gen, dtype=torch.float64)
+    radius = torch.rand(32, 12, generator=gen, dtype=torch.float64)
+    center[0, :4] = radius[0, :4]  # c - r = 0 exactly
+    center[1, :4] = -radius[1, :4]  # c + r = 0 exactly
+    # Finite differences only away from the kinks (rows 2 onwards).
+    assert torch.autograd.gradcheck(
+        _ReLUInterval.apply, (center[2:].clone().requires_grad_(True),
+                              radius[2:].clone().requires_grad_(True)))
+    center.requires_grad_(True)
+    radius.requires_grad_(True)
+    lower, upper = torch.relu(center - radius), torch.relu(center + radius)
+    expected = ((upper + lower) / 2, (upper - lower) / 2)
+    ours = _ReLUInterval.apply(center, radius)
+    grads = [torch.randn(32, 12, generator=gen, dtype=torch.float64) for _ in range(2)]
+    for a, b in zip(ours, expected, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(ours, (center, radius), grads),
+                    torch.autograd.grad(expected, (center, radius), grads), strict=True):
+        assert torch.equal(a, b)

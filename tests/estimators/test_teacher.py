@@ -10,6 +10,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import GridSearchCV, train_test_split
@@ -468,3 +469,35 @@ def test_sabr_trains_a_network_certified_by_the_sound_bounds(small):
         assert np.all(sabr.predict(points) == y[certified])
     with pytest.raises(ValueError, match="sabr_lambda"):
         CertifiedTeacher(method="sabr", sabr_lambda=0.0, **FAST).fit(X, y)
+
+
+def test_loss_fusion_trains_on_the_fused_bound_of_the_worst_case_cross_entropy(small):
+    X, y = small
+    fused = CertifiedTeacher(method="crown-ibp", loss_fusion=True, **FAST).fit(X, y)
+    assert np.isfinite(fused.history[:, "train_loss"]).all()
+    assert fused.certify(X[:20], y=y[:20]).certified.shape == (20,)
+    x = fused.module_input(X[:64])
+    labels = torch.as_tensor(fused._encode_labels(y[:64]))
+    fused.module_.eval()
+    fused.current_perturbation_ = fused.training_perturbation()
+    fused.current_kappa_ = 0.25
+    with torch.no_grad():
+        fused.current_beta_ = 1.0
+        loss, logits = fused.training_loss(x, labels, training=False)
+        terms = fused.interval_terms(x, labels, training=False, keep_state=True)
+        bound = fused.bound_engine().crown_ibp_cross_entropy(terms.interval_pass)
+        expected = 0.75 * bound.mean() + 0.25 * F.cross_entropy(logits, labels)
+        torch.testing.assert_close(loss, expected)
+        per_margin = fused.set_params(loss_fusion=False).training_loss(x, labels, False)[0]
+        assert not torch.allclose(loss, per_margin)
+        # At beta = 0 both are IBP's loss.
+        fused.current_beta_ = 0.0
+        ibp = fused.training_loss(x, labels, training=False)[0]
+        fused.set_params(loss_fusion=True)
+        torch.testing.assert_close(fused.training_loss(x, labels, training=False)[0], ibp)
+
+
+def test_loss_fusion_must_be_a_boolean(small):
+    X, y = small
+    with pytest.raises(ValueError, match="loss_fusion"):
+        CertifiedTeacher(method="crown-ibp", loss_fusion="yes", **FAST).fit(X, y)
