@@ -183,14 +183,8 @@ def certified_accuracy_curve(
     """
     from torch import nn
 
-    eps = _as_1d(eps_grid, "eps_grid")
-    if np.any(eps < 0):
-        raise ValueError(f"eps_grid must be non-negative, got minimum {eps.min()!r}.")
-    labels = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
-    if labels.ndim != 1 or labels.shape[0] != len(X):
-        raise ValueError(
-            f"y must have shape ({len(X)},) (one label per sample), got {labels.shape}."
-        )
+    eps = _checked_eps_grid(eps_grid)
+    labels = _checked_labels(y, X)
     is_module = isinstance(model, nn.Module)
     if not is_module and not callable(getattr(model, "certified_radius", None)):
         raise TypeError(
@@ -201,45 +195,88 @@ def certified_accuracy_curve(
     accuracy = np.empty_like(eps)
     at_zero = eps == 0
     if at_zero.any():
-        if is_module:
-            from certdistill.certification.certify import certify
-
-            kwargs = {k: v for k, v in certify_kwargs.items() if k in _CERTIFY_KWARGS}
-            clean = certify(model, X, 0.0, method="ibp", y=labels, **kwargs).certified
-        else:
-            if not callable(getattr(model, "predict", None)):
-                raise TypeError(
-                    "eps_grid contains 0 (clean accuracy), which needs model.predict; "
-                    f"{type(model).__name__} has none."
-                )
-            clean = np.asarray(model.predict(X)) == labels
-        accuracy[at_zero] = float(np.mean(clean))
+        accuracy[at_zero] = _clean_accuracy(model, X, labels, is_module, certify_kwargs)
 
     positive = ~at_zero
     if positive.any():
-        largest = float(eps.max())
-        max_eps = certify_kwargs.pop("max_eps", None)
-        if max_eps is None:
-            # Representable in float32: a float32 network stores it exactly, so samples
-            # certified at max_eps compare >= every radius of the grid.
-            max_eps = _float32_ceiling(largest)
-        elif not max_eps >= largest:
-            raise ValueError(
-                f"max_eps={max_eps!r} is below the largest radius of eps_grid ({largest!r})."
-            )
-        if is_module:
-            from certdistill.certification.certify import certified_radius
-
-            radius = certified_radius(
-                model, X, method=method, y=labels, max_eps=max_eps, **certify_kwargs
-            )
-        else:
-            radius = model.certified_radius(
-                X, y=labels, method=method, max_eps=max_eps, **certify_kwargs
-            )
-        radius = np.asarray(radius, dtype=np.float64).reshape(-1)
+        max_eps = _radius_search_limit(certify_kwargs.pop("max_eps", None), float(eps.max()))
+        radius = _certified_radii(model, X, labels, method, max_eps, is_module, certify_kwargs)
         accuracy[positive] = np.mean(radius[:, None] >= eps[positive][None, :], axis=0)
     return accuracy
+
+
+def _checked_eps_grid(eps_grid) -> np.ndarray:
+    """The grid as a finite, non-empty, non-negative 1-D array, or a ValueError."""
+    eps = _as_1d(eps_grid, "eps_grid")
+    if np.any(eps < 0):
+        raise ValueError(f"eps_grid must be non-negative, got minimum {eps.min()!r}.")
+    return eps
+
+
+def _checked_labels(y, X) -> np.ndarray:
+    """``y`` as a NumPy array of one label per sample of ``X``, or a ValueError."""
+    labels = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
+    if labels.ndim != 1 or labels.shape[0] != len(X):
+        raise ValueError(
+            f"y must have shape ({len(X)},) (one label per sample), got {labels.shape}."
+        )
+    return labels
+
+
+def _clean_accuracy(
+    model, X, labels: np.ndarray, is_module: bool, certify_kwargs: Mapping[str, Any]
+) -> float:
+    """The accuracy at eps 0: a strictly winning reference class, or ``predict`` equal to y."""
+    if is_module:
+        from certdistill.certification.certify import certify
+
+        # certify accepts only some of certified_radius's options (no tol, no max_eps).
+        kwargs = {k: v for k, v in certify_kwargs.items() if k in _CERTIFY_KWARGS}
+        clean = certify(model, X, 0.0, method="ibp", y=labels, **kwargs).certified
+    else:
+        if not callable(getattr(model, "predict", None)):
+            raise TypeError(
+                "eps_grid contains 0 (clean accuracy), which needs model.predict; "
+                f"{type(model).__name__} has none."
+            )
+        clean = np.asarray(model.predict(X)) == labels
+    return float(np.mean(clean))
+
+
+def _radius_search_limit(max_eps: float | None, largest: float) -> float:
+    """The ``max_eps`` of the bisection: the given one, checked, or just above ``largest``."""
+    if max_eps is None:
+        # Representable in float32: a float32 network stores it exactly, so samples
+        # certified at max_eps compare >= every radius of the grid.
+        return _float32_ceiling(largest)
+    if not max_eps >= largest:
+        raise ValueError(
+            f"max_eps={max_eps!r} is below the largest radius of eps_grid ({largest!r})."
+        )
+    return max_eps
+
+
+def _certified_radii(
+    model,
+    X,
+    labels: np.ndarray,
+    method: str | Sequence[str],
+    max_eps: float,
+    is_module: bool,
+    certify_kwargs: Mapping[str, Any],
+) -> np.ndarray:
+    """Every sample's certified radius, as a flat float64 array."""
+    if is_module:
+        from certdistill.certification.certify import certified_radius
+
+        radius = certified_radius(
+            model, X, method=method, y=labels, max_eps=max_eps, **certify_kwargs
+        )
+    else:
+        radius = model.certified_radius(
+            X, y=labels, method=method, max_eps=max_eps, **certify_kwargs
+        )
+    return np.asarray(radius, dtype=np.float64).reshape(-1)
 
 
 def plot_certified_accuracy_curve(
@@ -576,71 +613,115 @@ def plot_training_schedule(
     >>> sorted(plot_training_schedule(history))
     ['eps', 'kappa']
     """
-    matplotlib, Figure = _import_matplotlib()
+    # Fail with the install hint before any argument is checked.
+    _import_matplotlib()
     if isinstance(keys, str):
         raise TypeError(f"keys must be a sequence of history keys, not the string {keys!r}.")
     rows = _history_rows(history)
+    series = _schedule_series(rows, keys, per_batch)
+    marker = None if per_batch or len(rows) > 30 else "."
+    if ax is not None:
+        return _plot_schedule_on_axes(_new_axes(ax), series, marker, title)
+    return _plot_schedule_panels(series, marker, title)
+
+
+def _epoch_numbers(rows: Sequence[Mapping]) -> np.ndarray:
+    """Each row's recorded epoch, or its 1-based position where none is recorded."""
     epochs = np.array(
         [_as_float(row.get("epoch", index + 1)) for index, row in enumerate(rows)]
     )
-    epochs = np.where(np.isfinite(epochs), epochs, np.arange(1, len(rows) + 1))
+    return np.where(np.isfinite(epochs), epochs, np.arange(1, len(rows) + 1))
 
+
+def _key_points(
+    rows: Sequence[Mapping], epochs: np.ndarray, key: str, per_batch: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y) points of ``key``: per batch where asked and recorded, else per epoch."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for epoch, row in zip(epochs, rows, strict=True):
+        batches = row.get("batches") if per_batch else None
+        batch_values = (
+            [_as_float(b.get(key)) if isinstance(b, Mapping) else math.nan
+             for b in batches]
+            if isinstance(batches, Sequence) and batches else []
+        )
+        if any(np.isfinite(batch_values)):
+            count = len(batch_values)
+            xs.extend(epoch - 1 + (np.arange(count) + 1) / count)
+            ys.extend(batch_values)
+        else:
+            xs.append(float(epoch))
+            ys.append(_as_float(row.get(key)))
+    return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+
+
+def _schedule_series(
+    rows: Sequence[Mapping], keys: Sequence[str], per_batch: bool
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The points of each of ``keys`` recorded at least once, in order; a ValueError if none."""
+    epochs = _epoch_numbers(rows)
     series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key in dict.fromkeys(keys):
-        xs: list[float] = []
-        ys: list[float] = []
-        for epoch, row in zip(epochs, rows, strict=True):
-            batches = row.get("batches") if per_batch else None
-            batch_values = (
-                [_as_float(b.get(key)) if isinstance(b, Mapping) else math.nan
-                 for b in batches]
-                if isinstance(batches, Sequence) and batches else []
-            )
-            if any(np.isfinite(batch_values)):
-                count = len(batch_values)
-                xs.extend(epoch - 1 + (np.arange(count) + 1) / count)
-                ys.extend(batch_values)
-            else:
-                xs.append(float(epoch))
-                ys.append(_as_float(row.get(key)))
-        y = np.asarray(ys, dtype=np.float64)
+        x, y = _key_points(rows, epochs, key, per_batch)
         if np.isfinite(y).any():
-            series[key] = (np.asarray(xs, dtype=np.float64), y)
+            series[key] = (x, y)
     if not series:
         recorded = sorted({k for row in rows for k in row if k != "batches"})
         raise ValueError(
             f"None of the keys {list(keys)} was recorded in the history; it has {recorded}."
         )
+    return series
 
-    marker = None if per_batch or len(rows) > 30 else "."
+
+def _label_epoch_axis(ax: Axes) -> None:
+    """Label the x axis as epochs, with integer ticks only."""
+    matplotlib, _ = _import_matplotlib()
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
+def _plot_schedule_on_axes(
+    ax: Axes,
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    marker: str | None,
+    title: str | None,
+) -> dict[str, Axes]:
+    """Draw every series on ``ax``, told apart by a legend."""
     axes: dict[str, Axes] = {}
-    if ax is not None:
-        ax = _new_axes(ax)
-        for key, (x, y) in series.items():
-            ax.plot(x, y, marker=marker, label=key)
-            axes[key] = ax
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        if title is not None:
-            ax.set_title(title)
-        return axes
+    for key, (x, y) in series.items():
+        ax.plot(x, y, marker=marker, label=key)
+        axes[key] = ax
+    _label_epoch_axis(ax)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if title is not None:
+        ax.set_title(title)
+    return axes
 
+
+def _plot_schedule_panels(
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    marker: str | None,
+    title: str | None,
+) -> dict[str, Axes]:
+    """Draw each series on its own panel of a new headless Figure, sharing the epoch axis."""
+    _, Figure = _import_matplotlib()
     figure = Figure(figsize=(5.0, 1.2 + 1.3 * len(series)), layout="constrained")
     panels = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
     colors = [f"C{i}" for i in range(len(series))]
+    axes: dict[str, Axes] = {}
     for panel, color, (key, (x, y)) in zip(panels, colors, series.items(), strict=True):
         panel.plot(x, y, marker=marker, color=color)
         panel.set_ylabel(key)
         panel.grid(True, alpha=0.3)
+        # A learning rate that decays by orders of magnitude flattens to zero on a linear axis.
         if key == "lr" and np.all(y[np.isfinite(y)] > 0):
             finite = y[np.isfinite(y)]
             if finite.max() / finite.min() > 50:
                 panel.set_yscale("log")
         axes[key] = panel
-    panels[-1].set_xlabel("epoch")
-    panels[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _label_epoch_axis(panels[-1])
     if title is not None:
         figure.suptitle(title)
     return axes

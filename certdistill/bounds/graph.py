@@ -142,17 +142,24 @@ _FUNCTIONS = {
 _ADDITIONS = (operator.add, torch.add, "add", operator.iadd)
 
 
-def _trace_into(graph: BoundGraph, module: nn.Module) -> None:
+def _symbolic_trace(module: nn.Module) -> torch.fx.GraphModule:
+    """``module`` traced by ``torch.fx``, or an UnsupportedLayerError saying why not."""
     import torch.fx
 
     try:
-        traced = torch.fx.symbolic_trace(module)
+        return torch.fx.symbolic_trace(module)
     except Exception as error:  # fx raises many kinds for untraceable Python
         raise UnsupportedLayerError(
             f"{type(module).__name__} is neither an nn.Sequential of supported layers nor a "
             f"torch.fx-traceable module ({type(error).__name__}: {error}). "
             f"{supported_layers_text()}"
         ) from None
+
+
+def _trace_into(graph: BoundGraph, module: nn.Module) -> None:
+    import torch.fx
+
+    traced = _symbolic_trace(module)
     nodes: dict[str, int] = {}
     modules = dict(traced.named_modules())
     output = None

@@ -90,9 +90,7 @@ def run_certify(args: argparse.Namespace) -> int:
     """Run ``certdistill certify``."""
     output = None if args.output is None else check_suffix(args.output, (".csv", ".json"),
                                                            "--output")
-    methods = list(dict.fromkeys(args.method))
-    if "complete" in methods and len(methods) > 1:
-        raise UsageError("--method complete is a whole cascade: give it alone")
+    methods = _unique_methods(args.method)
     method = _method(methods)
     [(_, model)], data = _load_checked(args, [args.model], networks=True)
     eps = _scalar_eps(model, args.model) if args.eps is None else args.eps
@@ -100,23 +98,8 @@ def run_certify(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-eps {args.max_eps:g} must be at least eps {eps:g}")
 
     prediction = model.predict(data.X)
-    model.certify(data.X[:2], eps=eps, method=method, y=data.y[:2],
-                  timeout=args.timeout)  # untimed warm-up
-    start = time.perf_counter()
-    certificate = model.certify(data.X, eps=eps, method=method, y=data.y,
-                                batch_size=args.batch_size, timeout=args.timeout,
-                                verbose=int(not args.quiet))
-    seconds = time.perf_counter() - start
-    # The label's logit minus the largest other logit, bounded below over the ball.
-    margin = certificate.margins.min(axis=1)
-    records = [
-        {"index": i, "label": label, "prediction": predicted, "certified": bool(certified),
-         "status": status, "decided_by": stage, "margin": float(m)}
-        for i, (label, predicted, certified, status, stage, m) in enumerate(
-            zip(data.y.tolist(), prediction.tolist(), certificate.certified,
-                certificate.status.tolist(), certificate.decided_by.tolist(), margin,
-                strict=True))
-    ]
+    certificate, seconds = _timed_certificate(model, data, eps, method, args)
+    records = _sample_records(data, prediction, certificate)
     radius = None
     if args.radius:
         radius = model.certified_radius(data.X, y=data.y, method=method,
@@ -127,6 +110,58 @@ def run_certify(args: argparse.Namespace) -> int:
 
     n = len(records)
     clean = float(np.mean(prediction == data.y))
+    _print_certify_summary(args, model, n=n, eps=eps, methods=methods, clean=clean,
+                           certificate=certificate, seconds=seconds, radius=radius)
+    if output is not None:
+        if output.suffix.lower() == ".json":
+            write_json({
+                "model": str(args.model), "data": str(args.data), "eps": eps,
+                "method": "+".join(methods), "n_samples": n, "clean_accuracy": clean,
+                "certified_accuracy": certificate.certified_fraction, "samples": records,
+            }, output)
+        else:
+            write_table(records, output)
+        print(f"per-sample results: {output}")
+    return 0
+
+
+def _unique_methods(given: list[str]) -> list[str]:
+    """The ``--method`` values without repeats, in order; ``complete`` only alone."""
+    methods = list(dict.fromkeys(given))
+    if "complete" in methods and len(methods) > 1:
+        raise UsageError("--method complete is a whole cascade: give it alone")
+    return methods
+
+
+def _timed_certificate(model, data, eps: float, method, args: argparse.Namespace):
+    """The certificate of every sample, and the seconds it took."""
+    model.certify(data.X[:2], eps=eps, method=method, y=data.y[:2],
+                  timeout=args.timeout)  # untimed warm-up
+    start = time.perf_counter()
+    certificate = model.certify(data.X, eps=eps, method=method, y=data.y,
+                                batch_size=args.batch_size, timeout=args.timeout,
+                                verbose=int(not args.quiet))
+    return certificate, time.perf_counter() - start
+
+
+def _sample_records(data, prediction: np.ndarray, certificate) -> list[dict]:
+    """One row per sample: label, prediction, verdict and worst margin."""
+    # The label's logit minus the largest other logit, bounded below over the ball.
+    margin = certificate.margins.min(axis=1)
+    return [
+        {"index": i, "label": label, "prediction": predicted, "certified": bool(certified),
+         "status": status, "decided_by": stage, "margin": float(m)}
+        for i, (label, predicted, certified, status, stage, m) in enumerate(
+            zip(data.y.tolist(), prediction.tolist(), certificate.certified,
+                certificate.status.tolist(), certificate.decided_by.tolist(), margin,
+                strict=True))
+    ]
+
+
+def _print_certify_summary(args: argparse.Namespace, model, *, n: int, eps: float,
+                           methods: list[str], clean: float, certificate, seconds: float,
+                           radius: np.ndarray | None) -> None:
+    """Print the model, the accuracies, the verdict counts and the radius statistics."""
     kind = "ONNX network" if isinstance(model, OnnxModel) else type(model).__name__
     print(f"{n:,} samples of {args.data}, model {args.model} ({kind}, "
           f"{n_parameters(model):,} parameters)")
@@ -142,17 +177,6 @@ def run_certify(args: argparse.Namespace) -> int:
         print(f"certified radius ({_methods_text(methods)}, searched up to {args.max_eps:g}): "
               f"median "
               f"{np.median(radius):.3g}, mean {np.mean(radius):.3g}")
-    if output is not None:
-        if output.suffix.lower() == ".json":
-            write_json({
-                "model": str(args.model), "data": str(args.data), "eps": eps,
-                "method": "+".join(methods), "n_samples": n, "clean_accuracy": clean,
-                "certified_accuracy": certificate.certified_fraction, "samples": records,
-            }, output)
-        else:
-            write_table(records, output)
-        print(f"per-sample results: {output}")
-    return 0
 
 
 def _model_names(paths) -> list[str]:

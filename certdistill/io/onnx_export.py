@@ -54,6 +54,7 @@ import os
 import pathlib
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -577,6 +578,138 @@ def _rename_tensor(nodes: list, old: str, new: str) -> None:
                     names[k] = new
 
 
+class _ExportedNetwork(NamedTuple):
+    """The network to export, with the shapes around it and the model's metadata."""
+
+    module: nn.Module
+    graph: BoundGraph
+    #: Shape of one row of the graph input ``input`` (no batch axis).
+    graph_input: tuple[int, ...]
+    #: Shape of one sample as the network sees it (no batch axis).
+    sample_shape: tuple[int, ...]
+    metadata: dict[str, str]
+
+
+def _estimator_network(estimator, input_shape) -> _ExportedNetwork:
+    """The network of a fitted estimator, fed flat rows as ``predict_proba`` feeds it."""
+    module = _fitted_module(estimator)
+    n_features = int(estimator.n_features_in_)
+    if input_shape is not None and _sample_shape_arg(input_shape) != (n_features,):
+        raise ValueError(
+            f"input_shape={input_shape!r}: an exported {type(estimator).__name__} takes flat "
+            f"rows of {n_features} features, as predict_proba does (it reshapes them to its "
+            "own input_shape); leave input_shape=None."
+        )
+    sample_shape = estimator._module_sample_shape() or (n_features,)
+    graph = _bound_graph(module)
+    metadata = {
+        "certdistill.estimator": json.dumps(type(estimator).__name__),
+        "certdistill.classes": _json(np.asarray(estimator.classes_)),
+        "certdistill.n_features_in": json.dumps(n_features),
+    }
+    for key in ("eps", "lower", "upper"):
+        if hasattr(estimator, key):
+            metadata[f"certdistill.{key}"] = _json(getattr(estimator, key))
+    if hasattr(estimator, "feature_names_in_"):
+        metadata["certdistill.feature_names_in"] = _json(estimator.feature_names_in_)
+    return _ExportedNetwork(module, graph, (n_features,), sample_shape, metadata)
+
+
+def _module_network(module: nn.Module, input_shape) -> _ExportedNetwork:
+    """A bare network, fed samples of ``input_shape`` (read off its first layer if None)."""
+    graph = _bound_graph(module)
+    sample_shape = (_infer_input_shape(graph) if input_shape is None
+                    else _sample_shape_arg(input_shape))
+    return _ExportedNetwork(module, graph, sample_shape, sample_shape, {})
+
+
+def _exported_network(estimator_or_module, estimator, input_shape) -> _ExportedNetwork:
+    """The network of ``export_onnx``'s argument (``estimator``: the estimator inside it)."""
+    if estimator is not None:
+        network = _estimator_network(estimator, input_shape)
+    elif isinstance(estimator_or_module, nn.Module):
+        network = _module_network(estimator_or_module, input_shape)
+    else:
+        raise TypeError(
+            "export_onnx takes a fitted CertifiedTeacher or DistilledStudent (or a "
+            "FrozenEstimator of one) or a torch.nn.Module, got "
+            f"{type(estimator_or_module).__name__}."
+        )
+    sample_shape = tuple(int(s) for s in network.sample_shape)
+    network.metadata["certdistill.module"] = json.dumps(type(network.module).__name__)
+    network.metadata["certdistill.input_shape"] = json.dumps(list(sample_shape))
+    return network._replace(sample_shape=sample_shape)
+
+
+def _write_nodes(onnx, network: _ExportedNetwork, estimator) -> tuple[_Graph, tuple[int, ...]]:
+    """All nodes and initializers, ending in ``logits`` (and ``probabilities`` for an
+    estimator), and the sample shape of ``logits``."""
+    g = _Graph(onnx, network.graph_input)
+    if network.graph_input != network.sample_shape:
+        g.reshape("input_reshape", network.sample_shape)
+    output, output_shape = _write_graph(g, network.graph)
+    if estimator is not None and output_shape != (len(estimator.classes_),):
+        raise ValueError(
+            f"The network of {type(estimator).__name__} gives outputs of shape {output_shape} per "
+            f"sample, not one logit per class ({len(estimator.classes_)})."
+        )
+    if g.float64:
+        warnings.warn(
+            f"The network holds float64 tensors ({', '.join(g.float64[:3])}"
+            f"{', ...' if len(g.float64) > 3 else ''}); they are exported as float32, the dtype "
+            "the estimators compute in.", UserWarning,
+            stacklevel=3,  # the caller of export_onnx
+        )
+    helper = onnx.helper
+    if output == _INPUT:  # only Identity/Dropout layers
+        g.nodes.append(helper.make_node("Identity", [_INPUT], [_LOGITS], name="output/Identity"))
+    else:
+        _rename_tensor(g.nodes, output, _LOGITS)
+    if estimator is not None:
+        g.nodes.append(helper.make_node("Softmax", [_LOGITS], [_PROBABILITIES], axis=1,
+                                        name="probabilities/Softmax"))
+    return g, output_shape
+
+
+def _make_model(onnx, g: _Graph, network: _ExportedNetwork, output_shape: tuple[int, ...],
+                opset: int, exported: object, with_probabilities: bool):
+    """The ONNX model of the written graph ``g``, with its opset and metadata."""
+    helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
+    outputs = [helper.make_tensor_value_info(_LOGITS, float32, ["batch", *output_shape])]
+    if with_probabilities:
+        outputs.append(helper.make_tensor_value_info(_PROBABILITIES, float32,
+                                                     ["batch", *output_shape]))
+    graph = helper.make_graph(
+        g.nodes, "certdistill", [helper.make_tensor_value_info(_INPUT, float32,
+                                                               ["batch", *network.graph_input])],
+        outputs, initializer=g.initializers,
+    )
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="certdistill",
+                              producer_version=__version__)
+    # The oldest IR version that can hold the opset: readable by older runtimes too.
+    model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model.doc_string = f"{type(exported).__name__} exported by certdistill"
+    helper.set_model_props(model, network.metadata)
+    return model
+
+
+def _save_checked(onnx, model, initializers: list, path: pathlib.Path) -> None:
+    """Write ``model`` to ``path`` (its weights to ``<path>.data`` when large) and check it."""
+    data = path.with_name(f"{path.name}.data")
+    if sum(init.ByteSize() for init in initializers) > _EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name)
+    else:
+        onnx.save_model(model, os.fspath(path))
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception:  # pragma: no cover - a bug of the exporter: leave no invalid file
+        path.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+        raise
+
+
 def export_onnx(
     estimator_or_module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
     opset: int = 17,
@@ -657,94 +790,10 @@ def export_onnx(
     opset = _check_opset(onnx, opset)
     path = pathlib.Path(path)
     estimator = _estimator(estimator_or_module)
-    metadata: dict[str, str] = {}
-    if estimator is not None:
-        module = _fitted_module(estimator)
-        n_features = int(estimator.n_features_in_)
-        if input_shape is not None and _sample_shape_arg(input_shape) != (n_features,):
-            raise ValueError(
-                f"input_shape={input_shape!r}: an exported {type(estimator).__name__} takes flat "
-                f"rows of {n_features} features, as predict_proba does (it reshapes them to its "
-                "own input_shape); leave input_shape=None."
-            )
-        sample_shape = estimator._module_sample_shape() or (n_features,)
-        graph = _bound_graph(module)
-        metadata["certdistill.estimator"] = json.dumps(type(estimator).__name__)
-        metadata["certdistill.classes"] = _json(np.asarray(estimator.classes_))
-        metadata["certdistill.n_features_in"] = json.dumps(n_features)
-        for key in ("eps", "lower", "upper"):
-            if hasattr(estimator, key):
-                metadata[f"certdistill.{key}"] = _json(getattr(estimator, key))
-        if hasattr(estimator, "feature_names_in_"):
-            metadata["certdistill.feature_names_in"] = _json(estimator.feature_names_in_)
-        graph_input = (n_features,)
-    elif isinstance(estimator_or_module, nn.Module):
-        module = estimator_or_module
-        graph = _bound_graph(module)
-        sample_shape = (_infer_input_shape(graph) if input_shape is None
-                        else _sample_shape_arg(input_shape))
-        graph_input = sample_shape
-    else:
-        raise TypeError(
-            "export_onnx takes a fitted CertifiedTeacher or DistilledStudent (or a "
-            "FrozenEstimator of one) or a torch.nn.Module, got "
-            f"{type(estimator_or_module).__name__}."
-        )
-    sample_shape = tuple(int(s) for s in sample_shape)
-    metadata["certdistill.module"] = json.dumps(type(module).__name__)
-    metadata["certdistill.input_shape"] = json.dumps(list(sample_shape))
-
-    g = _Graph(onnx, graph_input)
-    if graph_input != sample_shape:
-        g.reshape("input_reshape", sample_shape)
-    output, output_shape = _write_graph(g, graph)
-    if estimator is not None and output_shape != (len(estimator.classes_),):
-        raise ValueError(
-            f"The network of {type(estimator).__name__} gives outputs of shape {output_shape} per "
-            f"sample, not one logit per class ({len(estimator.classes_)})."
-        )
-    if g.float64:
-        warnings.warn(
-            f"The network holds float64 tensors ({', '.join(g.float64[:3])}"
-            f"{', ...' if len(g.float64) > 3 else ''}); they are exported as float32, the dtype "
-            "the estimators compute in.", UserWarning, stacklevel=2,
-        )
-
-    helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
-    if output == _INPUT:  # only Identity/Dropout layers
-        g.nodes.append(helper.make_node("Identity", [_INPUT], [_LOGITS], name="output/Identity"))
-    else:
-        _rename_tensor(g.nodes, output, _LOGITS)
-    outputs = [helper.make_tensor_value_info(_LOGITS, float32, ["batch", *output_shape])]
-    if estimator is not None:
-        g.nodes.append(helper.make_node("Softmax", [_LOGITS], [_PROBABILITIES], axis=1,
-                                        name="probabilities/Softmax"))
-        outputs.append(helper.make_tensor_value_info(_PROBABILITIES, float32,
-                                                     ["batch", *output_shape]))
-    graph = helper.make_graph(
-        g.nodes, "certdistill", [helper.make_tensor_value_info(_INPUT, float32,
-                                                               ["batch", *graph_input])],
-        outputs, initializer=g.initializers,
-    )
-    opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="certdistill",
-                              producer_version=__version__)
-    # The oldest IR version that can hold the opset: readable by older runtimes too.
-    model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
-    exported = estimator if estimator is not None else module
-    model.doc_string = f"{type(exported).__name__} exported by certdistill"
-    helper.set_model_props(model, metadata)
-
-    data = path.with_name(f"{path.name}.data")
-    if sum(init.ByteSize() for init in g.initializers) > _EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name)
-    else:
-        onnx.save_model(model, os.fspath(path))
-    try:
-        onnx.checker.check_model(os.fspath(path), full_check=True)
-    except Exception:  # pragma: no cover - a bug of the exporter: leave no invalid file
-        path.unlink(missing_ok=True)
-        data.unlink(missing_ok=True)
-        raise
+    network = _exported_network(estimator_or_module, estimator, input_shape)
+    g, output_shape = _write_nodes(onnx, network, estimator)
+    exported = estimator if estimator is not None else network.module
+    model = _make_model(onnx, g, network, output_shape, opset, exported,
+                        with_probabilities=estimator is not None)
+    _save_checked(onnx, model, g.initializers, path)
     return path

@@ -289,18 +289,21 @@ def _make_node(is_and: bool, children: list, tok: int):
     return _Node(is_and, flat, tok)
 
 
-class _Parser:
-    def __init__(self, text: str, path: str | None, max_conjunctions: int):
-        self.path = path
-        self.max_conjunctions = max_conjunctions
+#: Declared variables: name -> (is_output, index, token of the name in its declaration).
+_Declarations = dict[str, tuple[bool, int, int]]
+#: A linear term: (coefficients by variable name, constant).
+_Linear = tuple[dict[str, float], float]
+
+
+class _Source:
+    """The comment-free text of a VNN-LIB file and its tokens."""
+
+    __slots__ = ("text", "tokens")
+
+    def __init__(self, text: str):
         # Removing comments keeps every newline, so line numbers are those of the original.
         self.text = _COMMENT_RE.sub("", text)
-        self.tokens = _TOKEN_RE.findall(self.text)
-        # name -> (is_output, index, token of the name in its declaration)
-        self.decls: dict[str, tuple[bool, int, int]] = {}
-        self.formulas: list = []
-
-    # -- errors ---------------------------------------------------------------------------
+        self.tokens: list[str] = _TOKEN_RE.findall(self.text)
 
     def line_of(self, tok: int | None) -> int:
         """1-based line of token ``tok``; found again only on errors, to keep parsing lean."""
@@ -312,63 +315,21 @@ class _Parser:
                 return self.text.count("\n", 0, match.start()) + 1
         return self.text.count("\n") + 1  # pragma: no cover - tok is always in range
 
-    def error(self, fail: _Fail) -> VnnlibError:
-        return VnnlibError(fail.reason, path=self.path, line=self.line_of(fail.tok))
 
-    # -- s-expressions --------------------------------------------------------------------
+class _CommandReader:
+    """Reads the commands of a file as s-expressions: declarations and asserted formulas."""
 
-    def sexpr(self, start: int) -> tuple[list, int]:
-        """The command opened at token ``start`` as nested lists ``[open_token, child, ...]``
-        (an atom child is its token index, a simple comparison its formula already), and the
-        index of the token after it."""
-        tokens = self.tokens
-        n = len(tokens)
-        parens = ("(", ")")
-        root = [start]
-        cur = root
-        stack: list = []
-        i = start + 1
-        while i < n:
-            tok = tokens[i]
-            if tok == "(":
-                # `(op a b)` comparisons are read straight into atoms: in nn4sys-style files
-                # with tens of thousands of branches they are nearly every node.
-                if (
-                    i + 4 < n
-                    and tokens[i + 4] == ")"
-                    and tokens[i + 1] in _COMPARISONS
-                    and tokens[i + 2] not in parens
-                    and tokens[i + 3] not in parens
-                ):
-                    cur.append(self.compare(tokens[i + 1], i + 2, i + 3, i + 1, i))
-                    i += 5
-                    continue
-                # A command inside an unfinished expression almost always means a ')' is
-                # missing above it: say so here instead of failing at the end of the file.
-                if i + 1 < n and tokens[i + 1] in _COMMANDS:
-                    raise _Fail(
-                        f"unbalanced parentheses: '(' opened at line {self.line_of(start)}"
-                        f" is not closed before '{tokens[i + 1]}' at line {self.line_of(i)}",
-                        start,
-                    )
-                node = [i]
-                cur.append(node)
-                stack.append(cur)
-                cur = node
-            elif tok == ")":
-                if not stack:
-                    return root, i + 1
-                cur = stack.pop()
-            else:
-                cur.append(i)
-            i += 1
-        raise _Fail("unbalanced parentheses: '(' is never closed", start)
-
-    # -- commands -------------------------------------------------------------------------
+    def __init__(self, source: _Source):
+        self.source = source
+        self.tokens = source.tokens
+        self.decls: _Declarations = {}
+        self.formulas: list = []
+        self.expressions = _ExpressionParser(self.tokens, self.decls)
 
     def run(self) -> None:
         """Read the commands one at a time, so that no tree of the whole file is kept."""
         tokens = self.tokens
+        compare = self.expressions.compare
         n = len(tokens)
         parens = ("(", ")")
         i = 0
@@ -401,13 +362,63 @@ class _Parser:
                 and tokens[i + 4] not in parens
                 and tokens[i + 5] not in parens
             ):
-                self.formulas.append(self.compare(tokens[i + 3], i + 4, i + 5, i + 3, i + 2))
+                self.formulas.append(compare(tokens[i + 3], i + 4, i + 5, i + 3, i + 2))
                 i += 8
                 continue
             node, i = self.sexpr(i)
             self.command(node)
 
+    def sexpr(self, start: int) -> tuple[list, int]:
+        """The command opened at token ``start`` as nested lists ``[open_token, child, ...]``
+        (an atom child is its token index, a simple comparison its formula already), and the
+        index of the token after it."""
+        tokens = self.tokens
+        compare = self.expressions.compare
+        n = len(tokens)
+        parens = ("(", ")")
+        root = [start]
+        cur = root
+        stack: list = []
+        i = start + 1
+        while i < n:
+            tok = tokens[i]
+            if tok == "(":
+                # `(op a b)` comparisons are read straight into atoms: in nn4sys-style files
+                # with tens of thousands of branches they are nearly every node.
+                if (
+                    i + 4 < n
+                    and tokens[i + 4] == ")"
+                    and tokens[i + 1] in _COMPARISONS
+                    and tokens[i + 2] not in parens
+                    and tokens[i + 3] not in parens
+                ):
+                    cur.append(compare(tokens[i + 1], i + 2, i + 3, i + 1, i))
+                    i += 5
+                    continue
+                # A command inside an unfinished expression almost always means a ')' is
+                # missing above it: say so here instead of failing at the end of the file.
+                if i + 1 < n and tokens[i + 1] in _COMMANDS:
+                    line_of = self.source.line_of
+                    raise _Fail(
+                        f"unbalanced parentheses: '(' opened at line {line_of(start)}"
+                        f" is not closed before '{tokens[i + 1]}' at line {line_of(i)}",
+                        start,
+                    )
+                node = [i]
+                cur.append(node)
+                stack.append(cur)
+                cur = node
+            elif tok == ")":
+                if not stack:
+                    return root, i + 1
+                cur = stack.pop()
+            else:
+                cur.append(i)
+            i += 1
+        raise _Fail("unbalanced parentheses: '(' is never closed", start)
+
     def command(self, node: list) -> None:
+        """Carry out one command read as a tree by :meth:`sexpr`."""
         tokens = self.tokens
         if len(node) < 2 or not isinstance(node[1], int):
             raise _Fail("expected a command name after '('", node[0])
@@ -415,7 +426,7 @@ class _Parser:
         if cmd == "assert":
             if len(node) != 3:
                 raise _Fail("'assert' takes exactly one formula", node[1])
-            self.formulas.append(self.formula(node[2]))
+            self.formulas.append(self.expressions.formula(node[2]))
         elif cmd == "declare-const":
             if len(node) != 4:
                 raise _Fail("expected (declare-const NAME Real)", node[1])
@@ -428,6 +439,7 @@ class _Parser:
             raise _Fail(f"unknown command '{cmd}'", node[1])
 
     def declare(self, name_node, sort_node) -> None:
+        """Record the variable declared by the name and sort nodes of a declaration."""
         tokens = self.tokens
         if not isinstance(name_node, int):
             raise _Fail("expected a variable name", _first(name_node))
@@ -443,13 +455,21 @@ class _Parser:
                 name_node,
             )
         if name in self.decls:
-            first = self.line_of(self.decls[name][2])
+            first = self.source.line_of(self.decls[name][2])
             raise _Fail(f"variable '{name}' declared twice (first at line {first})", name_node)
         self.decls[name] = (match.group(1) == "Y", int(match.group(2)), name_node)
 
-    # -- formulas -------------------------------------------------------------------------
+
+class _ExpressionParser:
+    """Reads asserted formulas into ``and``/``or`` nodes of input bounds and output rows."""
+
+    def __init__(self, tokens: list[str], decls: _Declarations):
+        self.tokens = tokens
+        # Shared with the command reader, which fills it as declarations are read.
+        self.decls = decls
 
     def formula(self, node):
+        """The formula of a tree node: a :class:`_Node`, an :class:`_XAtom` or a :class:`_YAtom`."""
         tokens = self.tokens
         if isinstance(node, int):
             word = tokens[node]
@@ -474,6 +494,7 @@ class _Parser:
         raise _Fail(f"unknown or unsupported operator '{op}'", node[1])
 
     def comparison(self, op: str, node: list):
+        """The formula for ``(op a b ...)`` with any number of arguments."""
         args = node[2:]
         if len(args) < 2:
             raise _Fail(f"'{op}' needs at least two arguments", node[1])
@@ -534,6 +555,7 @@ class _Parser:
         return _YAtom([(self.decls[name][1], c) for name, c in terms], rhs, op_tok)
 
     def number(self, tok: int) -> float:
+        """The numeral at token ``tok``."""
         word = self.tokens[tok]
         try:
             value = float(word)
@@ -558,7 +580,7 @@ class _Parser:
             return _Fail(f"Boolean '{word}' where a term was expected", tok)
         return _Fail(f"undeclared symbol '{word}'", tok)
 
-    def linear(self, node) -> tuple[dict[str, float], float]:
+    def linear(self, node) -> _Linear:
         """``node`` as ``(coefficients by variable name, constant)``."""
         tokens = self.tokens
         if isinstance(node, int):
@@ -580,54 +602,106 @@ class _Parser:
             raise _Fail(f"'{op}' needs at least one argument", node[1])
         parts = [self.linear(arg) for arg in args]
         if op == "+" or op == "-":
-            if op == "-" and len(parts) == 1:
-                coeffs, const = parts[0]
-                return {k: -c for k, c in coeffs.items()}, -const
-            coeffs, const = dict(parts[0][0]), parts[0][1]
-            sign = 1.0 if op == "+" else -1.0
-            for c_part, k_part in parts[1:]:
-                for name, c in c_part.items():
-                    coeffs[name] = coeffs.get(name, 0.0) + sign * c
-                const += sign * k_part
-            return coeffs, const
+            return _linear_sum(op == "-", parts)
         if op == "*":
-            factor = 1.0
-            variable: dict[str, float] | None = None
-            for arg, (c_part, k_part) in zip(args, parts, strict=True):
-                if any(c != 0.0 for c in c_part.values()):
-                    if variable is not None:
-                        raise _Fail(
-                            "unsupported term: a product of variables is not linear",
-                            _first(arg),
-                        )
-                    variable = dict(c_part)
-                    variable_const = k_part
-                else:
-                    factor *= k_part
-            if variable is None:
-                return {}, factor
-            return {k: factor * c for k, c in variable.items()}, factor * variable_const
-        # op == "/": only division by constants keeps the term linear.
-        coeffs, const = dict(parts[0][0]), parts[0][1]
-        for arg, (c_part, k_part) in zip(args[1:], parts[1:], strict=True):
-            tok = _first(arg)
-            if any(c != 0.0 for c in c_part.values()):
-                raise _Fail("unsupported term: division by a variable is not linear", tok)
-            if k_part == 0.0:
-                raise _Fail("division by zero", tok)
-            coeffs = {k: c / k_part for k, c in coeffs.items()}
-            const /= k_part
-        return coeffs, const
+            return _linear_product(args, parts)
+        return _linear_quotient(args, parts)
 
-    # -- variables ------------------------------------------------------------------------
+
+def _linear_sum(subtract: bool, parts: list[_Linear]) -> _Linear:
+    """``(+ a b ...)``, or ``(- a b ...)`` when ``subtract`` (``(- a)`` negates)."""
+    if subtract and len(parts) == 1:
+        coeffs, const = parts[0]
+        return {k: -c for k, c in coeffs.items()}, -const
+    coeffs, const = dict(parts[0][0]), parts[0][1]
+    sign = -1.0 if subtract else 1.0
+    for c_part, k_part in parts[1:]:
+        for name, c in c_part.items():
+            coeffs[name] = coeffs.get(name, 0.0) + sign * c
+        const += sign * k_part
+    return coeffs, const
+
+
+def _linear_product(args: list, parts: list[_Linear]) -> _Linear:
+    """``(* a b ...)``, linear only while at most one factor holds variables."""
+    factor = 1.0
+    variable: dict[str, float] | None = None
+    for arg, (c_part, k_part) in zip(args, parts, strict=True):
+        if any(c != 0.0 for c in c_part.values()):
+            if variable is not None:
+                raise _Fail(
+                    "unsupported term: a product of variables is not linear",
+                    _first(arg),
+                )
+            variable = dict(c_part)
+            variable_const = k_part
+        else:
+            factor *= k_part
+    if variable is None:
+        return {}, factor
+    return {k: factor * c for k, c in variable.items()}, factor * variable_const
+
+
+def _linear_quotient(args: list, parts: list[_Linear]) -> _Linear:
+    """``(/ a b ...)``: only division by constants keeps the term linear."""
+    coeffs, const = dict(parts[0][0]), parts[0][1]
+    for arg, (c_part, k_part) in zip(args[1:], parts[1:], strict=True):
+        tok = _first(arg)
+        if any(c != 0.0 for c in c_part.values()):
+            raise _Fail("unsupported term: division by a variable is not linear", tok)
+        if k_part == 0.0:
+            raise _Fail("division by zero", tok)
+        coeffs = {k: c / k_part for k, c in coeffs.items()}
+        const /= k_part
+    return coeffs, const
+
+
+class _PropertyBuilder:
+    """Turns the asserted formulas into a :class:`VnnlibProperty`: the disjunctive normal
+    form, one input box per conjunction, and its output rows grouped by box."""
+
+    def __init__(self, decls: _Declarations, last_token: int, path: str | None,
+                 max_conjunctions: int):
+        self.decls = decls
+        # Where errors about the file as a whole (a missing declaration) point.
+        self.last_token = last_token
+        self.path = path
+        self.max_conjunctions = max_conjunctions
+
+    def build(self, formulas: list, n_inputs: int | None,
+              n_outputs: int | None) -> VnnlibProperty:
+        """The property of the conjunction of ``formulas``."""
+        n_in = self.count(False, n_inputs)
+        n_out = self.count(True, n_outputs)
+        root = _make_node(True, formulas, 0)
+        conjunctions = self.dnf(root)
+        # Cases in order of first appearance of their box; identical boxes share one case.
+        groups: dict[bytes, tuple[np.ndarray, np.ndarray, list[OutputConstraint]]] = {}
+        for k, conj in enumerate(conjunctions):
+            lower, upper = self.box(conj, n_in, k, len(conjunctions))
+            parts = [self.rows(b, n_out) for b in conj if b.ys]
+            if parts:
+                C = np.concatenate([p[0] for p in parts])
+                d = np.concatenate([p[1] for p in parts])
+            else:
+                C, d = np.zeros((0, n_out)), np.zeros(0)
+            key = lower.tobytes() + upper.tobytes()
+            if key not in groups:
+                groups[key] = (lower, upper, [])
+            groups[key][2].append(OutputConstraint(C=C, d=d))
+        cases = tuple(
+            VnnlibCase(lower=lo, upper=hi, disjuncts=tuple(ds)) for lo, hi, ds in groups.values()
+        )
+        return VnnlibProperty(n_inputs=n_in, n_outputs=n_out, cases=cases, path=self.path)
 
     def count(self, is_output: bool, expected: int | None) -> int:
+        """The number of declared outputs (or inputs), checked to be ``0..n-1``."""
         kind, what, arg = ("Y", "output", "n_outputs") if is_output else ("X", "input", "n_inputs")
         decls = [(idx, tok) for out, idx, tok in self.decls.values() if out == is_output]
         n = len(decls)
         if n == 0:
             raise _Fail(f"no {what} variables ({kind}_0, {kind}_1, ...) are declared",
-                        len(self.tokens) - 1)
+                        self.last_token)
         for idx, tok in decls:
             if idx >= n:
                 missing = min(set(range(n)) - {i for i, _ in decls})
@@ -644,8 +718,6 @@ class _Parser:
                 last,
             )
         return n
-
-    # -- disjunctive normal form ----------------------------------------------------------
 
     def dnf(self, node) -> list[tuple[_Block, ...]]:
         """Conjunctions of ``node``, each a tuple of blocks whose atoms all hold."""
@@ -680,11 +752,14 @@ class _Parser:
 
     @staticmethod
     def block(atoms: list) -> _Block:
+        """The block of the atoms directly under one ``and``."""
         xs = [a for a in atoms if type(a) is _XAtom]
         ys = [a for a in atoms if type(a) is _YAtom]
         return _Block(xs, ys)
 
-    def dense(self, block: _Block, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def dense(block: _Block, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bounds ``block`` sets on every input (cached on the block)."""
         if block.dense is None:
             lower = np.full(n_in, -np.inf)
             upper = np.full(n_in, np.inf)
@@ -696,7 +771,9 @@ class _Parser:
             block.dense = (lower, upper)
         return block.dense
 
-    def rows(self, block: _Block, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def rows(block: _Block, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+        """The output rows ``C @ y <= d`` of ``block`` (cached on the block)."""
         if block.rows is None:
             C = np.zeros((len(block.ys), n_out))
             d = np.empty(len(block.ys))
@@ -707,7 +784,9 @@ class _Parser:
             block.rows = (C, d)
         return block.rows
 
-    def box(self, conj: tuple[_Block, ...], n_in: int, number: int, total: int):
+    def box(self, conj: tuple[_Block, ...], n_in: int, number: int,
+            total: int) -> tuple[np.ndarray, np.ndarray]:
+        """The input box of conjunction ``number`` of ``total``, checked finite and non-empty."""
         lower = np.full(n_in, -np.inf)
         upper = np.full(n_in, np.inf)
         for block in conj:
@@ -740,30 +819,6 @@ class _Parser:
                 max(lo_atom.tok, hi_atom.tok),
             )
         return lower, upper
-
-    def build(self, n_inputs: int | None, n_outputs: int | None) -> VnnlibProperty:
-        n_in = self.count(False, n_inputs)
-        n_out = self.count(True, n_outputs)
-        root = _make_node(True, self.formulas, 0)
-        conjunctions = self.dnf(root)
-        # Cases in order of first appearance of their box; identical boxes share one case.
-        groups: dict[bytes, tuple[np.ndarray, np.ndarray, list[OutputConstraint]]] = {}
-        for k, conj in enumerate(conjunctions):
-            lower, upper = self.box(conj, n_in, k, len(conjunctions))
-            parts = [self.rows(b, n_out) for b in conj if b.ys]
-            if parts:
-                C = np.concatenate([p[0] for p in parts])
-                d = np.concatenate([p[1] for p in parts])
-            else:
-                C, d = np.zeros((0, n_out)), np.zeros(0)
-            key = lower.tobytes() + upper.tobytes()
-            if key not in groups:
-                groups[key] = (lower, upper, [])
-            groups[key][2].append(OutputConstraint(C=C, d=d))
-        cases = tuple(
-            VnnlibCase(lower=lo, upper=hi, disjuncts=tuple(ds)) for lo, hi, ds in groups.values()
-        )
-        return VnnlibProperty(n_inputs=n_in, n_outputs=n_out, cases=cases, path=self.path)
 
 
 def _read(source: str | os.PathLike) -> tuple[str, str | None]:
@@ -822,17 +877,19 @@ def parse_vnnlib(
         On any syntax or semantic problem, with the file name and the line number.
     """
     text, path = _read(path_or_text)
-    parser = _Parser(text, path, max_conjunctions)
+    source = _Source(text)
     # The parse allocates one long-lived object per constraint and creates no reference
     # cycles, so the cyclic collector has nothing to reclaim; left on, its full passes over
     # the whole process (torch included) took more than half the time on large files.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        parser.run()
-        return parser.build(n_inputs, n_outputs)
+        reader = _CommandReader(source)
+        reader.run()
+        builder = _PropertyBuilder(reader.decls, len(source.tokens) - 1, path, max_conjunctions)
+        return builder.build(reader.formulas, n_inputs, n_outputs)
     except _Fail as fail:
-        raise parser.error(fail) from None
+        raise VnnlibError(fail.reason, path=path, line=source.line_of(fail.tok)) from None
     except RecursionError:
         raise VnnlibError("expressions nested too deeply", path=path) from None
     finally:
