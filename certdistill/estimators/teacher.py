@@ -13,8 +13,83 @@ from certdistill.verify.attacks import pgd_attack
 
 __all__ = ["TRAINING_LOSSES", "TRAINING_METHODS", "CertifiedTeacher", "sabr_center"]
 
-#: Certified training methods of :class:`CertifiedTeacher` (the keys of ``TRAINING_LOSSES``).
-TRAINING_METHODS = ("ibp", "crown-ibp", "mtl-ibp", "sabr")
+def _kappa(net: CertifiedTeacher) -> float:
+    return float(getattr(net, "current_kappa_", net.kappa_end))
+
+
+def _ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """``kappa CE(z, y) + (1 - kappa) CE(zhat_IBP, y)``."""
+    terms = net.interval_terms(x, y, training)
+    if terms.margins is None:
+        return F.cross_entropy(terms.logits, y), terms.logits
+    return (certified_loss(terms.logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
+            terms.logits)
+
+
+def _crown_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """IBP's loss with the worst case mixed with CROWN-IBP's, ``beta`` of the way."""
+    beta = float(getattr(net, "current_beta_", net.beta_end))
+    if beta <= 0.0:
+        return _ibp_loss(net, x, y, training)
+    terms = net.interval_terms(x, y, training, keep_state=True)
+    if terms.margins is None:
+        return F.cross_entropy(terms.logits, y), terms.logits
+    # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
+    if net.loss_fusion:
+        worst_ce = net.bound_engine().crown_ibp_cross_entropy(terms.interval_pass, mix=beta)
+        kappa = _kappa(net)
+        loss = (1.0 - kappa) * worst_ce.mean()
+        if kappa > 0.0:
+            loss = loss + kappa * F.cross_entropy(terms.logits, y)
+        return loss + terms.regularizer, terms.logits
+    margins = net.bound_engine().crown_ibp_margins(terms.interval_pass)
+    worst = (1.0 - beta) * terms.worst_logits + beta * worst_case_logits(margins)
+    return certified_loss(terms.logits, worst, y, _kappa(net)) + terms.regularizer, terms.logits
+
+
+def _mtl_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """``(1 - alpha) CE(z(x_adv), y) + alpha CE(zhat_IBP, y)``."""
+    terms = net.interval_terms(x, y, training)
+    if terms.margins is None:
+        return F.cross_entropy(terms.logits, y), terms.logits
+    alpha = float(getattr(net, "current_alpha_", net.alpha))
+    loss = alpha * F.cross_entropy(terms.worst_logits, y)
+    if alpha < 1.0:
+        x_adv = net._attack(x, y, terms.perturbation)
+        loss = loss + (1.0 - alpha) * F.cross_entropy(net.module_(x_adv), y)
+    return loss + terms.regularizer, terms.logits
+
+
+def sabr_center(x: Tensor, x_adv: Tensor, eps: Tensor, fraction: float) -> Tensor:
+    """The center of SABR's small box: ``x_adv`` moved towards ``x`` until the box of radius
+    ``fraction * eps`` around it lies inside the ball of radius ``eps`` around ``x``."""
+    reach = (1.0 - float(fraction)) * eps
+    return x + torch.maximum(torch.minimum(x_adv - x, reach), -reach)
+
+
+def _sabr_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
+    """IBP's loss on a box of ``sabr_lambda`` times the radius around a PGD point, inside the
+    ball (Mueller et al. 2023)."""
+    perturbation = getattr(net, "current_perturbation_", None)
+    if perturbation is None:
+        perturbation = net.training_perturbation()
+    if perturbation.level <= 0.0:
+        return _ibp_loss(net, x, y, training)
+    eps = perturbation.reshaped(x.shape[1:]).eps.to(device=x.device, dtype=x.dtype)
+    center = sabr_center(x, net._attack(x, y, perturbation).detach(), eps, net.sabr_lambda)
+    terms = net.interval_terms(x, y, training, center=center, scale=float(net.sabr_lambda))
+    logits = net.module_(x)
+    return (certified_loss(logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
+            logits)
+
+
+#: Training method -> its loss ``(net, x, y, training) -> (loss, clean logits)``: a new
+#: method is one function and one entry here.
+TRAINING_LOSSES = {"ibp": _ibp_loss, "crown-ibp": _crown_ibp_loss, "mtl-ibp": _mtl_ibp_loss,
+                   "sabr": _sabr_loss}
+
+#: Certified training methods of :class:`CertifiedTeacher`: the names of ``TRAINING_LOSSES``.
+TRAINING_METHODS = tuple(TRAINING_LOSSES)
 
 
 class CertifiedTeacher(CertifiedNetBase):
@@ -109,7 +184,7 @@ class CertifiedTeacher(CertifiedNetBase):
     """
 
     _parameter_ranges = {
-        "method": Choice(TRAINING_METHODS),
+        "method": Choice(TRAINING_LOSSES),
         "beta_start": UNIT,
         "beta_end": UNIT,
         "loss_fusion": Choice((False, True)),
@@ -187,79 +262,3 @@ class CertifiedTeacher(CertifiedNetBase):
         """The short PGD attack of MTL-IBP and SABR inside the batch's ball."""
         return pgd_attack(self.module_, x, y, perturbation, steps=int(self.pgd_steps),
                           step_size=self.pgd_step_size, mode="current")
-
-
-def _kappa(net: CertifiedTeacher) -> float:
-    return float(getattr(net, "current_kappa_", net.kappa_end))
-
-
-def _ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
-    """``kappa CE(z, y) + (1 - kappa) CE(zhat_IBP, y)``."""
-    terms = net.interval_terms(x, y, training)
-    if terms.margins is None:
-        return F.cross_entropy(terms.logits, y), terms.logits
-    return (certified_loss(terms.logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
-            terms.logits)
-
-
-def _crown_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
-    """IBP's loss with the worst case mixed with CROWN-IBP's, ``beta`` of the way."""
-    beta = float(getattr(net, "current_beta_", net.beta_end))
-    if beta <= 0.0:
-        return _ibp_loss(net, x, y, training)
-    terms = net.interval_terms(x, y, training, keep_state=True)
-    if terms.margins is None:
-        return F.cross_entropy(terms.logits, y), terms.logits
-    # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
-    if net.loss_fusion:
-        worst_ce = net.bound_engine().crown_ibp_cross_entropy(terms.interval_pass, mix=beta)
-        kappa = _kappa(net)
-        loss = (1.0 - kappa) * worst_ce.mean()
-        if kappa > 0.0:
-            loss = loss + kappa * F.cross_entropy(terms.logits, y)
-        return loss + terms.regularizer, terms.logits
-    margins = net.bound_engine().crown_ibp_margins(terms.interval_pass)
-    worst = (1.0 - beta) * terms.worst_logits + beta * worst_case_logits(margins)
-    return certified_loss(terms.logits, worst, y, _kappa(net)) + terms.regularizer, terms.logits
-
-
-def _mtl_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
-    """``(1 - alpha) CE(z(x_adv), y) + alpha CE(zhat_IBP, y)``."""
-    terms = net.interval_terms(x, y, training)
-    if terms.margins is None:
-        return F.cross_entropy(terms.logits, y), terms.logits
-    alpha = float(getattr(net, "current_alpha_", net.alpha))
-    loss = alpha * F.cross_entropy(terms.worst_logits, y)
-    if alpha < 1.0:
-        x_adv = net._attack(x, y, terms.perturbation)
-        loss = loss + (1.0 - alpha) * F.cross_entropy(net.module_(x_adv), y)
-    return loss + terms.regularizer, terms.logits
-
-
-def sabr_center(x: Tensor, x_adv: Tensor, eps: Tensor, fraction: float) -> Tensor:
-    """The center of SABR's small box: ``x_adv`` moved towards ``x`` until the box of radius
-    ``fraction * eps`` around it lies inside the ball of radius ``eps`` around ``x``."""
-    reach = (1.0 - float(fraction)) * eps
-    return x + torch.maximum(torch.minimum(x_adv - x, reach), -reach)
-
-
-def _sabr_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
-    """IBP's loss on a box of ``sabr_lambda`` times the radius around a PGD point, inside the
-    ball (Mueller et al. 2023)."""
-    perturbation = getattr(net, "current_perturbation_", None)
-    if perturbation is None:
-        perturbation = net.training_perturbation()
-    if perturbation.level <= 0.0:
-        return _ibp_loss(net, x, y, training)
-    eps = perturbation.reshaped(x.shape[1:]).eps.to(device=x.device, dtype=x.dtype)
-    center = sabr_center(x, net._attack(x, y, perturbation).detach(), eps, net.sabr_lambda)
-    terms = net.interval_terms(x, y, training, center=center, scale=float(net.sabr_lambda))
-    logits = net.module_(x)
-    return (certified_loss(logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
-            logits)
-
-
-#: Training method -> its loss ``(net, x, y, training) -> (loss, clean logits)``: a new
-#: method is one function and one entry here.
-TRAINING_LOSSES = {"ibp": _ibp_loss, "crown-ibp": _crown_ibp_loss, "mtl-ibp": _mtl_ibp_loss,
-                   "sabr": _sabr_loss}
