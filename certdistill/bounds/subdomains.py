@@ -192,28 +192,54 @@ class SubdomainBounding:
         for index, (lower, upper) in bounds.items():
             self._set_bounds(state, index, lower.detach(), upper.detach())
         n_classes = self._n_classes(center)
-        done = torch.nn.functional.one_hot(reference, n_classes).bool()
-        if closed is not None:
-            done = done | closed
-        # Bound only the open margins: per subdomain its open classes, worst first, padded by
-        # repeating the first one (a repeated row is bounded twice, harmlessly).
-        n_open = int((~done).sum(1).max()) if center.shape[0] else 0
-        n_open = max(n_open, 1)
-        order = torch.argsort(done.to(torch.int8), dim=1, stable=True)[:, :n_open]
-        valid = ~done.gather(1, order)
-        classes = torch.where(valid, order, order[:, :1])
-        ignore = ~valid
-        eye = torch.eye(n_classes, dtype=center.dtype, device=center.device)
-        spec = eye[reference].unsqueeze(1) - eye[classes]
+        done, classes, ignore, spec = _open_margin_specification(reference, n_classes, closed,
+                                                                 center)
+        alphas, betas = self._split_multipliers(state, splits, classes.shape[1])
+        best, A, record = self._optimise_split_bounds(spec, state, alphas, betas, ignore,
+                                                      steps=steps, alpha_lr=alpha_lr,
+                                                      beta_lr=beta_lr)
+        selected = best.masked_fill(ignore, float("inf"))
+        worst = selected.argmin(1)
+        rows = torch.arange(center.shape[0], device=center.device)
+        candidate = state.center - state.radius * torch.sign(A.detach()[rows, worst])
+        margins = _largest_per_class(best, classes, done)
+        return SubdomainBounds(
+            margins=margins, bounds=state.bounds, relaxations=state.relaxations,
+            coefficients={k: a.detach()[rows, worst] for k, a in record.items()},
+            candidate=candidate,
+            infeasible=torch.zeros(center.shape[0], dtype=torch.bool, device=center.device),
+        )
+
+    def _split_multipliers(self, state: Propagation, splits: dict[int, Tensor], n_open: int
+                           ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """Starting lower slopes (alpha, per open margin) and split multipliers (beta = 0,
+        with each neuron's split sign) of every activation."""
         alphas, betas = {}, {}
         for index in self._activation_indices:
             lower, upper = state.bounds[index]
             start = self.ops[index].initial_lower_slope(lower, upper)
             alphas[index] = start.unsqueeze(1).expand(-1, n_open, *start.shape[1:]).clone()
-            sign = splits[index].to(center.dtype)
+            sign = splits[index].to(state.center.dtype)
             betas[index] = (torch.zeros_like(alphas[index]), sign)
-        best = torch.full(spec.shape[:2], float("-inf"), dtype=center.dtype,
-                          device=center.device)
+        return alphas, betas
+
+    def _optimise_split_bounds(
+        self,
+        spec: Tensor,
+        state: Propagation,
+        alphas: dict[int, Tensor],
+        betas: dict[int, tuple[Tensor, Tensor]],
+        ignore: Tensor,
+        *,
+        steps: int,
+        alpha_lr: float,
+        beta_lr: float,
+    ) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """Projected Adam on alpha and beta for ``steps`` steps: the best bound seen per row of
+        ``spec`` (every iterate is sound), the last pass's coefficients ``A`` and its recorded
+        coefficients of the activations."""
+        best = torch.full(spec.shape[:2], float("-inf"), dtype=state.center.dtype,
+                          device=state.center.device)
         parameters = [*alphas.values(), *(beta for beta, _ in betas.values())]
         optimizer = torch.optim.Adam([
             {"params": list(alphas.values()), "lr": alpha_lr},
@@ -238,20 +264,36 @@ class SubdomainBounding:
                         alpha.clamp_(0.0, 1.0)
                     for beta, _ in betas.values():
                         beta.clamp_(min=0.0)
-        selected = best.masked_fill(ignore, float("inf"))
-        worst = selected.argmin(1)
-        rows = torch.arange(center.shape[0], device=center.device)
-        candidate = state.center - state.radius * torch.sign(A.detach()[rows, worst])
-        # Each open class gets the largest of its bounds. A padding row repeats the first open
-        # class: its own (sound) bound must not replace that class's, and scatter_ would keep
-        # an arbitrary one of the duplicates (the padding's +inf of ``selected``, unsoundly).
-        margins = torch.full((center.shape[0], n_classes), float("-inf"), dtype=center.dtype,
-                             device=center.device)
-        margins = margins.scatter_reduce(1, classes, best, reduce="amax")
-        margins = margins.masked_fill(done, float("inf"))
-        return SubdomainBounds(
-            margins=margins, bounds=state.bounds, relaxations=state.relaxations,
-            coefficients={k: a.detach()[rows, worst] for k, a in record.items()},
-            candidate=candidate,
-            infeasible=torch.zeros(center.shape[0], dtype=torch.bool, device=center.device),
-        )
+        return best, A, record
+
+
+def _open_margin_specification(reference: Tensor, n_classes: int, closed: Tensor | None,
+                               like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The margins to bound per subdomain: ``done`` (reference or closed, shape
+    ``(d, n_classes)``), the open ``classes``, worst first, and the padding mask ``ignore``
+    (both ``(d, n_open)``), and ``spec`` (``(d, n_open, n_classes)``, in ``like``'s dtype and
+    device)."""
+    done = torch.nn.functional.one_hot(reference, n_classes).bool()
+    if closed is not None:
+        done = done | closed
+    # Bound only the open margins: per subdomain its open classes, worst first, padded by
+    # repeating the first one (a repeated row is bounded twice, harmlessly).
+    n_open = int((~done).sum(1).max()) if like.shape[0] else 0
+    n_open = max(n_open, 1)
+    order = torch.argsort(done.to(torch.int8), dim=1, stable=True)[:, :n_open]
+    valid = ~done.gather(1, order)
+    classes = torch.where(valid, order, order[:, :1])
+    eye = torch.eye(n_classes, dtype=like.dtype, device=like.device)
+    spec = eye[reference].unsqueeze(1) - eye[classes]
+    return done, classes, ~valid, spec
+
+
+def _largest_per_class(best: Tensor, classes: Tensor, done: Tensor) -> Tensor:
+    """Margin bounds of shape ``(d, n_classes)``: each open class its largest bound in
+    ``best`` (rows ``classes``), ``+inf`` where ``done``."""
+    # A padding row repeats the first open class: its own (sound) bound must not replace that
+    # class's, and scatter_ would keep an arbitrary one of the duplicates (with the padding
+    # masked to +inf, as for the candidate, unsoundly).
+    margins = torch.full(done.shape, float("-inf"), dtype=best.dtype, device=best.device)
+    margins = margins.scatter_reduce(1, classes, best, reduce="amax")
+    return margins.masked_fill(done, float("inf"))

@@ -333,33 +333,54 @@ def targeted_attack(
         # One row per attacked (sample, class) pair.
         sample, target = targets.nonzero(as_tuple=True)
         first = (x if start is None else start.detach().to(x))[sample]
-        lor, hir, refr, step_r = lo[sample], hi[sample], ref[sample], step[sample]
-        best = torch.full((sample.numel(),), float("inf"), dtype=x.dtype, device=x.device)
-        best_x = first.clone()
-
-        def margin(z: torch.Tensor) -> torch.Tensor:
-            return z.gather(1, refr[:, None]).squeeze(1) - z.gather(1, target[:, None]).squeeze(1)
-
-        view = (-1,) + (1,) * (x.dim() - 1)
-        with torch.enable_grad():
-            for r in range(restarts if sample.numel() else 0):
-                x_adv = (torch.minimum(torch.maximum(first, lor), hir) if r == 0
-                         else _uniform_in_box(lor, hir, generator))
-                for it in range(steps + 1):
-                    x_adv.requires_grad_(True)
-                    val = margin(module(x_adv))
-                    with torch.no_grad():
-                        better = val < best
-                        best = torch.where(better, val, best)
-                        best_x = torch.where(better.view(view), x_adv, best_x)
-                    if it == steps:
-                        break
-                    (grad,) = torch.autograd.grad(val.sum(), x_adv)
-                    with torch.no_grad():
-                        x_adv = torch.minimum(torch.maximum(x_adv - step_r * grad.sign(), lor), hir)
+        best, best_x = _targeted_pgd(module, first, lo[sample], hi[sample], ref[sample], target,
+                                     step[sample], steps=steps, restarts=restarts,
+                                     generator=generator)
 
     margins = torch.full((n, n_classes), float("inf"), dtype=x.dtype, device=x.device)
     margins[sample, target] = best.detach()
     points = x.detach().unsqueeze(1).repeat(1, n_classes, *([1] * (x.dim() - 1)))
     points[sample, target] = best_x.detach()
     return margins, points
+
+
+def _targeted_pgd(
+    module: nn.Module,
+    first: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    reference: torch.Tensor,
+    target: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    steps: int,
+    restarts: int,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed-gradient descent of ``z_reference - z_target``, one attack per row in the box
+    ``[lo, hi]``: restart 0 from ``first`` (clipped into the box), the others uniform. The
+    smallest margin per row and where (``first`` where no restart ran)."""
+    best = torch.full((first.shape[0],), float("inf"), dtype=first.dtype, device=first.device)
+    best_x = first.clone()
+
+    def margin(z: torch.Tensor) -> torch.Tensor:
+        return z.gather(1, reference[:, None]).squeeze(1) - z.gather(1, target[:, None]).squeeze(1)
+
+    view = (-1,) + (1,) * (first.dim() - 1)
+    with torch.enable_grad():
+        for r in range(restarts if first.shape[0] else 0):
+            x_adv = (torch.minimum(torch.maximum(first, lo), hi) if r == 0
+                     else _uniform_in_box(lo, hi, generator))
+            for it in range(steps + 1):
+                x_adv.requires_grad_(True)
+                val = margin(module(x_adv))
+                with torch.no_grad():
+                    better = val < best
+                    best = torch.where(better, val, best)
+                    best_x = torch.where(better.view(view), x_adv, best_x)
+                if it == steps:
+                    break
+                (grad,) = torch.autograd.grad(val.sum(), x_adv)
+                with torch.no_grad():
+                    x_adv = torch.minimum(torch.maximum(x_adv - step * grad.sign(), lo), hi)
+    return best, best_x

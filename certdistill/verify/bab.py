@@ -29,6 +29,7 @@ still not positive, a linear program over the region decides it exactly
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from certdistill.bounds.engine import BoundEngine
+from certdistill.bounds.propagation import SubdomainBounds
 from certdistill.verify.counterexamples import Judge
 from certdistill.verify.milp import MarginMilp
 
@@ -264,102 +266,182 @@ def branch_and_bound(
     -------
     BabResult
     """
-    n = center.shape[0]
-    device = center.device
-    certified = torch.zeros(n, dtype=torch.bool, device=device)
-    falsified = torch.zeros(n, dtype=torch.bool, device=device)
-    given_up = torch.zeros(n, dtype=torch.bool, device=device)
-    counterexample = torch.full_like(center, float("nan"))
-    spent = np.zeros(n)
-    domains = np.zeros(n, dtype=np.int64)
-    lower_box, upper_box = corners
-    layers = sorted(interval_bounds)
-
-    def check(rows: Tensor, candidates: Tensor) -> None:
-        flipped, points = judge.flips(candidates, reference[rows], lower_box[rows],
-                                      upper_box[rows])
-        for row in flipped.nonzero().squeeze(1).tolist():
-            sample = int(rows[row])
-            if not falsified[sample]:
-                falsified[sample] = True
-                counterexample[sample] = points[row]
-
-    def keep_open(rows: Tensor, result, splits: dict[int, Tensor]) -> _Queue:
-        np.add.at(domains, rows.cpu().numpy(), 1)
-        check(rows, result.candidate)
-        if search is not None:
-            # Promising subdomains: a few attack steps from their bounds' minimisers.
-            worst = result.margins.min(1).values
-            chosen = torch.argsort(worst)[:_SEARCHED]
-            chosen = chosen[(worst[chosen] < 0) & ~falsified[rows[chosen]]]
-            if chosen.numel():
-                targets = torch.nn.functional.one_hot(result.margins[chosen].argmin(1),
-                                                      result.margins.shape[1]).bool()
-                check(rows[chosen], search(rows[chosen], result.candidate[chosen], targets))
-        done = (result.margins > 0).all(1) | result.infeasible
-        open_rows = (~done & ~falsified[rows]).nonzero().squeeze(1)
-        layer, neuron = _choose_splits(engine, result, layers, splits,
-                                       (center[rows], radius[rows], reference[rows]),
-                                       open_rows, candidates)
-        return _Queue(rows, splits, result.margins, layer, neuron).take(
-            (~done).nonzero().squeeze(1))
-
-    start = time.perf_counter()
-    everyone = torch.arange(n, device=device)
-    root = engine.bound_subdomains(center, radius, interval_bounds, reference)
-    root_bounds = root.bounds
-    no_splits = {k: torch.zeros(n, lower[0].numel(), dtype=torch.int8, device=device)
-                 for k, (lower, _) in root_bounds.items()}
-    queue = keep_open(everyone, root, no_splits)
-    spent += (time.perf_counter() - start) / max(n, 1)
-
+    state = _Search(engine, judge, milp, center, radius, corners, reference,
+                    sorted(interval_bounds), steps=steps, candidates=candidates, attack=search)
+    queue = state.open_roots(interval_bounds)
     while True:
-        alive = ~(falsified | given_up)
-        queue = queue.take(alive[queue.sample].nonzero().squeeze(1))
-        counts = torch.bincount(queue.sample, minlength=n)
-        certified |= (counts == 0) & alive
-        over = torch.as_tensor(spent >= timeout, device=device) & (counts > 0)
-        given_up |= over
+        queue = state.settle(queue, timeout)
         if on_round is not None:
-            on_round(int((certified | falsified).sum()))
-        queue = queue.take((~given_up[queue.sample]).nonzero().squeeze(1))
+            on_round(state.decided)
         if len(queue) == 0 or time.perf_counter() >= deadline:
             break
         if len(queue) > max_domains:
-            # Give up the samples with the most subdomains until the queue fits.
-            counts = torch.bincount(queue.sample, minlength=n)
-            remaining = len(queue)
-            for sample in torch.argsort(counts, descending=True).tolist():
-                if remaining <= max_domains:
-                    break
-                given_up[sample] = True
-                remaining -= int(counts[sample])
+            # Settle again before bounding: the given up samples' subdomains leave the queue.
+            state.give_up_largest(queue, max_domains)
             continue
         round_start = time.perf_counter()
-        worst = queue.margins.min(1).values
-        picked = torch.zeros(len(queue), dtype=torch.bool, device=device)
-        picked[torch.argsort(worst)[: max(1, batch_size // 2)]] = True
-        batch, queue = queue.take(picked.nonzero().squeeze(1)), queue.take(
-            (~picked).nonzero().squeeze(1))
-        leaves = batch.layer < 0
-        if bool(leaves.any()):
-            _decide_leaves(batch.take(leaves.nonzero().squeeze(1)), root_bounds, judge, milp,
-                           corners, reference, falsified, given_up, counterexample, deadline)
-            batch = batch.take((~leaves).nonzero().squeeze(1))
+        batch, queue = _pick_worst(queue, batch_size)
+        batch = state.decide_leaves(batch, deadline)
         if len(batch):
-            children = _children(batch)
-            rows = children.sample
-            result = engine.bound_split_subdomains(
-                center[rows], radius[rows], _split_bounds(root_bounds, rows, children.splits),
-                {k: v.view(len(children), *root_bounds[k][0].shape[1:])
-                 for k, v in children.splits.items()},
-                reference[rows], closed=children.margins > 0, steps=steps,
-            )
-            queue = _Queue.concat([queue, keep_open(rows, result, children.splits)])
-        share = np.bincount(batch.sample.cpu().numpy(), minlength=n) if len(batch) else 0
+            queue = _Queue.concat([queue, state.branch(batch)])
+        state.charge(batch, round_start)
+    return state.result()
+
+
+def _pick_worst(queue: _Queue, batch_size: int) -> tuple[_Queue, _Queue]:
+    """The subdomains to split this round (the lowest worst margins, two children each within
+    ``batch_size``) and the rest of the queue."""
+    worst = queue.margins.min(1).values
+    picked = torch.zeros(len(queue), dtype=torch.bool, device=queue.sample.device)
+    picked[torch.argsort(worst)[: max(1, batch_size // 2)]] = True
+    return (queue.take(picked.nonzero().squeeze(1)),
+            queue.take((~picked).nonzero().squeeze(1)))
+
+
+class _Search:
+    """The state of one :func:`branch_and_bound` call: the problem, its options and each
+    sample's outcome so far, shared by the steps of the search loop."""
+
+    def __init__(self, engine: BoundEngine, judge: Judge, milp: MarginMilp, center: Tensor,
+                 radius: Tensor, corners: tuple[Tensor, Tensor], reference: Tensor,
+                 layers: list[int], *, steps: int, candidates: int,
+                 attack: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
+        n = center.shape[0]
+        device = center.device
+        self.engine, self.judge, self.milp = engine, judge, milp
+        self.center, self.radius, self.corners, self.reference = center, radius, corners, reference
+        self.layers, self.steps, self.candidates, self.attack = layers, steps, candidates, attack
+        self.certified = torch.zeros(n, dtype=torch.bool, device=device)
+        self.falsified = torch.zeros(n, dtype=torch.bool, device=device)
+        self.given_up = torch.zeros(n, dtype=torch.bool, device=device)
+        self.counterexample = torch.full_like(center, float("nan"))
+        self.spent = np.zeros(n)
+        self.domains = np.zeros(n, dtype=np.int64)
+        self.root_bounds: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return int(self.center.shape[0])
+
+    @property
+    def decided(self) -> int:
+        """Samples certified or falsified so far."""
+        return int((self.certified | self.falsified).sum())
+
+    def result(self) -> BabResult:
+        """The outcome per sample (a falsified sample is never reported certified)."""
+        return BabResult(self.certified & ~self.falsified, self.falsified, self.counterexample,
+                         self.spent, self.domains)
+
+    def open_roots(self, interval_bounds: dict[int, tuple[Tensor, Tensor]]) -> _Queue:
+        """Bound every sample's root by CROWN (kept for the whole search); the roots left open
+        are the first queue."""
+        start = time.perf_counter()
+        n, device = self.n, self.center.device
+        everyone = torch.arange(n, device=device)
+        root = self.engine.bound_subdomains(self.center, self.radius, interval_bounds,
+                                            self.reference)
+        self.root_bounds = root.bounds
+        no_splits = {k: torch.zeros(n, lower[0].numel(), dtype=torch.int8, device=device)
+                     for k, (lower, _) in self.root_bounds.items()}
+        queue = self._keep_open(everyone, root, no_splits)
+        self.spent += (time.perf_counter() - start) / max(n, 1)
+        return queue
+
+    def settle(self, queue: _Queue, timeout: float) -> _Queue:
+        """Drop the subdomains of decided samples, certify the samples with none left and give
+        up those past ``timeout``; the queue of the samples still open."""
+        alive = ~(self.falsified | self.given_up)
+        queue = queue.take(alive[queue.sample].nonzero().squeeze(1))
+        counts = torch.bincount(queue.sample, minlength=self.n)
+        self.certified |= (counts == 0) & alive
+        over = torch.as_tensor(self.spent >= timeout, device=self.center.device) & (counts > 0)
+        self.given_up |= over
+        return queue.take((~self.given_up[queue.sample]).nonzero().squeeze(1))
+
+    def give_up_largest(self, queue: _Queue, max_domains: int) -> None:
+        """Give up the samples with the most subdomains until the queue fits
+        ``max_domains``."""
+        counts = torch.bincount(queue.sample, minlength=self.n)
+        remaining = len(queue)
+        for sample in torch.argsort(counts, descending=True).tolist():
+            if remaining <= max_domains:
+                break
+            self.given_up[sample] = True
+            remaining -= int(counts[sample])
+
+    def decide_leaves(self, batch: _Queue, deadline: float) -> _Queue:
+        """Decide the fully split subdomains of ``batch`` exactly; the others, to split."""
+        leaves = batch.layer < 0
+        if not bool(leaves.any()):
+            return batch
+        _decide_leaves(batch.take(leaves.nonzero().squeeze(1)), self.root_bounds, self.judge,
+                       self.milp, self.corners, self.reference, self.falsified, self.given_up,
+                       self.counterexample, deadline)
+        return batch.take((~leaves).nonzero().squeeze(1))
+
+    def branch(self, batch: _Queue) -> _Queue:
+        """Split each subdomain of ``batch`` on its chosen ReLU and bound both children by
+        beta-CROWN; the children left open."""
+        children = _children(batch)
+        rows = children.sample
+        result = self.engine.bound_split_subdomains(
+            self.center[rows], self.radius[rows],
+            _split_bounds(self.root_bounds, rows, children.splits),
+            {k: v.view(len(children), *self.root_bounds[k][0].shape[1:])
+             for k, v in children.splits.items()},
+            self.reference[rows], closed=children.margins > 0, steps=self.steps,
+        )
+        return self._keep_open(rows, result, children.splits)
+
+    def charge(self, batch: _Queue, round_start: float) -> None:
+        """Charge the round's time to the samples of ``batch``, each its share of the
+        subdomains (a round bounds many samples at once)."""
+        share = np.bincount(batch.sample.cpu().numpy(), minlength=self.n) if len(batch) else 0
         elapsed = time.perf_counter() - round_start
-        spent += elapsed * share / max(np.sum(share), 1)
-    return BabResult(certified & ~falsified, falsified, counterexample, spent, domains)
+        self.spent += elapsed * share / max(np.sum(share), 1)
+
+    def _keep_open(self, rows: Tensor, result: SubdomainBounds,
+                   splits: dict[int, Tensor]) -> _Queue:
+        """Count the bounded subdomains (of samples ``rows``), try their candidates and choose
+        the next split of each open one; the subdomains not closed."""
+        np.add.at(self.domains, rows.cpu().numpy(), 1)
+        self._check(rows, result.candidate)
+        if self.attack is not None:
+            self._attack_worst(rows, result)
+        done = (result.margins > 0).all(1) | result.infeasible
+        open_rows = (~done & ~self.falsified[rows]).nonzero().squeeze(1)
+        layer, neuron = _choose_splits(
+            self.engine, result, self.layers, splits,
+            (self.center[rows], self.radius[rows], self.reference[rows]), open_rows,
+            self.candidates)
+        return _Queue(rows, splits, result.margins, layer, neuron).take(
+            (~done).nonzero().squeeze(1))
+
+    def _attack_worst(self, rows: Tensor, result: SubdomainBounds) -> None:
+        """A few attack steps from the bounds' minimisers of the most promising subdomains
+        (the ``_SEARCHED`` lowest worst margins still negative), their points tried."""
+        worst = result.margins.min(1).values
+        chosen = torch.argsort(worst)[:_SEARCHED]
+        chosen = chosen[(worst[chosen] < 0) & ~self.falsified[rows[chosen]]]
+        if chosen.numel():
+            targets = torch.nn.functional.one_hot(result.margins[chosen].argmin(1),
+                                                  result.margins.shape[1]).bool()
+            self._check(rows[chosen], self.attack(rows[chosen], result.candidate[chosen],
+                                                  targets))
+
+    def _check(self, rows: Tensor, candidates: Tensor) -> None:
+        """Falsify the samples ``rows`` whose candidate flips the decision (the first
+        counterexample found is kept)."""
+        lower_box, upper_box = self.corners
+        flipped, points = self.judge.flips(candidates, self.reference[rows], lower_box[rows],
+                                           upper_box[rows])
+        for row in flipped.nonzero().squeeze(1).tolist():
+            sample = int(rows[row])
+            if not self.falsified[sample]:
+                self.falsified[sample] = True
+                self.counterexample[sample] = points[row]
 
 
 def _decide_leaves(leaves: _Queue, root_bounds: dict[int, tuple[Tensor, Tensor]], judge: Judge,
