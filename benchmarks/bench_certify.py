@@ -66,12 +66,18 @@ ALPHA_OPTS = {"optimize_bound_args": {"iteration": 20, "lr_alpha": 0.1}}
 
 def build_networks() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                        nn.Linear(256, 10))
+    mlp = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     cnn = nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(1568, 100), nn.ReLU(), nn.Linear(100, 10),
+        nn.Conv2d(1, 16, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(1568, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
     )
     return {
         "MLP 784-256-256-10": (mlp.eval(), (784,)),
@@ -84,8 +90,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_alternating(fns: dict, device: torch.device, rounds: int,
-                     budget_s: float | None) -> tuple[dict[str, float], dict, int]:
+def time_alternating(
+    fns: dict, device: torch.device, rounds: int, budget_s: float | None
+) -> tuple[dict[str, float], dict, int]:
     """Median seconds of each of ``fns``, called in turn, one of each per round.
 
     One untimed warm-up round first. Stops after ``rounds`` rounds, or earlier once the timed
@@ -122,8 +129,17 @@ def unstable_fraction(module: nn.Module, x, eps) -> float:
 
 def certify_call(module: nn.Module, x, eps: float, method: str, backend: str):
     """A no-argument call of the public ``certify`` on ``x``."""
-    return partial(certify, module, x, eps, method=method, lower=0.0, upper=1.0,
-                   batch_size=x.shape[0], backend=backend)
+    return partial(
+        certify,
+        module,
+        x,
+        eps,
+        method=method,
+        lower=0.0,
+        upper=1.0,
+        batch_size=x.shape[0],
+        backend=backend,
+    )
 
 
 def others_specification(prediction: torch.Tensor, n_classes: int, dtype) -> torch.Tensor:
@@ -142,12 +158,12 @@ def lirpa_direct_call(lirpa, bounded, module: nn.Module, x, eps: float, method: 
 
     def bounds(prediction):
         spec = others_specification(prediction, n_classes, x.dtype)
-        box = lirpa.PerturbationLpNorm(norm=float("inf"), x_L=(x - eps).clamp(0.0, 1.0),
-                                       x_U=(x + eps).clamp(0.0, 1.0))
+        box = lirpa.PerturbationLpNorm(
+            norm=float("inf"), x_L=(x - eps).clamp(0.0, 1.0), x_U=(x + eps).clamp(0.0, 1.0)
+        )
         bounded_x = lirpa.BoundedTensor(x, box)
         name = "CROWN-Optimized" if method == "alpha-crown" else LIRPA_METHODS[method]
-        lower, _ = bounded.compute_bounds(x=(bounded_x,), C=spec, method=name,
-                                          bound_upper=False)
+        lower, _ = bounded.compute_bounds(x=(bounded_x,), C=spec, method=name, bound_upper=False)
         return lower
 
     def call():
@@ -173,16 +189,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--eps", type=float, default=0.05)
-    parser.add_argument("--pairs", "--repeats", dest="pairs", type=int, default=15,
-                        help="timed rounds per cell (one call of each contender per round)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="stop a cell's rounds after this many seconds (at least 3 rounds)")
-    parser.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp", "crown"],
-                        choices=METHODS)
+    parser.add_argument(
+        "--pairs",
+        "--repeats",
+        dest="pairs",
+        type=int,
+        default=15,
+        help="timed rounds per cell (one call of each contender per round)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="stop a cell's rounds after this many seconds (at least 3 rounds)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=["ibp", "crown-ibp", "crown"], choices=METHODS
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-lirpa", action="store_true", help="skip auto_LiRPA")
-    parser.add_argument("--adapter", action="store_true",
-                        help="also time auto_LiRPA via certdistill's adapter (the old baseline)")
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="also time auto_LiRPA via certdistill's adapter (the old baseline)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,16 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     adapter = args.adapter and lirpa is not None
 
     version = f", auto_LiRPA {lirpa.__version__}" if lirpa is not None else ""
-    print(f"# bench_certify: device={device}, batch={args.batch_size}, eps={args.eps}, "
-          f"torch {torch.__version__}{version}, {torch.get_num_threads()} threads, "
-          f"python {platform.python_version()}, {args.pairs} alternating rounds per cell")
+    print(
+        f"# bench_certify: device={device}, batch={args.batch_size}, eps={args.eps}, "
+        f"torch {torch.__version__}{version}, {torch.get_num_threads()} threads, "
+        f"python {platform.python_version()}, {args.pairs} alternating rounds per cell"
+    )
     command = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     print(f"# command: python benchmarks/bench_certify.py {command}".rstrip() + "\n")
     header = "| network | method | native samples/s | x plain forward |"
     rule = "|---|---|---|---|"
     if lirpa is not None:
-        header += (" auto_LiRPA direct samples/s | native / auto_LiRPA direct |"
-                   " max \\|diff\\| |")
+        header += " auto_LiRPA direct samples/s | native / auto_LiRPA direct | max \\|diff\\| |"
         rule += "---|---|---|"
     if adapter:
         header += " via certdistill adapter samples/s | native / adapter |"
@@ -224,15 +255,18 @@ def main(argv: list[str] | None = None) -> int:
             # Built once per network and device, outside the timing, as documented.
             bounded["plain"] = lirpa.BoundedModule(module, torch.empty_like(x), device=device)
             if "alpha-crown" in args.methods:
-                bounded["alpha"] = lirpa.BoundedModule(module, torch.empty_like(x),
-                                                       bound_opts=ALPHA_OPTS, device=device)
+                bounded["alpha"] = lirpa.BoundedModule(
+                    module, torch.empty_like(x), bound_opts=ALPHA_OPTS, device=device
+                )
             for model in bounded.values():
                 model.eval()
         forward_rate = None
         fraction = unstable_fraction(module, x, args.eps)
         for method in args.methods:
-            fns = {"forward": torch.no_grad()(partial(module, x)),
-                   "native": certify_call(module, x, args.eps, method, "native")}
+            fns = {
+                "forward": torch.no_grad()(partial(module, x)),
+                "native": certify_call(module, x, args.eps, method, "native"),
+            }
             if lirpa is not None:
                 model = bounded["alpha" if method == "alpha-crown" else "plain"]
                 fns["direct"] = lirpa_direct_call(lirpa, model, module, x, args.eps, method)
@@ -242,11 +276,16 @@ def main(argv: list[str] | None = None) -> int:
             rate = {key: args.batch_size / seconds for key, seconds in medians.items()}
             if forward_rate is None:
                 forward_rate = rate["forward"]
-                rows.append(f"| {name} | plain forward | {forward_rate:,.0f} | 1.0 |"
-                            + (" | | |" if lirpa is not None else "")
-                            + (" | |" if adapter else "") + f" {done} |")
-            row = (f"| {name} | {method} | {rate['native']:,.1f} | "
-                   f"{medians['native'] / medians['forward']:,.1f}x slower |")
+                rows.append(
+                    f"| {name} | plain forward | {forward_rate:,.0f} | 1.0 |"
+                    + (" | | |" if lirpa is not None else "")
+                    + (" | |" if adapter else "")
+                    + f" {done} |"
+                )
+            row = (
+                f"| {name} | {method} | {rate['native']:,.1f} | "
+                f"{medians['native'] / medians['forward']:,.1f}x slower |"
+            )
             if lirpa is not None:
                 certificate = results["native"]
                 prediction, theirs = results["direct"]
@@ -255,16 +294,19 @@ def main(argv: list[str] | None = None) -> int:
                     raise AssertionError(f"{name} {method}: predictions differ")
                 ours = native_others(certificate.margins, prediction)
                 diff = float(np.max(np.abs(ours - theirs.cpu().numpy())))
-                row += (f" {rate['direct']:,.1f} | {medians['direct'] / medians['native']:.2f}"
-                        f" | {diff:.1e} |")
+                row += (
+                    f" {rate['direct']:,.1f} | {medians['direct'] / medians['native']:.2f}"
+                    f" | {diff:.1e} |"
+                )
             if adapter:
-                row += (f" {rate['adapter']:,.1f} | "
-                        f"{medians['adapter'] / medians['native']:.2f} |")
+                row += f" {rate['adapter']:,.1f} | {medians['adapter'] / medians['native']:.2f} |"
             row += f" {done} |"
             rows.append(row)
             print(row, flush=True)
-        print(f"# {name}: {100 * fraction:.0f} % of ReLU inputs unstable under IBP at eps "
-              f"{args.eps}", flush=True)
+        print(
+            f"# {name}: {100 * fraction:.0f} % of ReLU inputs unstable under IBP at eps {args.eps}",
+            flush=True,
+        )
     print()
     print("\n".join(rows))
     return 0

@@ -47,23 +47,33 @@ def evaluate(certify_call, n: int, milp_samples: int) -> dict:
     row = {}
     for method in ("ibp", "crown", "alpha-crown", "complete"):
         cert, seconds = _timed(lambda method=method: certify_call(method))
-        row[method] = dict(certified=float(cert.certified.mean()),
-                           decided=float(np.mean(cert.status != "unknown")),
-                           falsified=float(np.mean(cert.status == "falsified")),
-                           seconds=seconds)
+        row[method] = dict(
+            certified=float(cert.certified.mean()),
+            decided=float(np.mean(cert.status != "unknown")),
+            falsified=float(np.mean(cert.status == "falsified")),
+            seconds=seconds,
+        )
         if method == "complete":
             stages, counts = np.unique(cert.decided_by, return_counts=True)
             row["decided_by"] = {str(s): int(c) for s, c in zip(stages, counts, strict=True)}
             row["status"] = cert.status.tolist()
     if milp_samples:
         cert, seconds = _timed(lambda: certify_call("milp", rows=slice(0, milp_samples)))
-        same, cascade_seconds = _timed(lambda: certify_call("complete",
-                                                            rows=slice(0, milp_samples)))
-        row["milp"] = dict(certified=float(cert.certified.mean()),
-                           decided=float(np.mean(cert.status != "unknown")), seconds=seconds,
-                           cascade_seconds=cascade_seconds, n=milp_samples,
-                           agree=bool(np.all(cert.status[cert.status != "unknown"]
-                                             == same.status[cert.status != "unknown"])))
+        same, cascade_seconds = _timed(
+            lambda: certify_call("complete", rows=slice(0, milp_samples))
+        )
+        row["milp"] = dict(
+            certified=float(cert.certified.mean()),
+            decided=float(np.mean(cert.status != "unknown")),
+            seconds=seconds,
+            cascade_seconds=cascade_seconds,
+            n=milp_samples,
+            agree=bool(
+                np.all(
+                    cert.status[cert.status != "unknown"] == same.status[cert.status != "unknown"]
+                )
+            ),
+        )
     row["n"] = n
     return row
 
@@ -74,9 +84,13 @@ def _format(name: str, training: str, params: int, clean: float, row: dict) -> s
 
     complete = row["complete"]
     milp = row.get("milp")
-    milp_text = (f"{milp['seconds']:.1f} s vs {milp['cascade_seconds']:.2f} s on the first "
-                 f"{milp['n']} ({100 * milp['decided']:.0f} % decided, same statuses: "
-                 f"{'yes' if milp['agree'] else 'NO'})" if milp else "-")
+    milp_text = (
+        f"{milp['seconds']:.1f} s vs {milp['cascade_seconds']:.2f} s on the first "
+        f"{milp['n']} ({100 * milp['decided']:.0f} % decided, same statuses: "
+        f"{'yes' if milp['agree'] else 'NO'})"
+        if milp
+        else "-"
+    )
     return (
         f"| {name} | {training} | {params:,} | {100 * clean:.1f} | {cell('ibp')} | "
         f"{cell('crown')} | {cell('alpha-crown')} | **{cell('complete')}** | "
@@ -98,19 +112,25 @@ def run_students(args) -> list[str]:
     lines = []
     for name in args.students:
         for training in args.trainings:
-            estimator, fit_seconds = _timed(functools.partial(train_student, name, training,
-                                                              seed=0))
+            estimator, fit_seconds = _timed(
+                functools.partial(train_student, name, training, seed=0)
+            )
             clean = estimator.score(X_test, y_test)
             params = sum(p.numel() for p in estimator.module_.parameters())
 
             def call(method, rows=slice(None), estimator=estimator):
-                return estimator.certify(X_test[rows], y=y_test[rows], method=method,
-                                         timeout=args.timeout)
+                return estimator.certify(
+                    X_test[rows], y=y_test[rows], method=method, timeout=args.timeout
+                )
 
             row = evaluate(call, len(y_test), 0 if args.no_milp else args.milp_samples)
             lines.append(_format(name, training, params, clean, row))
-            print(lines[-1], f"(fit {fit_seconds:.0f} s; decided by {row['decided_by']})",
-                  file=sys.stderr, flush=True)
+            print(
+                lines[-1],
+                f"(fit {fit_seconds:.0f} s; decided by {row['decided_by']})",
+                file=sys.stderr,
+                flush=True,
+            )
     return lines
 
 
@@ -120,57 +140,85 @@ def run_exported(args) -> list[str]:
     data = np.load(directory / "data.npz")
     X, y = torch.as_tensor(data["X"]), torch.as_tensor(data["y"])
     state = torch.load(directory / "model.pt", weights_only=True)
-    weights = [state[k] for k in sorted(state, key=lambda k: int(k.split(".")[0]))
-               if k.endswith("weight")]
+    weights = [
+        state[k] for k in sorted(state, key=lambda k: int(k.split(".")[0])) if k.endswith("weight")
+    ]
     layers: list[nn.Module] = []
     for i, w in enumerate(weights):
         layers.append(nn.Linear(w.shape[1], w.shape[0]))
         if i < len(weights) - 1:
             layers.append(nn.ReLU())
     network = nn.Sequential(*layers)
-    network.load_state_dict({f"{2 * (int(k.split('.')[0]) // 2)}.{k.split('.')[1]}": v
-                             for k, v in state.items()})
+    network.load_state_dict(
+        {f"{2 * (int(k.split('.')[0]) // 2)}.{k.split('.')[1]}": v for k, v in state.items()}
+    )
     network.eval()
     with torch.no_grad():
         clean = float((network(X).argmax(1) == y).float().mean())
 
     def call(method, rows=slice(None)):
-        return certify(network, X[rows], EPS, method=method, y=y[rows], lower=0.0, upper=1.0,
-                       timeout=args.timeout)
+        return certify(
+            network,
+            X[rows],
+            EPS,
+            method=method,
+            y=y[rows],
+            lower=0.0,
+            upper=1.0,
+            timeout=args.timeout,
+        )
 
     row = evaluate(call, len(y), 0 if args.no_milp else args.milp_samples)
     params = sum(p.numel() for p in network.parameters())
-    (directory / "certdistill_results.json").write_text(json.dumps(
-        {"status": row.pop("status"), "decided_by": row["decided_by"],
-         "seconds": row["complete"]["seconds"]}, indent=1))
+    (directory / "certdistill_results.json").write_text(
+        json.dumps(
+            {
+                "status": row.pop("status"),
+                "decided_by": row["decided_by"],
+                "seconds": row["complete"]["seconds"],
+            },
+            indent=1,
+        )
+    )
     return [_format(directory.name, "exported", params, clean, row)]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
-    parser.add_argument("--trainings", nargs="+", default=list(TRAININGS),
-                        choices=list(TRAININGS))
+    parser.add_argument("--trainings", nargs="+", default=list(TRAININGS), choices=list(TRAININGS))
     parser.add_argument("--samples", type=int, default=540, help="test samples (first n)")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds of branch and bound and MILP per sample")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds of branch and bound and MILP per sample",
+    )
     parser.add_argument("--no-milp", action="store_true", help="skip the MILP-alone column")
-    parser.add_argument("--milp-samples", type=int, default=100,
-                        help="samples (the first n) timed by MILP alone and by the cascade")
+    parser.add_argument(
+        "--milp-samples",
+        type=int,
+        default=100,
+        help="samples (the first n) timed by MILP alone and by the cascade",
+    )
     parser.add_argument("--model", help="directory of an exported network (model.pt, data.npz)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lines = run_exported(args) if args.model else run_students(args)
-    print(f"\nDigits (pixels / 16, stratified 70/30 split, seed 0), eps = {EPS}, labels given; "
-          f"certified % by each method through certify(); 'decided' = certified or falsified "
-          f"by complete verification (timeout {args.timeout:g} s per sample); torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, python "
-          f"{platform.python_version()}.\n")
+    print(
+        f"\nDigits (pixels / 16, stratified 70/30 split, seed 0), eps = {EPS}, labels given; "
+        f"certified % by each method through certify(); 'decided' = certified or falsified "
+        f"by complete verification (timeout {args.timeout:g} s per sample); torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, python "
+        f"{platform.python_version()}.\n"
+    )
     print(HEADER)
     print("\n".join(lines))
-    print("\nReproduce: python benchmarks/bench_complete.py " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    print(
+        "\nReproduce: python benchmarks/bench_complete.py "
+        + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     return 0
 
 

@@ -43,14 +43,21 @@ CONTENDERS = ("distilled", "alone, same rows", "alone")
 
 
 def make_teacher(X, y, eps: float, epochs: int | None, seed: int = 0) -> CertifiedTeacher:
-    return CertifiedTeacher(eps=eps, lower=0.0, upper=1.0, input_shape=(1, 8, 8),
-                            max_epochs=epochs, random_state=seed).fit(X, y)
+    return CertifiedTeacher(
+        eps=eps, lower=0.0, upper=1.0, input_shape=(1, 8, 8), max_epochs=epochs, random_state=seed
+    ).fit(X, y)
 
 
 def fit_seconds(contender: str, teacher, X, y, *, eps: float, epochs: int, seed: int):
     """Wall seconds of one public ``fit`` and the epochs it ran."""
-    common = dict(eps=eps, lower=0.0, upper=1.0, random_state=seed, max_epochs=epochs,
-                  module__hidden_sizes=(32,))
+    common = dict(
+        eps=eps,
+        lower=0.0,
+        upper=1.0,
+        random_state=seed,
+        max_epochs=epochs,
+        module__hidden_sizes=(32,),
+    )
     if contender == "distilled":
         estimator, data = DistilledStudent(FrozenEstimator(teacher), **common), (X, y)
     elif contender == "alone, same rows":
@@ -67,11 +74,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60, help="student epochs per fit")
     parser.add_argument("--runs", type=int, default=3, help="fits per contender (median)")
-    parser.add_argument("--teacher-epochs", type=int, default=20,
-                        help="epochs of the teacher (fitted once, outside the timing)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: steady timings on a shared machine; "
-                        "0: torch's default)")
+    parser.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=20,
+        help="epochs of the teacher (fitted once, outside the timing)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: steady timings on a shared machine; 0: torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -80,36 +94,54 @@ def main(argv=None) -> None:
     X, _, y, _, eps = load("digits", 0)
     start = time.perf_counter()
     teacher = make_teacher(X, y, eps, args.teacher_epochs, args.seed)
-    print(f"teacher fitted in {time.perf_counter() - start:.1f} s (not timed below)",
-          file=sys.stderr, flush=True)
+    print(
+        f"teacher fitted in {time.perf_counter() - start:.1f} s (not timed below)",
+        file=sys.stderr,
+        flush=True,
+    )
 
     per_epoch = {c: [] for c in CONTENDERS}
     for run in range(args.runs):
         for contender in CONTENDERS:
-            seconds, epochs = fit_seconds(contender, teacher, X, y, eps=eps,
-                                          epochs=args.epochs, seed=args.seed)
+            seconds, epochs = fit_seconds(
+                contender, teacher, X, y, eps=eps, epochs=args.epochs, seed=args.seed
+            )
             per_epoch[contender].append(seconds / max(epochs, 1))
-            print(f"  run {run}: {contender}: {seconds:.2f} s for {epochs} epochs",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  run {run}: {contender}: {seconds:.2f} s for {epochs} epochs",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(np.divide(per_epoch[a], per_epoch[b]).tolist())
 
     rows = len(X)
-    print(f"\n### Epoch cost on digits ({rows} labelled rows, {args.epochs} epochs, "
-          f"{torch.get_num_threads()} torch threads, median of {args.runs} runs)\n")
+    print(
+        f"\n### Epoch cost on digits ({rows} labelled rows, {args.epochs} epochs, "
+        f"{torch.get_num_threads()} torch threads, median of {args.runs} runs)\n"
+    )
     print("| contender | training rows | s / epoch (median) |")
     print("|---|---:|---:|")
-    rows_of = {"distilled": rows * (1 + 2 * TRANSFER_SIZE), "alone, same rows":
-               rows * (1 + 2 * TRANSFER_SIZE), "alone": rows}
+    rows_of = {
+        "distilled": rows * (1 + 2 * TRANSFER_SIZE),
+        "alone, same rows": rows * (1 + 2 * TRANSFER_SIZE),
+        "alone": rows,
+    }
     for contender in CONTENDERS:
-        print(f"| {contender} | {int(rows_of[contender])} | "
-              f"{statistics.median(per_epoch[contender]):.3f} |")
-    print(f"\ndistilled / alone, same rows: {ratio('distilled', 'alone, same rows'):.2f}x "
-          "(target <= 1.5x)")
+        print(
+            f"| {contender} | {int(rows_of[contender])} | "
+            f"{statistics.median(per_epoch[contender]):.3f} |"
+        )
+    print(
+        f"\ndistilled / alone, same rows: {ratio('distilled', 'alone, same rows'):.2f}x "
+        "(target <= 1.5x)"
+    )
     print(f"distilled / alone (labelled rows only): {ratio('distilled', 'alone'):.2f}x")
-    print("\nCommand: python " + shlex.join([sys.argv[0], *(argv if argv is not None
-                                                           else sys.argv[1:])]))
+    print(
+        "\nCommand: python "
+        + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    )
 
 
 if __name__ == "__main__":

@@ -114,8 +114,14 @@ def child_stream(path: str, mode: str, method: str) -> dict:
         start = time.perf_counter()
         certificate = certify(module, X, EPS, method=method, lower=0.0, upper=1.0)
         seconds = time.perf_counter() - start
-    return {"rows": len(X), "mode": mode, "seconds": seconds, "peak_rss": peak_rss(),
-            "anonymous": anonymous.peak - before, "certified": certificate.certified_fraction}
+    return {
+        "rows": len(X),
+        "mode": mode,
+        "seconds": seconds,
+        "peak_rss": peak_rss(),
+        "anonymous": anonymous.peak - before,
+        "certified": certificate.certified_fraction,
+    }
 
 
 def child_plan(limit: int) -> dict:
@@ -144,9 +150,14 @@ def dask_rows(path: Path, n: int, blocks: int = 8):
     import dask.array as da
 
     block = -(-n // blocks)
-    parts = [da.from_delayed(dask.delayed(load_rows)(str(path), a, min(n, a + block)),
-                             shape=(min(n, a + block) - a, FEATURES), dtype=np.float32)
-             for a in range(0, n, block)]
+    parts = [
+        da.from_delayed(
+            dask.delayed(load_rows)(str(path), a, min(n, a + block)),
+            shape=(min(n, a + block) - a, FEATURES),
+            dtype=np.float32,
+        )
+        for a in range(0, n, block)
+    ]
     return da.concatenate(parts)
 
 
@@ -167,30 +178,41 @@ def bench_dask(path: Path, n: int, method: str, trim: bool) -> None:
     # dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which slows torch's CPU
     # allocations down (see docs/scaling-out.md); unset it unless --malloc-trim asks for it.
     config = {} if trim else {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-    with (dask.config.set(config),
-          LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                       dashboard_address=None, silence_logs=logging.ERROR) as cluster,
-          Client(cluster) as client):
+    with (
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(lambda: __import__("certdistill.certification.certify"))
         started = time.perf_counter() - start
         times = []
         for _ in range(2):  # the first run also unpickles the module on each worker
             start = time.perf_counter()
-            result = certify_dask(module, dask_rows(path, n), EPS, method=method, lower=0.0,
-                                  upper=1.0).compute()
+            result = certify_dask(
+                module, dask_rows(path, n), EPS, method=method, lower=0.0, upper=1.0
+            ).compute()
             times.append(time.perf_counter() - start)
-    print(f"| {n:,} | streamed `certify`, 1 process x 1 thread | {local:.2f} | "
-          f"{n / local:,.0f} |")
+    print(f"| {n:,} | streamed `certify`, 1 process x 1 thread | {local:.2f} | {n / local:,.0f} |")
     for run, seconds in enumerate(times, 1):
-        print(f"| {n:,} | `certify_dask`, 2 workers x 1 thread, run {run} | {seconds:.2f} | "
-              f"{n / seconds:,.0f} |")
-    print(f"\n(cluster start {started:.1f} s; certified fraction "
-          f"{np.mean(result['certified']):.3f})")
+        print(
+            f"| {n:,} | `certify_dask`, 2 workers x 1 thread, run {run} | {seconds:.2f} | "
+            f"{n / seconds:,.0f} |"
+        )
+    print(
+        f"\n(cluster start {started:.1f} s; certified fraction {np.mean(result['certified']):.3f})"
+    )
 
 
 def run_child(*args: str) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
-                            capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -202,22 +224,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--method", default="ibp")
-    parser.add_argument("--plans", type=int, nargs="*", default=[],
-                        help="memory_limit values (MiB) for the CROWN plan measurements")
+    parser.add_argument(
+        "--plans",
+        type=int,
+        nargs="*",
+        default=[],
+        help="memory_limit values (MiB) for the CROWN plan measurements",
+    )
     parser.add_argument("--dask", action="store_true", help="also time certify_dask")
-    parser.add_argument("--malloc-trim", action="store_true",
-                        help="keep dask's MALLOC_TRIM_THRESHOLD_=65536 for the workers")
+    parser.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="keep dask's MALLOC_TRIM_THRESHOLD_=65536 for the workers",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
-        result = (child_stream(rest[0], rest[1], rest[2]) if kind == "stream"
-                  else child_plan(int(rest[0])))
+        result = (
+            child_stream(rest[0], rest[1], rest[2])
+            if kind == "stream"
+            else child_plan(int(rest[0]))
+        )
         print(json.dumps(result))
         return 0
 
-    print(f"# bench_streaming: torch {torch.__version__}, numpy {np.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs, 1 torch thread")
+    print(
+        f"# bench_streaming: torch {torch.__version__}, numpy {np.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, 1 torch thread"
+    )
     print(f"# command: python {' '.join(sys.argv)}\n")
     print(f"method={args.method}, eps={EPS}, MLP 64-32-10, batch_size 256 (the default)\n")
     print("| rows | X | seconds | rows/s | peak RSS (MiB) | peak anonymous growth (MiB) |")
@@ -228,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             make_rows(path, n)
             for mode in ("memmap", "in memory"):
                 r = run_child("stream", str(path), mode, args.method)
-                print(f"| {n:,} | {mode} | {r['seconds']:.2f} | {n / r['seconds']:,.0f} | "
-                      f"{mib(r['peak_rss'])} | {mib(r['anonymous'])} |",
-                      flush=True)
+                print(
+                    f"| {n:,} | {mode} | {r['seconds']:.2f} | {n / r['seconds']:,.0f} | "
+                    f"{mib(r['peak_rss'])} | {mib(r['anonymous'])} |",
+                    flush=True,
+                )
             if args.dask and n == max(args.rows):
                 print("\n| rows | where | seconds | rows/s |\n|---|---|---|---|")
                 bench_dask(path, n, args.method, args.malloc_trim)

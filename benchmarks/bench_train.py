@@ -55,8 +55,13 @@ def pgd_accuracy(teacher, X, y, eps, steps=20, restarts=2, seed=0) -> float:
     y_enc = torch.as_tensor(teacher._encode_labels(y))
     gen = torch.Generator().manual_seed(seed)
     x_adv = pgd_attack(
-        teacher.module_, x, y_enc, teacher.perturbation_.with_eps(eps), steps=steps,
-        restarts=restarts, generator=gen,
+        teacher.module_,
+        x,
+        y_enc,
+        teacher.perturbation_.with_eps(eps),
+        steps=steps,
+        restarts=restarts,
+        generator=gen,
     )
     was_training = teacher.module_.training
     teacher.module_.eval()
@@ -115,8 +120,12 @@ def run(args) -> list[dict]:
     for method in args.methods:
         for seed in args.seeds:
             params = dict(
-                eps=args.eps, input_shape=DATA[args.data][1], lower=0.0,
-                upper=1.0, random_state=seed, device=args.device,
+                eps=args.eps,
+                input_shape=DATA[args.data][1],
+                lower=0.0,
+                upper=1.0,
+                random_state=seed,
+                device=args.device,
                 **VARIANTS.get(method, {"method": method}),
             )
             if args.batch_size is not None:
@@ -135,21 +144,23 @@ def run(args) -> list[dict]:
             cert_time = time.perf_counter() - cert_start
             crown = teacher.certify(Xte, y=yte, method="crown") if not args.no_crown else None
             cost = step_cost(teacher, Xtr, ytr) if not args.no_step_cost else {}
-            rows.append(dict(
-                method=method,
-                seed=seed,
-                clean=teacher.score(Xte, yte),
-                pgd=pgd_accuracy(teacher, Xte, yte, args.eps, seed=seed),
-                crown=np.nan if crown is None else crown.certified.mean(),
-                ibp=ibp.certified.mean(),
-                best=best.mean(),
-                epoch_s=fit_time / teacher.n_epochs_,
-                fit_s=fit_time,
-                certify_s=cert_time,
-                ibp_ratio=cost.get("ibp", np.nan) / cost.get("plain", np.nan),
-                own_ratio=cost.get("own", np.nan) / cost.get("ibp", np.nan),
-                epochs=teacher.n_epochs_,
-            ))
+            rows.append(
+                dict(
+                    method=method,
+                    seed=seed,
+                    clean=teacher.score(Xte, yte),
+                    pgd=pgd_accuracy(teacher, Xte, yte, args.eps, seed=seed),
+                    crown=np.nan if crown is None else crown.certified.mean(),
+                    ibp=ibp.certified.mean(),
+                    best=best.mean(),
+                    epoch_s=fit_time / teacher.n_epochs_,
+                    fit_s=fit_time,
+                    certify_s=cert_time,
+                    ibp_ratio=cost.get("ibp", np.nan) / cost.get("plain", np.nan),
+                    own_ratio=cost.get("own", np.nan) / cost.get("ibp", np.nan),
+                    epochs=teacher.n_epochs_,
+                )
+            )
             print(_format_row(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -173,42 +184,62 @@ HEADER = (
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+",
-                        default=["ibp", "crown-ibp", "crown-ibp-per-margin", "mtl-ibp"],
-                        help="training methods, or " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["ibp", "crown-ibp", "crown-ibp-per-margin", "mtl-ibp"],
+        help="training methods, or " + ", ".join(VARIANTS),
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--eps", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="max_epochs (default: the teacher's default)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="max_epochs (default: the teacher's default)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--flat", action="store_true",
-                        help="flat features (default MLP) instead of input_shape=(1, 8, 8)")
+    parser.add_argument(
+        "--flat",
+        action="store_true",
+        help="flat features (default MLP) instead of input_shape=(1, 8, 8)",
+    )
     parser.add_argument("--no-step-cost", action="store_true")
-    parser.add_argument("--no-crown", action="store_true",
-                        help="skip the CROWN-alone column (slow on large images)")
+    parser.add_argument(
+        "--no-crown", action="store_true", help="skip the CROWN-alone column (slow on large images)"
+    )
     parser.add_argument("--device", default="cpu", help="the estimators' device (cpu, cuda)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="training batch size (default: the teacher's, 128)")
-    parser.add_argument("--data", choices=sorted(DATA), default="digits",
-                        help="digits (8x8) or digits28 (MNIST-sized, generated)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training batch size (default: the teacher's, 128)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=sorted(DATA),
+        default="digits",
+        help="digits (8x8) or digits28 (MNIST-sized, generated)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args)
     print()
     shape = DATA[args.data][1]
-    print(f"Data {args.data} ({len(load_data(args.data)[0])} training images), stratified split "
-          f"(seed 0), eps = {args.eps}, {'flat MLP' if args.flat else f'input_shape={shape} CNN'}"
-          f" default teacher, device {args.device}, {args.threads} torch threads. Certified by "
-          "the default cascade of certify() (IBP, then CROWN-IBP and CROWN on the samples "
-          "still open), timed in "
-          "'certify s'. Step ratios at full training eps (CROWN-IBP with beta = 1).")
+    print(
+        f"Data {args.data} ({len(load_data(args.data)[0])} training images), stratified split "
+        f"(seed 0), eps = {args.eps}, {'flat MLP' if args.flat else f'input_shape={shape} CNN'}"
+        f" default teacher, device {args.device}, {args.threads} torch threads. Certified by "
+        "the default cascade of certify() (IBP, then CROWN-IBP and CROWN on the samples "
+        "still open), timed in "
+        "'certify s'. Step ratios at full training eps (CROWN-IBP with beta = 1)."
+    )
     print()
     print(HEADER)
     for r in rows:
         print(_format_row(r))
     print()
-    print("Reproduce: python benchmarks/bench_train.py " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv))
+    print(
+        "Reproduce: python benchmarks/bench_train.py "
+        + " ".join(sys.argv[1:] if argv is None else argv)
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ EPS = 0.1
 STUDENTS = {
     "mlp-64-32": (lambda: make_mlp(64, 10, (32,)), None),
     "mlp-64-64-64": (lambda: make_mlp(64, 10, (64, 64, 64)), None),
-    "cnn-4-8-16": (lambda: make_cnn((1, 8, 8), 10, channels=(4, 8), hidden_sizes=(16,)),
-                   (1, 8, 8)),
+    "cnn-4-8-16": (lambda: make_cnn((1, 8, 8), 10, channels=(4, 8), hidden_sizes=(16,)), (1, 8, 8)),
 }
 
 #: Training name -> CertifiedTeacher parameters.
@@ -42,8 +41,9 @@ TRAININGS = {
 def digits_split(seed: int = 0):
     """Digits / 16, stratified 70/30 split: ``X_train, X_test, y_train, y_test`` (540 test)."""
     X, y = load_digits(return_X_y=True)
-    return train_test_split((X / 16.0).astype(np.float32), y, test_size=0.3, stratify=y,
-                            random_state=seed)
+    return train_test_split(
+        (X / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=seed
+    )
 
 
 def train_student(student: str, training: str, seed: int = 0, epochs: int = 60):
@@ -52,8 +52,14 @@ def train_student(student: str, training: str, seed: int = 0, epochs: int = 60):
     X_train, _, y_train, _ = digits_split()
     torch.manual_seed(seed)
     return CertifiedTeacher(
-        builder(), eps=EPS, input_shape=input_shape, lower=0.0, upper=1.0, random_state=seed,
-        max_epochs=epochs, **TRAININGS[training],
+        builder(),
+        eps=EPS,
+        input_shape=input_shape,
+        lower=0.0,
+        upper=1.0,
+        random_state=seed,
+        max_epochs=epochs,
+        **TRAININGS[training],
     ).fit(X_train, y_train)
 
 
@@ -84,6 +90,7 @@ def export(network: nn.Sequential, X: np.ndarray, y: np.ndarray, directory) -> P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), directory / "model.pt")
-    np.savez(directory / "data.npz", X=np.asarray(X, dtype=np.float32),
-             y=np.asarray(y, dtype=np.int64))
+    np.savez(
+        directory / "data.npz", X=np.asarray(X, dtype=np.float32), y=np.asarray(y, dtype=np.int64)
+    )
     return directory

@@ -24,9 +24,20 @@ MOVED: dict[str, str] = {
     "certdistill.distributed": "certdistill.scale.distributed",
     **{
         f"certdistill.{name}": f"certdistill.estimators.{name}"
-        for name in ("base", "teacher", "student", "teacher_outputs", "transfer", "losses",
-                     "schedules", "scoring", "models", "_architecture", "persistence",
-                     "_safe_config")
+        for name in (
+            "base",
+            "teacher",
+            "student",
+            "teacher_outputs",
+            "transfer",
+            "losses",
+            "schedules",
+            "scoring",
+            "models",
+            "_architecture",
+            "persistence",
+            "_safe_config",
+        )
     },
 }
 

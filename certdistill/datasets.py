@@ -52,7 +52,7 @@ def make_digits28(n_samples: int = 10_000, *, side: int = 28, random_state=None)
     canvas = torch.zeros(n_samples, 1, side, side)
     rows, cols = rng.randint(0, 9, size=n_samples), rng.randint(0, 9, size=n_samples)
     for i in range(n_samples):
-        canvas[i, :, rows[i]:rows[i] + inner, cols[i]:cols[i] + inner] = enlarged[i]
+        canvas[i, :, rows[i] : rows[i] + inner, cols[i] : cols[i] + inner] = enlarged[i]
     noise = torch.as_tensor(rng.uniform(-0.05, 0.05, size=canvas.shape), dtype=torch.float32)
     X = (canvas + noise).clamp(0.0, 1.0).view(n_samples, -1).numpy()
     return X, labels[chosen].astype(np.int64)

@@ -338,8 +338,10 @@ def plot_certified_accuracy_curve(
             raise ValueError(
                 f"{label} must be a pair (eps, accuracy) of arrays, got {type(curve).__name__}."
             )
-        eps, accuracy = _as_1d(curve[0], f"eps of {label}"), _as_1d(
-            curve[1], f"accuracy of {label}")
+        eps, accuracy = (
+            _as_1d(curve[0], f"eps of {label}"),
+            _as_1d(curve[1], f"accuracy of {label}"),
+        )
         if eps.shape != accuracy.shape:
             raise ValueError(
                 f"{label}: eps has {eps.size} values but accuracy has {accuracy.size}."
@@ -347,9 +349,7 @@ def plot_certified_accuracy_curve(
         if np.any(eps < 0):
             raise ValueError(f"{label}: eps must be non-negative.")
         if np.any((accuracy < 0) | (accuracy > 1)):
-            raise ValueError(
-                f"{label}: accuracy must be a fraction in [0, 1] (not a percentage)."
-            )
+            raise ValueError(f"{label}: accuracy must be a fraction in [0, 1] (not a percentage).")
         order = np.argsort(eps, kind="stable")
         checked[name] = (eps[order], accuracy[order])
 
@@ -391,8 +391,9 @@ def pareto_front(points) -> np.ndarray:
     keep = []
     for i, (a, b) in enumerate(values):
         others = np.delete(values, i, axis=0)
-        dominated = np.any((others[:, 0] >= a) & (others[:, 1] >= b)
-                           & ((others[:, 0] > a) | (others[:, 1] > b)))
+        dominated = np.any(
+            (others[:, 0] >= a) & (others[:, 1] >= b) & ((others[:, 0] > a) | (others[:, 1] > b))
+        )
         if not dominated:
             keep.append(i)
     keep = np.asarray(keep, dtype=int)
@@ -429,8 +430,9 @@ def plot_pareto_fronts(
     matplotlib, _ = _import_matplotlib()
     series = _named_series(groups, "groups")
     ax = _new_axes(ax)
-    for (name, points), color in zip(series.items(), matplotlib.rcParams[
-            "axes.prop_cycle"].by_key()["color"] * 4, strict=False):
+    for (name, points), color in zip(
+        series.items(), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False
+    ):
         values = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         front = values[pareto_front(values)]
         ax.scatter(values[:, 0], values[:, 1], color=color, alpha=0.35, s=18)
@@ -518,8 +520,12 @@ def plot_radius_histogram(
     several = len(checked) > 1
     for name, array in checked.items():
         weights = np.full(array.shape, 1.0 / array.size) if density else None
-        options = {"histtype": "stepfilled", "alpha": 0.45 if several else 0.8,
-                   "edgecolor": "black", "linewidth": 0.8}
+        options = {
+            "histtype": "stepfilled",
+            "alpha": 0.45 if several else 0.8,
+            "edgecolor": "black",
+            "linewidth": 0.8,
+        }
         options.update(hist_kwargs)
         ax.hist(array, bins=edges, weights=weights, label=name or None, **options)
     ax.set_xlabel(xlabel)
@@ -627,9 +633,7 @@ def plot_training_schedule(
 
 def _epoch_numbers(rows: Sequence[Mapping]) -> np.ndarray:
     """Each row's recorded epoch, or its 1-based position where none is recorded."""
-    epochs = np.array(
-        [_as_float(row.get("epoch", index + 1)) for index, row in enumerate(rows)]
-    )
+    epochs = np.array([_as_float(row.get("epoch", index + 1)) for index, row in enumerate(rows)])
     return np.where(np.isfinite(epochs), epochs, np.arange(1, len(rows) + 1))
 
 
@@ -642,9 +646,9 @@ def _key_points(
     for epoch, row in zip(epochs, rows, strict=True):
         batches = row.get("batches") if per_batch else None
         batch_values = (
-            [_as_float(b.get(key)) if isinstance(b, Mapping) else math.nan
-             for b in batches]
-            if isinstance(batches, Sequence) and batches else []
+            [_as_float(b.get(key)) if isinstance(b, Mapping) else math.nan for b in batches]
+            if isinstance(batches, Sequence) and batches
+            else []
         )
         if any(np.isfinite(batch_values)):
             count = len(batch_values)

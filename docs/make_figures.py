@@ -58,8 +58,7 @@ def _toy_network() -> tuple[nn.Module, np.ndarray, np.ndarray]:
     X, y = make_moons(n_samples=300, noise=0.15, random_state=0)
     X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                        nn.Linear(32, 2))
+    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
     for _ in range(400):
@@ -81,8 +80,9 @@ def _grid_minimum(net: nn.Module, x0: np.ndarray, eps: float, ref: int, n: int =
 
 def _bound(net: nn.Module, x0: np.ndarray, eps: float, ref: int, method: str) -> float:
     with torch.no_grad():
-        margins = margin_lower_bounds(net, torch.as_tensor(x0[None]), eps,
-                                      torch.tensor([ref]), method=method)
+        margins = margin_lower_bounds(
+            net, torch.as_tensor(x0[None]), eps, torch.tensor([ref]), method=method
+        )
     return float(margins[0, 1 - ref])
 
 
@@ -115,8 +115,12 @@ def figure_toy_bounds() -> None:
     left.contourf(span, span, margin > 0, levels=[-0.5, 0.5, 1.5], colors=["#cfe0f3", "#f7d9c4"])
     left.contour(span, span, margin, levels=[0], colors="black", linewidths=1.2)
     left.scatter(X[:, 0], X[:, 1], c=np.where(y == 0, "#c0504d", "#1f5fa8"), s=6, alpha=0.5)
-    boxes = [("ibp", radii["ibp"]), ("crown", radii["crown"]),
-             ("true", true_radius), ("attack", true_radius + 0.1)]
+    boxes = [
+        ("ibp", radii["ibp"]),
+        ("crown", radii["crown"]),
+        ("true", true_radius),
+        ("attack", true_radius + 0.1),
+    ]
     for key, eps in boxes:
         if key == "true":
             label, color, style = f"exact radius {eps:.2f}", "black", ":"
@@ -125,8 +129,18 @@ def figure_toy_bounds() -> None:
         else:
             name, color = METHOD_STYLE[key]
             label, style = f"{name} certifies eps = {eps:.2f}", "-"
-        left.add_patch(Rectangle(x0 - eps, 2 * eps, 2 * eps, fill=False, edgecolor=color,
-                                 linestyle=style, linewidth=1.8, label=label))
+        left.add_patch(
+            Rectangle(
+                x0 - eps,
+                2 * eps,
+                2 * eps,
+                fill=False,
+                edgecolor=color,
+                linestyle=style,
+                linewidth=1.8,
+                label=label,
+            )
+        )
     left.plot(*x0, marker="*", color="gold", markeredgecolor="black", markersize=14)
     left.set_xlim(x0[0] - 0.9, x0[0] + 0.9)
     left.set_ylim(x0[1] - 0.9, x0[1] + 0.9)
@@ -137,13 +151,17 @@ def figure_toy_bounds() -> None:
     left.legend(loc="lower left", fontsize=7.5, framealpha=0.9)
 
     # Bounds of the margin as eps grows.
-    right.plot(eps_grid, exact, color="black", linewidth=2.2,
-               label="true minimum (dense grid)")
+    right.plot(eps_grid, exact, color="black", linewidth=2.2, label="true minimum (dense grid)")
     for method, values in bounds.items():
         name, color = METHOD_STYLE[method]
-        right.plot(eps_grid, values, color=color, linewidth=1.6,
-                   linestyle="--" if method == "alpha-crown" else "-",
-                   label=f"{name} lower bound (radius {radii[method]:.2f})")
+        right.plot(
+            eps_grid,
+            values,
+            color=color,
+            linewidth=1.6,
+            linestyle="--" if method == "alpha-crown" else "-",
+            label=f"{name} lower bound (radius {radii[method]:.2f})",
+        )
     right.axhline(0.0, color="grey", linewidth=1)
     right.set_ylim(-1.5 * exact[0], 1.15 * exact[0])
     right.set_xlim(0, eps_grid[-1])
@@ -170,9 +188,16 @@ def figure_relu_relaxation() -> None:
         ax.grid(True, alpha=0.3)
     ibp.fill_between(z, 0.0, upper, color="C3", alpha=0.25, label="IBP: $[0, u]$ for any $z$")
     ibp.set_title("IBP: an interval, the input is forgotten")
-    crown.fill_between(z, z * (upper > -lower), chord, color="C0", alpha=0.25,
-                       label=r"CROWN: $\alpha z \leq$ ReLU$(z) \leq \frac{u\,(z-l)}{u-l}$"
-                       "\n" r"(adaptive $\alpha = 1$ as $u > -l$)")
+    crown.fill_between(
+        z,
+        z * (upper > -lower),
+        chord,
+        color="C0",
+        alpha=0.25,
+        label=r"CROWN: $\alpha z \leq$ ReLU$(z) \leq \frac{u\,(z-l)}{u-l}$"
+        "\n"
+        r"(adaptive $\alpha = 1$ as $u > -l$)",
+    )
     crown.plot(z, chord, color="C0", linewidth=1.2)
     crown.plot(z, z * (upper > -lower), color="C0", linewidth=1.2, linestyle="--")
     crown.set_title("CROWN: two lines that keep the link to $z$")
@@ -203,17 +228,23 @@ def _train_digits(X, y, eps_train: float, epochs: int, seed: int = 0):
             x, target = X_t[batch], y_t[batch]
             loss = nn.functional.cross_entropy(net(x), target)
             if eps_train > 0:
-                margins = margin_lower_bounds(net, x, eps, target, method="ibp",
-                                              lower=0.0, upper=1.0)
+                margins = margin_lower_bounds(
+                    net, x, eps, target, method="ibp", lower=0.0, upper=1.0
+                )
                 worst = -margins.masked_fill(torch.isinf(margins), 0.0)
                 loss = kappa * loss + (1 - kappa) * nn.functional.cross_entropy(worst, target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        **({"eps": eps, "kappa": kappa} if eps_train > 0 else {})})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "lr": optimizer.param_groups[0]["lr"],
+                **({"eps": eps, "kappa": kappa} if eps_train > 0 else {}),
+            }
+        )
         scheduler.step()
     return net.eval(), history
 
@@ -225,7 +256,8 @@ def figures_digits() -> None:
     data = load_digits()
     X = (data.data / 16.0).astype(np.float32)
     X_train, X_test, y_train, y_test = train_test_split(
-        X, data.target, test_size=0.3, stratify=data.target, random_state=0)
+        X, data.target, test_size=0.3, stratify=data.target, random_state=0
+    )
     X_test, y_test = X_test[:300], y_test[:300]
     plain, _ = _train_digits(X_train, y_train, eps_train=0.0, epochs=20)
     certified, history = _train_digits(X_train, y_train, eps_train=0.1, epochs=20)
@@ -234,13 +266,15 @@ def figures_digits() -> None:
     curves, radii = {}, {}
     for name, net in (("plain training", plain), ("IBP training", certified)):
         for method in ("ibp", "crown"):
-            accuracy = certified_accuracy_curve(net, X_test, y_test, eps_grid, method=method,
-                                                lower=0.0, upper=1.0)
+            accuracy = certified_accuracy_curve(
+                net, X_test, y_test, eps_grid, method=method, lower=0.0, upper=1.0
+            )
             curves[f"{name}, {method.upper()} certificate"] = (eps_grid, accuracy)
         from certdistill import certified_radius
 
-        radii[name] = certified_radius(net, X_test, y=y_test, method="crown", lower=0.0,
-                                       upper=1.0, max_eps=0.2)
+        radii[name] = certified_radius(
+            net, X_test, y=y_test, method="crown", lower=0.0, upper=1.0, max_eps=0.2
+        )
 
     ax = plot_certified_accuracy_curve(curves, title="Digits, MLP 64-64-10 (300 test samples)")
     ax.figure.set_size_inches(6.0, 3.8)
@@ -251,8 +285,11 @@ def figures_digits() -> None:
     ax.figure.set_size_inches(6.0, 3.4)
     _save(ax.figure, "radius_histogram.png")
 
-    axes = plot_training_schedule(history, keys=("eps", "kappa", "lr", "train_loss"),
-                                  title="IBP training run: recorded schedule")
+    axes = plot_training_schedule(
+        history,
+        keys=("eps", "kappa", "lr", "train_loss"),
+        title="IBP training run: recorded schedule",
+    )
     _save(next(iter(axes.values())).figure, "training_schedule.png")
 
 

@@ -46,16 +46,29 @@ def main(epochs: int = 60) -> None:
     texture = np.array(["texture" in name for name in names])
     eps = np.where(texture, 0.0, 0.05)
 
-    pipe = Pipeline([
-        # clip=True keeps test values beyond the training range inside [0, 1], the input domain
-        # the network is trained and certified on (certify rejects inputs outside it).
-        ("scale", MinMaxScaler(clip=True)),
-        ("net", CertifiedTeacher(eps=eps, lower=0.0, upper=1.0, module__hidden_sizes=(64, 64),
-                                 max_epochs=epochs, random_state=SEED)),
-    ])
+    pipe = Pipeline(
+        [
+            # clip=True keeps test values beyond the training range inside [0, 1], the input domain
+            # the network is trained and certified on (certify rejects inputs outside it).
+            ("scale", MinMaxScaler(clip=True)),
+            (
+                "net",
+                CertifiedTeacher(
+                    eps=eps,
+                    lower=0.0,
+                    upper=1.0,
+                    module__hidden_sizes=(64, 64),
+                    max_epochs=epochs,
+                    random_state=SEED,
+                ),
+            ),
+        ]
+    )
     pipe.fit(X_train, y_train)
-    print(f"breast cancer: {len(X_train)} train / {len(X_test)} test samples, "
-          f"{X_train.shape[1]} features scaled to [0, 1]")
+    print(
+        f"breast cancer: {len(X_train)} train / {len(X_test)} test samples, "
+        f"{X_train.shape[1]} features scaled to [0, 1]"
+    )
     print(f"clean test accuracy: {100 * pipe.score(X_test, y_test):.1f} %\n")
 
     # A Pipeline has no certify method, and the ball must be taken around the *scaled* input:

@@ -41,16 +41,25 @@ def main(epochs: int = 20) -> None:
     for method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
         cert = certify(net, X_test, eps, method=method, y=y_test, lower=0.0, upper=1.0)
         print(f"  {method:12s} {100 * cert.certified_fraction:5.1f} %")
-    radius = certified_radius(net, X_test, method="crown", y=y_test, lower=0.0, upper=1.0,
-                              max_eps=0.1)
+    radius = certified_radius(
+        net,
+        X_test,
+        method="crown",
+        y=y_test,
+        lower=0.0,
+        upper=1.0,
+        max_eps=0.1,
+    )
     print(f"median CROWN-certified radius: {np.median(radius):.4f}")
 
     eps = 0.03
     cert = certify(net, X_test, eps, method="complete", y=y_test, lower=0.0, upper=1.0)
-    print(f"complete verification at eps = {eps}: "
-          f"{np.sum(cert.status == 'certified')} certified, "
-          f"{np.sum(cert.status == 'falsified')} falsified, "
-          f"{np.sum(cert.status == 'unknown')} unknown")
+    print(
+        f"complete verification at eps = {eps}: "
+        f"{np.sum(cert.status == 'certified')} certified, "
+        f"{np.sum(cert.status == 'falsified')} falsified, "
+        f"{np.sum(cert.status == 'unknown')} unknown"
+    )
     stages, counts = np.unique(cert.decided_by, return_counts=True)
     print("  decided by " + ", ".join(f"{s} {c}" for s, c in zip(stages, counts, strict=True)))
     falsified = np.flatnonzero(cert.status == "falsified")
@@ -60,8 +69,9 @@ def main(epochs: int = 20) -> None:
         with torch.no_grad():
             predicted = int(net(point[None]).argmax())
         distance = float(np.abs(cert.counterexample[i] - X_test[i]).max())
-        print(f"  sample {i}: label {y_test[i]}, predicted {predicted} at a point "
-              f"{distance:.3f} away")
+        print(
+            f"  sample {i}: label {y_test[i]}, predicted {predicted} at a point {distance:.3f} away"
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ class InterruptAt(Callback):
 def report(what: str, model, X_test, y_test) -> None:
     completed = [row for row in model.history if "train_loss" in row]
     certified = model.certified_accuracy(X_test, y_test, eps=EPS, method="crown")
-    print(f"{what:34s} epochs {len(completed):2d}, eps {completed[-1]['eps']:.3f}: "
-          f"accuracy {100 * model.score(X_test, y_test):5.1f} %, "
-          f"certified {100 * certified:5.1f} %")
+    print(
+        f"{what:34s} epochs {len(completed):2d}, eps {completed[-1]['eps']:.3f}: "
+        f"accuracy {100 * model.score(X_test, y_test):5.1f} %, "
+        f"certified {100 * certified:5.1f} %"
+    )
 
 
 def main(epochs: int = 12) -> None:
@@ -53,15 +55,23 @@ def main(epochs: int = 12) -> None:
     X_train, X_test, y_train, y_test = train_test_split(
         X, digits.target, test_size=0.3, stratify=digits.target, random_state=SEED
     )
-    params = dict(eps=EPS, method="ibp", lower=0.0, upper=1.0, module__hidden_sizes=(128,),
-                  max_epochs=epochs, random_state=SEED)
+    params = dict(
+        eps=EPS,
+        method="ibp",
+        lower=0.0,
+        upper=1.0,
+        module__hidden_sizes=(128,),
+        max_epochs=epochs,
+        random_state=SEED,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         # Saved after every epoch (monitor=None): weights, optimiser state and history.
         checkpoint = Checkpoint(dirname=str(Path(tmp) / "checkpoint"), monitor=None)
         stop = max(2, epochs // 2)
-        teacher = CertifiedTeacher(**params, callbacks=[("checkpoint", checkpoint),
-                                                        ("interrupt", InterruptAt(stop))])
+        teacher = CertifiedTeacher(
+            **params, callbacks=[("checkpoint", checkpoint), ("interrupt", InterruptAt(stop))]
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             teacher.fit(X_train, y_train)

@@ -41,8 +41,13 @@ def main(epochs: int = 30) -> None:
     )
 
     teacher = CertifiedTeacher(
-        eps=EPS, method="ibp", lower=0.0, upper=1.0, module__hidden_sizes=(256,),
-        max_epochs=epochs, random_state=SEED,
+        eps=EPS,
+        method="ibp",
+        lower=0.0,
+        upper=1.0,
+        module__hidden_sizes=(256,),
+        max_epochs=epochs,
+        random_state=SEED,
     )
     start = time.perf_counter()
     teacher.fit(X_train, y_train)
@@ -52,8 +57,12 @@ def main(epochs: int = 30) -> None:
     # The temperature softens how the default "selective" loss picks the samples on which the
     # student trains for robustness (those the teacher certifies).
     student = DistilledStudent(
-        FrozenEstimator(teacher), module__hidden_sizes=(32,), lower=0.0, upper=1.0,
-        max_epochs=epochs, random_state=SEED,
+        FrozenEstimator(teacher),
+        module__hidden_sizes=(32,),
+        lower=0.0,
+        upper=1.0,
+        max_epochs=epochs,
+        random_state=SEED,
     )
     # The candidates differ in the radius they are trained at, but all are scored at the same
     # radius EPS: the question is which training radius certifies best at the radius we report.
@@ -81,17 +90,22 @@ def main(epochs: int = 30) -> None:
     # clone() returns a FrozenEstimator itself, so every candidate of the search shares the one
     # fitted teacher. Passed unfrozen, the fitted teacher would be cloned into an unfitted copy,
     # which each of the student fits would train again.
-    print(f"\nteacher trained once: clones of the student share it: "
-          f"{clone(student).teacher is student.teacher}; the refitted student uses it: "
-          f"{best.teacher_ is teacher}; its epochs: {len(teacher.history_)} (was {epochs_trained})")
+    print(
+        f"\nteacher trained once: clones of the student share it: "
+        f"{clone(student).teacher is student.teacher}; the refitted student uses it: "
+        f"{best.teacher_ is teacher}; its epochs: {len(teacher.history_)} (was {epochs_trained})"
+    )
     print(f"best parameters: {search.best_params_}")
     certified = CertifiedAccuracy(EPS, method="ibp")(best, X_test, y_test)
-    print(f"refitted student on the test set: accuracy {100 * best.score(X_test, y_test):.1f} %, "
-          f"certified accuracy at eps = {EPS}: {100 * certified:.1f} %")
+    print(
+        f"refitted student on the test set: accuracy {100 * best.score(X_test, y_test):.1f} %, "
+        f"certified accuracy at eps = {EPS}: {100 * certified:.1f} %"
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30,
-                        help="training epochs of the teacher and of each student")
+    parser.add_argument(
+        "--epochs", type=int, default=30, help="training epochs of the teacher and of each student"
+    )
     main(parser.parse_args().epochs)

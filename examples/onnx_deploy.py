@@ -42,9 +42,11 @@ def robustness_property(x: np.ndarray, label: int, eps: float, n_classes: int) -
 def main(epochs: int) -> None:
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(
-        (X / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=0)
-    model = CertifiedTeacher(eps=EPS, lower=0.0, upper=1.0, max_epochs=epochs,
-                             random_state=0).fit(X_train, y_train)
+        (X / 16.0).astype(np.float32), y, test_size=0.3, stratify=y, random_state=0
+    )
+    model = CertifiedTeacher(eps=EPS, lower=0.0, upper=1.0, max_epochs=epochs, random_state=0).fit(
+        X_train, y_train
+    )
 
     folder = Path(tempfile.mkdtemp())
     path = certdistill.export_onnx(model, folder / "model.onnx")
@@ -56,20 +58,25 @@ def main(epochs: int) -> None:
     print(f"onnxruntime vs predict_proba: largest difference {gap:.1e}")
 
     # 2. The certificate holds for the deployed artifact.
-    by_file = certdistill.certify(str(path), X_test, EPS, y=y_test, lower=0.0, upper=1.0,
-                                  method="crown")
+    by_file = certdistill.certify(
+        str(path), X_test, EPS, y=y_test, lower=0.0, upper=1.0, method="crown"
+    )
     by_model = model.certify(X_test, eps=EPS, y=y_test, method="crown")
     same = np.array_equal(by_file.certified, by_model.certified)
-    print(f"certified accuracy at eps {EPS}: file {by_file.certified_fraction:.1%}, estimator "
-          f"{by_model.certified_fraction:.1%} (same samples: {same})")
+    print(
+        f"certified accuracy at eps {EPS}: file {by_file.certified_fraction:.1%}, estimator "
+        f"{by_model.certified_fraction:.1%} (same samples: {same})"
+    )
 
     # 3. A VNN-LIB property of the file, decided as a VNN-COMP tool would.
     label = int(model.predict(X_test[:1])[0])
     prop = folder / "robustness.vnnlib"
     prop.write_text(robustness_property(X_test[0], label, EPS, len(model.classes_)))
     outcome = verify(path, prop, timeout=30)
-    print(f"VNN-LIB property of test image 0 (class {label}, eps {EPS}): {outcome.result} in "
-          f"{outcome.seconds:.2f} s")
+    print(
+        f"VNN-LIB property of test image 0 (class {label}, eps {EPS}): {outcome.result} in "
+        f"{outcome.seconds:.2f} s"
+    )
     print(outcome.results_text().splitlines()[0])
 
 

@@ -40,9 +40,11 @@ import numpy as np
 
 if sys.argv[1].endswith(".cdsafe"):
     import certdistill
+
     model = certdistill.load(sys.argv[1])  # safe format: no code from the file runs
 else:
     import joblib
+
     model = joblib.load(sys.argv[1])  # a pickle: trusted files only
 test = np.load(sys.argv[2])
 X_test, y_test = test["X"], test["y"]
@@ -57,9 +59,16 @@ print(f"fresh process: loaded {type(model).__name__} from {sys.argv[1].rsplit('/
 def check_in_fresh_process(student, path: Path, folder: Path, X_test, cert) -> None:
     """Load ``path`` in a new interpreter and check that it computes what ``student`` does."""
     fresh = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_CERTIFY, str(path), str(folder / "test.npz"),
-         str(folder / "out.npz")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            LOAD_AND_CERTIFY,
+            str(path),
+            str(folder / "test.npz"),
+            str(folder / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
     )
     if fresh.returncode != 0:
         raise SystemExit(f"loading in a fresh process failed:\n{fresh.stderr}")
@@ -84,14 +93,29 @@ def main(epochs: int = 30) -> None:
     X_train, X_test, y_train, y_test = train_test_split(
         X, digits.target, test_size=0.3, stratify=digits.target, random_state=SEED
     )
-    teacher = CertifiedTeacher(eps=EPS, method="ibp", lower=0.0, upper=1.0,
-                               module__hidden_sizes=(256,), max_epochs=epochs, random_state=SEED)
-    student = DistilledStudent(teacher.fit(X_train, y_train), module__hidden_sizes=(32,),
-                               eps=EPS, lower=0.0, upper=1.0, max_epochs=epochs,
-                               random_state=SEED).fit(X_train, y_train)
+    teacher = CertifiedTeacher(
+        eps=EPS,
+        method="ibp",
+        lower=0.0,
+        upper=1.0,
+        module__hidden_sizes=(256,),
+        max_epochs=epochs,
+        random_state=SEED,
+    )
+    student = DistilledStudent(
+        teacher.fit(X_train, y_train),
+        module__hidden_sizes=(32,),
+        eps=EPS,
+        lower=0.0,
+        upper=1.0,
+        max_epochs=epochs,
+        random_state=SEED,
+    ).fit(X_train, y_train)
     cert = student.certify(X_test, eps=EPS, method="crown", y=y_test)
-    print(f"trained student: accuracy {100 * student.score(X_test, y_test):.1f} %, "
-          f"certified accuracy {100 * cert.certified_fraction:.1f} %")
+    print(
+        f"trained student: accuracy {100 * student.score(X_test, y_test):.1f} %, "
+        f"certified accuracy {100 * cert.certified_fraction:.1f} %"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -116,17 +140,22 @@ def main(epochs: int = 30) -> None:
         where = next(deployed.module_.parameters()).device
         # On another device, rounding may differ slightly: count agreements, not bit equality.
         agree = np.mean(deployed.predict(X_test) == expected)
-        print(f"saved with device={device!r}: loaded onto {where}, "
-              f"predictions as before for {100 * agree:.1f} % of the test set")
+        print(
+            f"saved with device={device!r}: loaded onto {where}, "
+            f"predictions as before for {100 * agree:.1f} % of the test set"
+        )
         # The safe format takes the device when loading (default: the saved one, or the CPU
         # with a warning where CUDA is missing).
         served = certdistill.load(safe_path, device=device)
-        print(f"safe format loaded with device={device!r}: "
-              f"on {next(served.module_.parameters()).device}")
+        print(
+            f"safe format loaded with device={device!r}: "
+            f"on {next(served.module_.parameters()).device}"
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30,
-                        help="training epochs of the teacher and of the student")
+    parser.add_argument(
+        "--epochs", type=int, default=30, help="training epochs of the teacher and of the student"
+    )
     main(parser.parse_args().epochs)

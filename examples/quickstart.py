@@ -33,18 +33,30 @@ def main(epochs: int = 60) -> None:
     # lower/upper are the pixel range: the perturbation ball is clipped to it, in training and in
     # certification, which both matches the data and tightens the bounds.
     teacher = CertifiedTeacher(
-        eps=EPS, lower=0.0, upper=1.0, module__hidden_sizes=(512,), max_epochs=epochs,
+        eps=EPS,
+        lower=0.0,
+        upper=1.0,
+        module__hidden_sizes=(512,),
+        max_epochs=epochs,
         random_state=SEED,
     )
     start = time.perf_counter()
     teacher.fit(X_train, y_train)
-    print(f"teacher ({teacher.method}, hidden layer (512,)) trained in "
-          f"{time.perf_counter() - start:.1f} s")
+    print(
+        f"teacher ({teacher.method}, hidden layer (512,)) trained in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
 
     # An already fitted teacher is used as it is: only the student is trained here.
     student = DistilledStudent(
-        teacher, module__hidden_sizes=(32,), eps=EPS, temperature=4.0, lower=0.0, upper=1.0,
-        max_epochs=epochs, random_state=SEED,
+        teacher,
+        module__hidden_sizes=(32,),
+        eps=EPS,
+        temperature=4.0,
+        lower=0.0,
+        upper=1.0,
+        max_epochs=epochs,
+        random_state=SEED,
     )
     start = time.perf_counter()
     student.fit(X_train, y_train)
@@ -62,6 +74,7 @@ def main(epochs: int = 60) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=60,
-                        help="training epochs of the teacher and of the student")
+    parser.add_argument(
+        "--epochs", type=int, default=60, help="training epochs of the teacher and of the student"
+    )
     main(parser.parse_args().epochs)

@@ -32,8 +32,9 @@ def main(epochs: int = 30, output: Path = Path("examples-output")) -> None:
     X_train, X_test, y_train, y_test = train_test_split(
         X, digits.target, test_size=0.3, stratify=digits.target, random_state=SEED
     )
-    common = dict(lower=0.0, upper=1.0, module__hidden_sizes=(256,), max_epochs=epochs,
-                  random_state=SEED)
+    common = dict(
+        lower=0.0, upper=1.0, module__hidden_sizes=(256,), max_epochs=epochs, random_state=SEED
+    )
     models = {
         "IBP-trained (eps 0.1)": CertifiedTeacher(eps=EPS, method="ibp", **common),
         # eps=0 leaves only the clean cross-entropy: the same network, trained plainly.
@@ -48,8 +49,10 @@ def main(epochs: int = 30, output: Path = Path("examples-output")) -> None:
         # comparison should be about the networks, not about the bound.
         # The search stops at max_eps: radii of 0.3 mean "at least 0.3".
         radii[name] = model.certified_radius(X_test, y=y_test, method="crown", max_eps=0.3)
-        print(f"{name:22s} {100 * model.score(X_test, y_test):7.1f} % "
-              f"{np.median(radii[name]):14.4f} {100 * np.mean(radii[name] >= EPS):15.1f} %")
+        print(
+            f"{name:22s} {100 * model.score(X_test, y_test):7.1f} % "
+            f"{np.median(radii[name]):14.4f} {100 * np.mean(radii[name] >= EPS):15.1f} %"
+        )
 
     ax = plot_radius_histogram(radii, bins=30, title="Certified radius (CROWN), digits test set")
     ax.axvline(EPS, color="black", linestyle="--", linewidth=1)
@@ -62,7 +65,11 @@ def main(epochs: int = 30, output: Path = Path("examples-output")) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of each network")
-    parser.add_argument("--output", type=Path, default=Path("examples-output"),
-                        help="folder for the figure (created if missing)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("examples-output"),
+        help="folder for the figure (created if missing)",
+    )
     args = parser.parse_args()
     main(args.epochs, args.output)

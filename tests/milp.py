@@ -28,8 +28,18 @@ from torch import nn
 
 from certdistill.bounds.layers import Add, ConstantAffine, GraphNetwork, Reshape
 
-_AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten,
-           nn.Unflatten, nn.ZeroPad2d, ConstantAffine, Reshape)
+_AFFINE = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.AvgPool2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ZeroPad2d,
+    ConstantAffine,
+    Reshape,
+)
 _NO_OP = (nn.Identity, nn.Dropout)
 
 

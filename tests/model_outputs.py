@@ -14,8 +14,11 @@ import numpy as np
 
 def model_outputs(model, X, y) -> dict[str, np.ndarray]:
     """Predictions, probabilities, score, certificates and radii of ``model`` (and its teacher)."""
-    results = {"predict": model.predict(X), "proba": model.predict_proba(X),
-               "score": np.array(model.score(X, y))}
+    results = {
+        "predict": model.predict(X),
+        "proba": model.predict_proba(X),
+        "score": np.array(model.score(X, y)),
+    }
     for method in ("ibp", "crown"):
         cert = model.certify(X, method=method, y=y)
         results[f"margins_{method}"] = cert.margins

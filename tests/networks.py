@@ -274,8 +274,12 @@ def make_unflatten_net(
     torch.manual_seed(seed)
     c, h, w = map_shape
     kernel = min(kernel_size, h, w)
-    layers: list[nn.Module] = [nn.Linear(d_in, c * h * w), nn.ReLU(), nn.Unflatten(1, map_shape),
-                               nn.Conv2d(c, channels, kernel)]
+    layers: list[nn.Module] = [
+        nn.Linear(d_in, c * h * w),
+        nn.ReLU(),
+        nn.Unflatten(1, map_shape),
+        nn.Conv2d(c, channels, kernel),
+    ]
     if batchnorm:
         layers.append(nn.BatchNorm2d(channels))
     out = channels * (h - kernel + 1) * (w - kernel + 1)
@@ -400,8 +404,9 @@ def make_random_network(
     raise RuntimeError("could not draw a small enough network")
 
 
-def _with_imported_layers(net: nn.Sequential, shape: tuple[int, ...], family: str, seed: int,
-                          dtype: torch.dtype) -> tuple[nn.Sequential, tuple[int, ...]]:
+def _with_imported_layers(
+    net: nn.Sequential, shape: tuple[int, ...], family: str, seed: int, dtype: torch.dtype
+) -> tuple[nn.Sequential, tuple[int, ...]]:
     """Put the layers imported ONNX files bring in front of a random network: a constant
     normalisation (scalar, per channel or per feature, some scales negative), zero padding of
     feature maps, a reshape of odd input shapes such as ``(d, 1)``.
@@ -421,7 +426,8 @@ def _with_imported_layers(net: nn.Sequential, shape: tuple[int, ...], family: st
         kind = rng.integers(3)
         constant_shape = [(), (shape[0],) + (1,) * (len(shape) - 1), shape][int(kind)]
         scale = rng.uniform(0.5, 2.0, size=constant_shape) * np.where(
-            rng.random(constant_shape) < 0.2, -1.0, 1.0)
+            rng.random(constant_shape) < 0.2, -1.0, 1.0
+        )
         shift = rng.normal(0.0, 0.5, size=constant_shape)
         front.insert(0, ConstantAffine(torch.tensor(scale), torch.tensor(shift)))
     if family == "mlp" and rng.random() < 0.3:
@@ -473,8 +479,9 @@ def around(x: torch.Tensor, eps, lower=None, upper=None):
     """The validated perturbation of radius ``eps`` (and domain) around the samples of ``x``."""
     from certdistill.bounds import Perturbation
 
-    return Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
-                               device=x.device)
+    return Perturbation.create(
+        eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype, device=x.device
+    )
 
 
 # ----------------------------------------------------------------------- residual networks
@@ -554,8 +561,12 @@ def make_residual_cnn(
     layers.append(Add())
     inputs.append((2, skip))
     out_h, out_w = (h + 1) // stride if downsample else h, (w + 1) // stride if downsample else w
-    layers += [nn.ReLU(), nn.AvgPool2d(2, stride=1), nn.Flatten(),
-               nn.Linear(channels * (out_h - 1) * (out_w - 1), n_classes)]
+    layers += [
+        nn.ReLU(),
+        nn.AvgPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(channels * (out_h - 1) * (out_w - 1), n_classes),
+    ]
     for _ in range(4):
         inputs.append((len(inputs) - 1,))
     return _finish(GraphNetwork(layers, inputs), generator, dtype)
@@ -585,7 +596,9 @@ class TracedResidualNet(nn.Module):
 
 
 def make_random_residual_network(
-    rng: np.random.Generator, *, max_relus: int | None = None,
+    rng: np.random.Generator,
+    *,
+    max_relus: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[GraphNetwork, tuple[int, ...], int]:
     """Draw a random residual MLP or CNN (see :func:`make_random_network`)."""
@@ -596,15 +609,29 @@ def make_random_residual_network(
             width = int(rng.integers(2, 7))
             input_skip = bool(rng.random() < 0.4)
             d_in = width if input_skip else int(rng.integers(2, 6))
-            net = make_residual_mlp(d_in, width, int(rng.integers(1, 3)), n_classes, seed=seed,
-                                    batchnorm=bool(rng.random() < 0.5), input_skip=input_skip,
-                                    weight_scale=float(rng.uniform(0.8, 1.6)), dtype=dtype)
+            net = make_residual_mlp(
+                d_in,
+                width,
+                int(rng.integers(1, 3)),
+                n_classes,
+                seed=seed,
+                batchnorm=bool(rng.random() < 0.5),
+                input_skip=input_skip,
+                weight_scale=float(rng.uniform(0.8, 1.6)),
+                dtype=dtype,
+            )
             shape: tuple[int, ...] = (d_in,)
         else:
             shape = (int(rng.integers(1, 3)), int(rng.integers(3, 6)), int(rng.integers(3, 6)))
-            net = make_residual_cnn(shape, int(rng.integers(1, 3)), n_classes, seed=seed,
-                                    batchnorm=bool(rng.random() < 0.6),
-                                    downsample=bool(rng.random() < 0.4), dtype=dtype)
+            net = make_residual_cnn(
+                shape,
+                int(rng.integers(1, 3)),
+                n_classes,
+                seed=seed,
+                batchnorm=bool(rng.random() < 0.6),
+                downsample=bool(rng.random() < 0.4),
+                dtype=dtype,
+            )
         if max_relus is None or count_relus(net, shape) <= max_relus:
             return net, shape, n_classes
     raise RuntimeError("could not draw a small enough residual network")

@@ -51,8 +51,15 @@ import certdistill
 from certdistill import CertifiedAccuracy, CertifiedTeacher, DistilledStudent
 from certdistill.exceptions import UnsupportedLayerError
 
-TINY = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=1, module__hidden_sizes=(8,),
-            random_state=0, batch_size=64)
+TINY = dict(
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=1,
+    module__hidden_sizes=(8,),
+    random_state=0,
+    batch_size=64,
+)
 N_CLASSES = 3
 CUDA = torch.cuda.is_available()
 
@@ -146,8 +153,9 @@ def _with(X, index, value):
 def _tanh_network(hidden_sizes=(8,)):
     """A custom module builder (it takes ``module__hidden_sizes``) with a layer the bound engine
     does not support."""
-    return nn.Sequential(nn.Linear(64, hidden_sizes[0]), nn.Tanh(),
-                         nn.Linear(hidden_sizes[0], N_CLASSES))
+    return nn.Sequential(
+        nn.Linear(64, hidden_sizes[0]), nn.Tanh(), nn.Linear(hidden_sizes[0], N_CLASSES)
+    )
 
 
 def _strings(X):
@@ -180,11 +188,14 @@ CASES: dict[str, Case] = {
     "unknown loss": Case(params={"loss": "l2"}),
     "unfitted estimator": Case(unfitted=True),
     "unfitted frozen teacher": Case(
-        params={"teacher": lambda c: FrozenEstimator(CertifiedTeacher(**TINY))}),
+        params={"teacher": lambda c: FrozenEstimator(CertifiedTeacher(**TINY))}
+    ),
     "teacher of other features": Case(
-        params={"teacher": lambda c: FrozenEstimator(c.other_teachers["features"])}),
+        params={"teacher": lambda c: FrozenEstimator(c.other_teachers["features"])}
+    ),
     "teacher of other classes": Case(
-        params={"teacher": lambda c: FrozenEstimator(c.other_teachers["classes"])}),
+        params={"teacher": lambda c: FrozenEstimator(c.other_teachers["classes"])}
+    ),
     "non-estimator teacher": Case(params={"teacher": lambda c: LogisticRegression()}),
     # On an unfitted estimator: skorch's set_params(module=...) re-initialises a fitted
     # estimator's network at once, so there would be no old model left for fit to keep.
@@ -204,8 +215,17 @@ def _estimator(kind: str, ctx: Context, case: Case):
     return clone(fitted) if case.unfitted else copy.deepcopy(fitted)
 
 
-FIT_PARAMS = {"eps", "lower", "upper", "input_shape", "method", "loss", "teacher", "module",
-              "device"}
+FIT_PARAMS = {
+    "eps",
+    "lower",
+    "upper",
+    "input_shape",
+    "method",
+    "loss",
+    "teacher",
+    "module",
+    "device",
+}
 
 
 def _fit(kind: str, partial: bool):
@@ -225,6 +245,7 @@ def _fit(kind: str, partial: bool):
             _check_unchanged(estimator, ctx, before)
             raise
         assert estimator.predict(X[:2]).shape == (min(len(X), 2),)
+
     return call
 
 
@@ -243,14 +264,18 @@ def _method(kind: str, name: str):
         else:
             result = np.array([estimator.certified_accuracy(X, y, **params)])
         assert len(result) in (1, len(X))
+
     return call
 
 
 def _functional(name: str):
     def call(ctx: Context, case: Case, X, y):
         module = copy.deepcopy(ctx.teacher.module_)
-        params = {"lower": 0.0, "upper": 1.0,
-                  **_params(case, ctx, {"eps", "lower", "upper", "method", "module"})}
+        params = {
+            "lower": 0.0,
+            "upper": 1.0,
+            **_params(case, ctx, {"eps", "lower", "upper", "method", "module"}),
+        }
         module = params.pop("module", lambda: module)()
         if name == "certify":
             result = certdistill.certify(module, X, params.pop("eps", 0.05), y=y, **params)
@@ -259,6 +284,7 @@ def _functional(name: str):
                 params["max_eps"] = params.pop("eps")
             result = certdistill.certified_radius(module, X, y=y, **params)
         assert len(result) == len(X)
+
     return call
 
 
@@ -270,16 +296,27 @@ def _scorer(pipeline: bool):
         params = {"eps": 0.05, **_params(case, ctx, {"eps", "method"})}
         score = CertifiedAccuracy(params.pop("eps"), **params)(estimator, X, y)
         assert 0.0 <= score <= 1.0
+
     return call
 
 
 ENTRY_POINTS: dict[str, Callable] = {
-    **{f"{kind}.{name}": _fit(kind, name == "partial_fit")
-       for kind in ("teacher", "student") for name in ("fit", "partial_fit")},
-    **{f"{kind}.{name}": _method(kind, name)
-       for kind in ("teacher", "student")
-       for name in ("predict", "predict_proba", "certify", "certified_radius",
-                    "certified_accuracy")},
+    **{
+        f"{kind}.{name}": _fit(kind, name == "partial_fit")
+        for kind in ("teacher", "student")
+        for name in ("fit", "partial_fit")
+    },
+    **{
+        f"{kind}.{name}": _method(kind, name)
+        for kind in ("teacher", "student")
+        for name in (
+            "predict",
+            "predict_proba",
+            "certify",
+            "certified_radius",
+            "certified_accuracy",
+        )
+    },
     "certify()": _functional("certify"),
     "certified_radius()": _functional("certified_radius"),
     "CertifiedAccuracy": _scorer(pipeline=False),
@@ -287,10 +324,14 @@ ENTRY_POINTS: dict[str, Callable] = {
 }
 
 FITS = [f"{kind}.{name}" for kind in ("teacher", "student") for name in ("fit", "partial_fit")]
-PREDICTS = [f"{kind}.{name}" for kind in ("teacher", "student")
-            for name in ("predict", "predict_proba")]
-CERTIFIES = [f"{kind}.{name}" for kind in ("teacher", "student")
-             for name in ("certify", "certified_radius", "certified_accuracy")]
+PREDICTS = [
+    f"{kind}.{name}" for kind in ("teacher", "student") for name in ("predict", "predict_proba")
+]
+CERTIFIES = [
+    f"{kind}.{name}"
+    for kind in ("teacher", "student")
+    for name in ("certify", "certified_radius", "certified_accuracy")
+]
 FUNCTIONAL = ["certify()", "certified_radius()"]
 SCORERS = ["CertifiedAccuracy", "CertifiedAccuracy(pipeline)"]
 ESTIMATOR_METHODS = PREDICTS + CERTIFIES + SCORERS
@@ -325,20 +366,29 @@ def _expected() -> dict[tuple[str, str], object]:
         "wrong n_features": {
             **_row(FEATURES, [e for e in x_entries if e not in FRESH_FITS]),
             **_row(Works("a fresh fit learns the number of features"), FRESH_FITS[:1]),
-            "student.fit": Raises(ValueError, r"teacher was fitted on 64 features, but the "
-                                              r"student's X has 10"),
-            **_row(Raises(ValueError, r"sample shape \(10,\) does not fit the module"),
-                   FUNCTIONAL),
+            "student.fit": Raises(
+                ValueError,
+                r"teacher was fitted on 64 features, but the "
+                r"student's X has 10",
+            ),
+            **_row(Raises(ValueError, r"sample shape \(10,\) does not fit the module"), FUNCTIONAL),
         },
         "X of a wrong input_shape": {
             **_row(Raises(ValueError, r"Found array with dim 4"), x_entries),
-            **_row(Raises(ValueError, r"sample shape \(1, 7, 7\) does not fit the module"),
-                   FUNCTIONAL),
+            **_row(
+                Raises(ValueError, r"sample shape \(1, 7, 7\) does not fit the module"), FUNCTIONAL
+            ),
         },
         "wrong input_shape param": {
             **_row(FIT_ONLY, ESTIMATOR_METHODS),
-            **_row(Raises(ValueError, r"input_shape=\(1, 7, 7\) needs 49 features per row, "
-                                      r"but X has 64"), FITS),
+            **_row(
+                Raises(
+                    ValueError,
+                    r"input_shape=\(1, 7, 7\) needs 49 features per row, "
+                    r"but X has 64",
+                ),
+                FITS,
+            ),
             **_row(NotApplicable("the module's input shape is the one of X"), FUNCTIONAL),
         },
         "1-d X": {
@@ -359,33 +409,49 @@ def _expected() -> dict[tuple[str, str], object]:
             **_row(NO_LABELS, PREDICTS),
         },
         "unseen labels": {
-            **_row(Raises(ValueError, r"labels not seen in fit: array\(\[7\]\)"),
-                   [e for e in every if e not in FITS + FUNCTIONAL]),
+            **_row(
+                Raises(ValueError, r"labels not seen in fit: array\(\[7\]\)"),
+                [e for e in every if e not in FITS + FUNCTIONAL],
+            ),
             "teacher.fit": Works("a fresh fit learns the classes"),
             "student.fit": Raises(ValueError, r"teacher's classes .* differ from the student's"),
-            **_row(Raises(ValueError, r"labels not seen in fit: array\(\[7\]\)"),
-                   ["teacher.partial_fit", "student.partial_fit"]),
+            **_row(
+                Raises(ValueError, r"labels not seen in fit: array\(\[7\]\)"),
+                ["teacher.partial_fit", "student.partial_fit"],
+            ),
             **_row(Raises(ValueError, r"y holds classes outside \[0, 3\)"), FUNCTIONAL),
             **_row(NO_LABELS, PREDICTS),
         },
         "y of wrong length": {
             **_row(Raises(ValueError, r"inconsistent numbers of samples"), FITS),
-            **_row(Raises(ValueError, r"y must have shape \(90,\), got \(89,\)"),
-                   CERTIFIES + FUNCTIONAL + SCORERS),
+            **_row(
+                Raises(ValueError, r"y must have shape \(90,\), got \(89,\)"),
+                CERTIFIES + FUNCTIONAL + SCORERS,
+            ),
             **_row(NO_LABELS, PREDICTS),
         },
         "y missing": {
             **_row(Raises(ValueError, r"requires y to be passed"), FITS),
-            **_row(Works("without labels the prediction is certified"),
-                   ["teacher.certify", "student.certify", "teacher.certified_radius",
-                    "student.certified_radius", *FUNCTIONAL]),
-            **_row(Raises(ValueError, r"requires y"),
-                   ["teacher.certified_accuracy", "student.certified_accuracy", *SCORERS]),
+            **_row(
+                Works("without labels the prediction is certified"),
+                [
+                    "teacher.certify",
+                    "student.certify",
+                    "teacher.certified_radius",
+                    "student.certified_radius",
+                    *FUNCTIONAL,
+                ],
+            ),
+            **_row(
+                Raises(ValueError, r"requires y"),
+                ["teacher.certified_accuracy", "student.certified_accuracy", *SCORERS],
+            ),
             **_row(NO_LABELS, PREDICTS),
         },
         "non-numeric X": {
-            **_row(Raises(ValueError, r"could not convert string to float: '(low|high)'"),
-                   x_entries),
+            **_row(
+                Raises(ValueError, r"could not convert string to float: '(low|high)'"), x_entries
+            ),
             **_row(Raises(ValueError, r"X must be numeric"), FUNCTIONAL),
         },
         "eps negative": {
@@ -404,8 +470,14 @@ def _expected() -> dict[tuple[str, str], object]:
             **_row(NotApplicable("predictions do not depend on eps"), PREDICTS),
         },
         "eps of wrong shape": {
-            **_row(Raises(ValueError, r"eps of shape \(10,\) does not broadcast to one sample "
-                                      r"of shape \(64,\)"), FITS + WITH_EPS),
+            **_row(
+                Raises(
+                    ValueError,
+                    r"eps of shape \(10,\) does not broadcast to one sample "
+                    r"of shape \(64,\)",
+                ),
+                FITS + WITH_EPS,
+            ),
             **_row(RADIUS_VALUE, RADIUS),
             **_row(NotApplicable("predictions do not depend on eps"), PREDICTS),
         },
@@ -425,8 +497,7 @@ def _expected() -> dict[tuple[str, str], object]:
         "unknown method": {
             "teacher.fit": Raises(ValueError, r"method must be one of .*got 'lp'"),
             "teacher.partial_fit": Raises(ValueError, r"method must be one of .*got 'lp'"),
-            **_row(Raises(ValueError, r"teacher_bounds must be one of .*got 'lp'"),
-                   STUDENT_FITS),
+            **_row(Raises(ValueError, r"teacher_bounds must be one of .*got 'lp'"), STUDENT_FITS),
             **_row(Raises(ValueError, r"Unknown method 'lp'"), CERTIFIES + FUNCTIONAL + SCORERS),
             **_row(NotApplicable("predictions use no bound method"), PREDICTS),
         },
@@ -434,15 +505,21 @@ def _expected() -> dict[tuple[str, str], object]:
             "teacher.fit": Raises(ValueError, r"method must be one of .*got 3"),
             "teacher.partial_fit": Raises(ValueError, r"method must be one of .*got 3"),
             **_row(Raises(ValueError, r"teacher_bounds must be one of .*got 3"), STUDENT_FITS),
-            **_row(Raises(TypeError, r"method must be a stage name or a sequence of them, got 3"),
-                   CERTIFIES + FUNCTIONAL + SCORERS),
+            **_row(
+                Raises(TypeError, r"method must be a stage name or a sequence of them, got 3"),
+                CERTIFIES + FUNCTIONAL + SCORERS,
+            ),
             **_row(NotApplicable("predictions use no bound method"), PREDICTS),
         },
         "unknown loss": {
             **_row(Raises(ValueError, r"loss must be one of .*got 'l2'"), STUDENT_FITS),
-            **_row(NotApplicable("the teacher's loss is its method (and criterion is refused, "
-                                 "see test_training_safety.py)"),
-                   ["teacher.fit", "teacher.partial_fit"]),
+            **_row(
+                NotApplicable(
+                    "the teacher's loss is its method (and criterion is refused, "
+                    "see test_training_safety.py)"
+                ),
+                ["teacher.fit", "teacher.partial_fit"],
+            ),
             **_row(NotApplicable("takes no loss"), ESTIMATOR_METHODS + FUNCTIONAL),
         },
         "unfitted estimator": {
@@ -452,14 +529,20 @@ def _expected() -> dict[tuple[str, str], object]:
         },
         "unfitted frozen teacher": {
             **_row(TEACHER_ONLY, [e for e in every if e not in STUDENT_FITS]),
-            "student.fit": Raises(NotFittedError, r"FrozenEstimator .* wraps an unfitted "
-                                                  r"teacher"),
+            "student.fit": Raises(
+                NotFittedError,
+                r"FrozenEstimator .* wraps an unfitted "
+                r"teacher",
+            ),
             "student.partial_fit": NotApplicable("the teacher is taken on the first call"),
         },
         "teacher of other features": {
             **_row(TEACHER_ONLY, [e for e in every if e not in STUDENT_FITS]),
-            "student.fit": Raises(ValueError, r"teacher was fitted on 32 features, but the "
-                                              r"student's X has 64"),
+            "student.fit": Raises(
+                ValueError,
+                r"teacher was fitted on 32 features, but the "
+                r"student's X has 64",
+            ),
             "student.partial_fit": NotApplicable("the teacher is taken on the first call"),
         },
         "teacher of other classes": {
@@ -469,26 +552,33 @@ def _expected() -> dict[tuple[str, str], object]:
         },
         "non-estimator teacher": {
             **_row(TEACHER_ONLY, [e for e in every if e not in STUDENT_FITS]),
-            "student.fit": Raises(TypeError, r"teacher must be a certdistill estimator .*got "
-                                             r"LogisticRegression"),
+            "student.fit": Raises(
+                TypeError,
+                r"teacher must be a certdistill estimator .*got "
+                r"LogisticRegression",
+            ),
             "student.partial_fit": NotApplicable("the teacher is taken on the first call"),
         },
         "unsupported layer": {
             **_row(Raises(UnsupportedLayerError, r"Tanh"), FRESH_FITS + FUNCTIONAL),
-            **_row(NotApplicable("partial_fit trains the module it has"),
-                   ["teacher.partial_fit", "student.partial_fit"]),
+            **_row(
+                NotApplicable("partial_fit trains the module it has"),
+                ["teacher.partial_fit", "student.partial_fit"],
+            ),
             **_row(FIT_ONLY, ESTIMATOR_METHODS),
         },
         "device cuda without CUDA": {
-            **_row(NotApplicable("CUDA is available on this machine") if CUDA
-                   else Raises(ValueError, r"device='cuda' .*CUDA is not available"), FITS),
+            **_row(
+                NotApplicable("CUDA is available on this machine")
+                if CUDA
+                else Raises(ValueError, r"device='cuda' .*CUDA is not available"),
+                FITS,
+            ),
             **_row(FIT_ONLY, ESTIMATOR_METHODS),
-            **_row(NotApplicable("the functional API runs on the module's device"),
-                   FUNCTIONAL),
+            **_row(NotApplicable("the functional API runs on the module's device"), FUNCTIONAL),
         },
     }
-    return {(entry, case): verdict for case, row in table.items()
-            for entry, verdict in row.items()}
+    return {(entry, case): verdict for case, row in table.items() for entry, verdict in row.items()}
 
 
 EXPECTED = _expected()
@@ -499,8 +589,9 @@ EXPECTED = _expected()
 CLI_COMMANDS = ("train", "distill", "certify", "report")
 CLI_VALID = Works("test_cli.py::test_files_that_are_small_or_have_new_labels_are_accepted")
 NO_TEACHER = NotApplicable("only distill takes a teacher")
-SAME_EPS_OPTION = NotApplicable("every --eps is parsed by cli._args.nonnegative_float, run on "
-                                "another command")
+SAME_EPS_OPTION = NotApplicable(
+    "every --eps is parsed by cli._args.nonnegative_float, run on another command"
+)
 
 
 def _per_command(key: str) -> dict:
@@ -514,38 +605,57 @@ def _commands(default, **cells) -> dict:
 CLI_CELLS: dict[str, dict[str, str | Works | NotApplicable]] = {
     "nan X": _per_command("nan"),
     "inf X": _per_command("inf"),
-    "wrong n_features": {**_per_command("few features"),
-                         "train": NotApplicable("train learns the number of features")},
-    "X of a wrong input_shape": _commands(NotApplicable(
-        "data files are flattened to rows: a wrong sample shape is a wrong number of features")),
+    "wrong n_features": {
+        **_per_command("few features"),
+        "train": NotApplicable("train learns the number of features"),
+    },
+    "X of a wrong input_shape": _commands(
+        NotApplicable(
+            "data files are flattened to rows: a wrong sample shape is a wrong number of features"
+        )
+    ),
     "wrong input_shape param": _commands(
         NotApplicable("no --input-shape: the model's shape"),
-        train="bad input shape", distill="distill bad input shape"),
+        train="bad input shape",
+        distill="distill bad input shape",
+    ),
     "1-d X": _per_command("1-d X"),
     "empty X": _per_command("empty"),
-    "one sample": _commands(CLI_VALID, train="one sample (train)",
-                            distill="one sample (distill)"),
+    "one sample": _commands(CLI_VALID, train="one sample (train)", distill="one sample (distill)"),
     "one class": _commands(CLI_VALID, train="one class (train)", distill="one class (distill)"),
     "unseen labels": {**_per_command("unknown label"), "train": CLI_VALID},
     "y of wrong length": _per_command("short y"),
     "y missing": _per_command("missing y key"),
     "non-numeric X": _per_command("text csv"),
-    "eps negative": {"train": "negative eps", "distill": "negative distill eps",
-                     "certify": "negative certify eps", "report": "negative report eps"},
+    "eps negative": {
+        "train": "negative eps",
+        "distill": "negative distill eps",
+        "certify": "negative certify eps",
+        "report": "negative report eps",
+    },
     "eps nan": _commands(SAME_EPS_OPTION, certify="nan eps"),
     "eps inf": _commands(SAME_EPS_OPTION, train="inf eps"),
     "eps of wrong shape": _commands(NotApplicable("--eps takes numbers, one per radius")),
     "eps non-numeric": _commands(SAME_EPS_OPTION, report="text eps"),
-    "lower > upper": _commands(NotApplicable("no --lower/--upper: the model's domain"),
-                               train="lower above upper", distill="distill lower above upper"),
+    "lower > upper": _commands(
+        NotApplicable("no --lower/--upper: the model's domain"),
+        train="lower above upper",
+        distill="distill lower above upper",
+    ),
     "X outside [lower, upper]": _per_command("outside the domain"),
-    "unknown method": _commands("unknown method", train="unknown training method",
-                                report="unknown report method",
-                                distill=NotApplicable("the student trains by IBP: no --method")),
+    "unknown method": _commands(
+        "unknown method",
+        train="unknown training method",
+        report="unknown report method",
+        distill=NotApplicable("the student trains by IBP: no --method"),
+    ),
     "method of wrong type": _commands(NotApplicable("--method takes names (unknown method)")),
     "unknown loss": _commands(NotApplicable("only distill has --loss"), distill="unknown loss"),
-    "unfitted estimator": _commands(NotApplicable("train and distill fit the model"),
-                                    certify="unfitted model", report="unfitted report model"),
+    "unfitted estimator": _commands(
+        NotApplicable("train and distill fit the model"),
+        certify="unfitted model",
+        report="unfitted report model",
+    ),
     "unfitted frozen teacher": _commands(NO_TEACHER, distill="unfitted teacher"),
     "teacher of other features": _commands(NO_TEACHER, distill="few features (distill)"),
     "teacher of other classes": _commands(NO_TEACHER, distill="unknown label (distill)"),
@@ -553,17 +663,28 @@ CLI_CELLS: dict[str, dict[str, str | Works | NotApplicable]] = {
     "unsupported layer": _commands(NotApplicable("the command line builds its own networks")),
     "device cuda without CUDA": _commands(
         NotApplicable("no --device: models are certified where they are"),
-        **({} if CUDA else {"train": "cuda", "distill": "distill cuda"})),
+        **({} if CUDA else {"train": "cuda", "distill": "distill cuda"}),
+    ),
 }
 if CUDA:
     CLI_CELLS["device cuda without CUDA"].update(
-        dict.fromkeys(("train", "distill"), NotApplicable("CUDA is available on this machine")))
+        dict.fromkeys(("train", "distill"), NotApplicable("CUDA is available on this machine"))
+    )
 
 
 # --------------------------------------------------------------------------------- checks
-TORCH_PHRASES = ("mat1 and mat2", "size mismatch", "Expected all tensors", "shapes cannot be",
-                 "Torch not compiled", "must match the size of tensor", "CUDA driver",
-                 "Expected input batch_size", "not implemented for", "result type Float can't")
+TORCH_PHRASES = (
+    "mat1 and mat2",
+    "size mismatch",
+    "Expected all tensors",
+    "shapes cannot be",
+    "Torch not compiled",
+    "must match the size of tensor",
+    "CUDA driver",
+    "Expected input batch_size",
+    "not implemented for",
+    "result type Float can't",
+)
 
 
 def _check_not_torch(error: BaseException) -> None:
@@ -670,9 +791,13 @@ def test_an_unsupported_layer_raises_before_the_first_epoch(data):
         def on_epoch_begin(self, net, **kwargs):
             epochs.append(len(net.history))
 
-    teacher = CertifiedTeacher(_tanh_network, warmup=0.5, max_epochs=4,
-                               callbacks=[("count", Count())],
-                               **{k: v for k, v in TINY.items() if k != "max_epochs"})
+    teacher = CertifiedTeacher(
+        _tanh_network,
+        warmup=0.5,
+        max_epochs=4,
+        callbacks=[("count", Count())],
+        **{k: v for k, v in TINY.items() if k != "max_epochs"},
+    )
     with pytest.raises(UnsupportedLayerError, match="Tanh"):
         teacher.fit(*data)
     assert epochs == []
@@ -719,14 +844,16 @@ def test_a_dataframe_fit_records_the_feature_names(frame_teacher, frame, data):
         warnings.simplefilter("always")
         CertifiedTeacher(**TINY).fit(frame, data[1])
     # neither scikit-learn's feature-name warning nor torch's about read-only arrays
-    assert not [w for w in caught if "feature names" in str(w.message)
-                or "not writable" in str(w.message)]
+    assert not [
+        w for w in caught if "feature names" in str(w.message) or "not writable" in str(w.message)
+    ]
     assert list(frame_teacher.feature_names_in_) == COLUMNS
     assert frame_teacher.n_features_in_ == 64
     # the same model as a fit on the array: the names are checked, not used
     array_teacher = CertifiedTeacher(**TINY).fit(*data)
-    np.testing.assert_allclose(frame_teacher.predict_proba(frame),
-                               array_teacher.predict_proba(data[0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        frame_teacher.predict_proba(frame), array_teacher.predict_proba(data[0]), rtol=1e-6
+    )
     assert not hasattr(array_teacher, "feature_names_in_")
 
 
@@ -745,18 +872,24 @@ def test_dataframes_with_other_columns_raise(name, change, frame_teacher, frame,
         other = frame.rename(columns={"pixel3": "pixel_3"})
     else:
         other = frame[COLUMNS[::-1]]
-    with pytest.raises(ValueError, match="feature names should match those that were passed "
-                                         "during fit") as info:
+    with pytest.raises(
+        ValueError, match="feature names should match those that were passed during fit"
+    ) as info:
         FRAME_CALLS[name](frame_teacher, other, data[1])
     _check_not_torch(info.value)
 
 
 def test_feature_name_warnings_as_in_scikit_learn(frame_teacher, frame, ctx):
-    with pytest.warns(UserWarning, match="X does not have valid feature names, but "
-                                         "CertifiedTeacher was fitted with feature names"):
+    with pytest.warns(
+        UserWarning,
+        match="X does not have valid feature names, but "
+        "CertifiedTeacher was fitted with feature names",
+    ):
         frame_teacher.certify(frame.to_numpy()[:5])
-    with pytest.warns(UserWarning, match="X has feature names, but CertifiedTeacher was fitted "
-                                         "without feature names"):
+    with pytest.warns(
+        UserWarning,
+        match="X has feature names, but CertifiedTeacher was fitted without feature names",
+    ):
         ctx.teacher.certify(frame.iloc[:5])
 
 
@@ -791,15 +924,18 @@ def test_a_failing_fit_keeps_the_feature_names(frame_teacher, frame, data):
 
 
 # ------------------------------------------------------------------- a box per sample
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"lower": None, "upper": np.ones((3, 4))}, "needs both lower and upper"),
-    ({"lower": np.zeros((3, 4)), "upper": np.ones((2, 4))}, "differ in shape"),
-    ({"lower": np.zeros((2, 4)), "upper": np.ones((2, 4))}, "2 boxes for 3 samples"),
-    ({"lower": np.zeros((3, 2, 2)), "upper": np.ones((3, 2, 2))}, "not one box corner per"),
-    ({"lower": np.ones((3, 4)), "upper": np.zeros((3, 4))}, "lower must not exceed upper"),
-    ({"lower": np.full((3, 4), np.nan), "upper": np.ones((3, 4))}, "must be finite"),
-    ({"lower": np.full((3, 4), 0.6), "upper": np.ones((3, 4))}, "below `lower`"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lower": None, "upper": np.ones((3, 4))}, "needs both lower and upper"),
+        ({"lower": np.zeros((3, 4)), "upper": np.ones((2, 4))}, "differ in shape"),
+        ({"lower": np.zeros((2, 4)), "upper": np.ones((2, 4))}, "2 boxes for 3 samples"),
+        ({"lower": np.zeros((3, 2, 2)), "upper": np.ones((3, 2, 2))}, "not one box corner per"),
+        ({"lower": np.ones((3, 4)), "upper": np.zeros((3, 4))}, "lower must not exceed upper"),
+        ({"lower": np.full((3, 4), np.nan), "upper": np.ones((3, 4))}, "must be finite"),
+        ({"lower": np.full((3, 4), 0.6), "upper": np.ones((3, 4))}, "below `lower`"),
+    ],
+)
 def test_bad_boxes_per_sample(kwargs, message):
     import torch
 

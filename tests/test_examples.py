@@ -42,7 +42,11 @@ def test_example_runs(script, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
@@ -68,9 +72,11 @@ def _contains(source: list[str], quote: list[str]) -> bool:
         if line.strip() != first.strip():
             continue
         indent = line[: len(line) - len(line.lstrip())]
-        window = source[start: start + len(quote)]
-        if all(s.rstrip() == (indent + q).rstrip() if q.strip() else not s.strip()
-               for s, q in zip(window, quote, strict=True)):
+        window = source[start : start + len(quote)]
+        if all(
+            s.rstrip() == (indent + q).rstrip() if q.strip() else not s.strip()
+            for s, q in zip(window, quote, strict=True)
+        ):
             return True
     return False
 

@@ -172,8 +172,9 @@ def test_plot_rejects_non_axes():
 def test_plot_radius_histogram_writes_png(tmp_path, toy):
     net, X, y = toy
     radius = certified_radius(net, X, y=y, method="ibp", max_eps=0.3)
-    ax = plot_radius_histogram({"net": radius, "other": radius / 2, "torch": torch.tensor(radius)},
-                               bins=10, density=True)
+    ax = plot_radius_histogram(
+        {"net": radius, "other": radius / 2, "torch": torch.tensor(radius)}, bins=10, density=True
+    )
     assert isinstance(ax, Axes)
     assert len(ax.get_legend().get_texts()) == 3
     # Shared bin edges: every model's bars start at the same left edge.
@@ -187,8 +188,13 @@ def test_plot_radius_histogram_writes_png(tmp_path, toy):
 
 @pytest.mark.parametrize(
     ("radii", "match"),
-    [({}, "empty"), ([], "empty"), ({"a": [0.1, -0.2]}, "non-negative"),
-     ({"a": [0.1, np.inf]}, "infinite"), (np.zeros((2, 2)), "one-dimensional")],
+    [
+        ({}, "empty"),
+        ([], "empty"),
+        ({"a": [0.1, -0.2]}, "non-negative"),
+        ({"a": [0.1, np.inf]}, "infinite"),
+        (np.zeros((2, 2)), "one-dimensional"),
+    ],
 )
 def test_plot_radius_histogram_bad_input(radii, match):
     with pytest.raises(ValueError, match=match):
@@ -199,10 +205,16 @@ def _history(epochs: int = 6, batches: int = 3):
     rows = []
     for epoch in range(1, epochs + 1):
         ramp = min(1.0, (epoch - 1) / 3)
-        row = {"epoch": epoch, "train_loss": 1.0 / epoch, "eps": 0.1 * ramp,
-               "kappa": 1.0 - 0.5 * ramp, "lr": 1e-3 * 0.5 ** epoch,
-               "batches": [{"train_loss": 1.0, "eps": 0.1 * ramp * (i + 1) / batches}
-                           for i in range(batches)]}
+        row = {
+            "epoch": epoch,
+            "train_loss": 1.0 / epoch,
+            "eps": 0.1 * ramp,
+            "kappa": 1.0 - 0.5 * ramp,
+            "lr": 1e-3 * 0.5**epoch,
+            "batches": [
+                {"train_loss": 1.0, "eps": 0.1 * ramp * (i + 1) / batches} for i in range(batches)
+            ],
+        }
         if epoch > 2:
             row["beta"] = 1.0 - ramp  # a key recorded only from epoch 3 on
         rows.append(row)
@@ -271,8 +283,7 @@ def test_plot_training_schedule_errors():
 def test_pareto_front_keeps_the_non_dominated_points_in_order():
     from certdistill.plotting import pareto_front
 
-    points = [[0.90, 0.70], [0.92, 0.68], [0.91, 0.72], [0.89, 0.71], [0.93, 0.60],
-              [0.91, 0.72]]
+    points = [[0.90, 0.70], [0.92, 0.68], [0.91, 0.72], [0.89, 0.71], [0.93, 0.60], [0.91, 0.72]]
     # Ties are not dominated by each other; (0.90, 0.70) and (0.89, 0.71) are by (0.91, 0.72).
     np.testing.assert_array_equal(pareto_front(points), [2, 5, 1, 4])
     with pytest.raises(ValueError, match="finite"):
@@ -282,8 +293,9 @@ def test_pareto_front_keeps_the_non_dominated_points_in_order():
 def test_plot_pareto_fronts_draws_one_front_per_group():
     from certdistill.plotting import plot_pareto_fronts
 
-    ax = plot_pareto_fronts({"alone": [[0.9, 0.7], [0.92, 0.65]],
-                             "distilled": [[0.91, 0.74], [0.93, 0.7], [0.9, 0.6]]})
+    ax = plot_pareto_fronts(
+        {"alone": [[0.9, 0.7], [0.92, 0.65]], "distilled": [[0.91, 0.74], [0.93, 0.7], [0.9, 0.6]]}
+    )
     fronts = [line for line in ax.get_lines()]
     assert [line.get_label() for line in fronts] == ["alone", "distilled"]
     np.testing.assert_allclose(fronts[1].get_xydata(), [[0.91, 0.74], [0.93, 0.7]])

@@ -18,6 +18,7 @@ from torch import nn
 
 RTOL = ATOL = 1e-5
 
+
 def logits64(net64: nn.Module, points: np.ndarray) -> np.ndarray:
     """Float64 logits of a float64 eval-mode network on a batch of points."""
     with torch.no_grad():

@@ -153,9 +153,7 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
 
     def __init__(self, module: nn.Module, conv_mode: str = "auto"):
         if conv_mode not in ("auto", "patches", "matrix"):
-            raise ValueError(
-                f"conv_mode must be 'auto', 'patches' or 'matrix', got {conv_mode!r}."
-            )
+            raise ValueError(f"conv_mode must be 'auto', 'patches' or 'matrix', got {conv_mode!r}.")
         self.module = module
         self.conv_mode = conv_mode
         self.graph = build_graph(module)
@@ -166,8 +164,11 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
         self._activation_indices = [i for i, op in enumerate(self.ops) if op.is_activation]
         last_activation = self._activation_indices[-1] if self._activation_indices else -1
         # The trailing affine part: after the last activation, entered through one node only.
-        self._tail_start = next(k for k in range(last_activation + 1, len(self.ops) + 1)
-                                if self._single_entry(k, len(self.ops)))
+        self._tail_start = next(
+            k
+            for k in range(last_activation + 1, len(self.ops) + 1)
+            if self._single_entry(k, len(self.ops))
+        )
         self._last_use = {INPUT: 0}
         readers: dict[int, int] = {}
         for index, reads in enumerate(self.inputs):
@@ -176,8 +177,9 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
                 readers[j] = readers.get(j, 0) + 1
         #: Nodes read by one operation only, once: that reader may overwrite their outputs.
         self._single_reader = {j for j, count in readers.items() if count == 1}
-        self._exact_interval = {index: self._interval_exact_up_to(index)
-                                for index in self._activation_indices}
+        self._exact_interval = {
+            index: self._interval_exact_up_to(index) for index in self._activation_indices
+        }
         self._shape_cache: dict[tuple[int, ...], list[torch.Size]] = {}
 
     # ------------------------------------------------------------------ public
@@ -226,8 +228,9 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
             state.backward_elements = int(backward_elements)
         if reference is None:
             reference = state.logits.argmax(1)
-        margins = bound_method.run(self, state, reference, alpha_steps=alpha_steps,
-                                   alpha_lr=alpha_lr)
+        margins = bound_method.run(
+            self, state, reference, alpha_steps=alpha_steps, alpha_lr=alpha_lr
+        )
         return BoundResult(state.logits, reference, mask_reference(margins, reference))
 
     def margin_lower_bounds(
@@ -248,9 +251,9 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
         """
         return self.bound(x, perturbation, reference, method=method, **options).margins
 
-
-    def memory_plan(self, x: Tensor, method: str, *, memory_limit: int,
-                    max_samples: int) -> MemoryPlan:
+    def memory_plan(
+        self, x: Tensor, method: str, *, memory_limit: int, max_samples: int
+    ) -> MemoryPlan:
         """How many samples of ``x``'s shape, and backward rows, :meth:`bound` may take at once
         within ``memory_limit`` bytes (see :func:`~certdistill.bounds.memory.plan_memory`).
 
@@ -272,9 +275,15 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
             ``backward_elements=plan.backward_elements``.
         """
         _method(method)
-        return plan_memory(self._input_shapes(x), self._activation_indices, method,
-                           memory_limit=memory_limit, itemsize=x.element_size(),
-                           max_samples=max_samples, device=x.device)
+        return plan_memory(
+            self._input_shapes(x),
+            self._activation_indices,
+            method,
+            memory_limit=memory_limit,
+            itemsize=x.element_size(),
+            max_samples=max_samples,
+            device=x.device,
+        )
 
     def activation_interval_bounds(
         self, x: Tensor, perturbation: Perturbation
@@ -285,7 +294,6 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
         """
         state = self._sweep(x, perturbation, record_bounds=True)
         return [state.ibp_bounds[index] for index in self._activation_indices]
-
 
     def _input_shapes(self, x: Tensor) -> list[torch.Size]:
         """Input shape of every op for samples shaped like ``x``'s (cached)."""
@@ -303,7 +311,11 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
 
     # --------------------------------------------------------------- passes
     def _sweep(
-        self, x: Tensor, perturbation: Perturbation, *, record_bounds: bool,
+        self,
+        x: Tensor,
+        perturbation: Perturbation,
+        *,
+        record_bounds: bool,
         training: bool = False,
     ) -> Propagation:
         """The clean forward and the interval bounds up to the last activation, in one pass."""
@@ -331,8 +343,10 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
                 out = op.propagate(x, center, radius, training, owned=owned)
             else:
                 parts = [values[j] for j in reads]
-                out = (op.forward_many([p[0] for p in parts]),
-                       *op.interval_many([p[1] for p in parts], [p[2] for p in parts]))
+                out = (
+                    op.forward_many([p[0] for p in parts]),
+                    *op.interval_many([p[1] for p in parts], [p[2] for p in parts]),
+                )
             values[index] = out
             fresh[index] = op.fresh_outputs and index < self._tail_start
             for j in set(reads):
@@ -413,10 +427,10 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
         for ``start == 0``): a backward pass over them ends on that one node."""
         return all(j >= start - 1 for node in self.inputs[start:end] for j in node)
 
-
     @staticmethod
-    def _concretize(A: Tensor, bias: Tensor, center: Tensor, radius: Tensor, *,
-                    overwrite: bool = False) -> Tensor:
+    def _concretize(
+        A: Tensor, bias: Tensor, center: Tensor, radius: Tensor, *, overwrite: bool = False
+    ) -> Tensor:
         """Minimum of ``A @ h + bias`` over the box ``center +- radius``.
 
         With ``overwrite`` (the caller's ``A`` is its own and not used again) and no autograd
@@ -425,8 +439,7 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
         """
         A_flat = A.flatten(2)
         at_center = torch.einsum("nsd,nd->ns", A_flat, center.flatten(1))
-        magnitude = (A_flat.abs_() if overwrite and not needs_graph(A_flat)
-                     else A_flat.abs())
+        magnitude = A_flat.abs_() if overwrite and not needs_graph(A_flat) else A_flat.abs()
         return at_center - torch.einsum("nsd,nd->ns", magnitude, radius.flatten(1)) + bias
 
     def _final_backward(
@@ -440,17 +453,38 @@ class BoundEngine(MethodSteps, TrainingPasses, IntermediateBounds, SubdomainBoun
 METHOD_TABLE: dict[str, BoundMethod] = {
     method.name: method
     for method in (
-        BoundMethod("ibp", BoundEngine._ibp, activation_bounds=False, trainable=True,
-                    lirpa_name="IBP",
-                    summary="interval bounds through every layer (fastest, differentiable)"),
-        BoundMethod("crown-ibp", BoundEngine._crown_ibp, activation_bounds=True, trainable=True,
-                    lirpa_name="CROWN-IBP",
-                    summary="IBP intermediate bounds, linear relaxation for the output"),
-        BoundMethod("crown", BoundEngine._crown, activation_bounds=True, trainable=False,
-                    lirpa_name="CROWN", summary="linear relaxation everywhere"),
-        BoundMethod("alpha-crown", BoundEngine._alpha_crown, activation_bounds=True,
-                    trainable=False, lirpa_name="alpha-CROWN",
-                    summary="CROWN with optimised lower slopes (tightest, slowest)"),
+        BoundMethod(
+            "ibp",
+            BoundEngine._ibp,
+            activation_bounds=False,
+            trainable=True,
+            lirpa_name="IBP",
+            summary="interval bounds through every layer (fastest, differentiable)",
+        ),
+        BoundMethod(
+            "crown-ibp",
+            BoundEngine._crown_ibp,
+            activation_bounds=True,
+            trainable=True,
+            lirpa_name="CROWN-IBP",
+            summary="IBP intermediate bounds, linear relaxation for the output",
+        ),
+        BoundMethod(
+            "crown",
+            BoundEngine._crown,
+            activation_bounds=True,
+            trainable=False,
+            lirpa_name="CROWN",
+            summary="linear relaxation everywhere",
+        ),
+        BoundMethod(
+            "alpha-crown",
+            BoundEngine._alpha_crown,
+            activation_bounds=True,
+            trainable=False,
+            lirpa_name="alpha-CROWN",
+            summary="CROWN with optimised lower slopes (tightest, slowest)",
+        ),
     )
 }
 
@@ -520,6 +554,7 @@ def margin_lower_bounds(
         Lower bounds; ``+inf`` in the reference column.
     """
     if not isinstance(eps, Perturbation):
-        eps = Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
-                                  device=x.device)
+        eps = Perturbation.create(
+            eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype, device=x.device
+        )
     return engine_for(module).margin_lower_bounds(x, eps, reference, method=method, **options)

@@ -81,11 +81,13 @@ class BoundGraph:
             outputs: list[int] = []
             for k, (child, reads) in enumerate(zip(layer.layers, layer.inputs, strict=True)):
                 mapped = tuple(inputs[0] if j < 0 else outputs[j] for j in reads)
-                outputs.append(self.add_layer(child, mapped, f"{name}.layers.{k}"
-                                              if name else f"layers.{k}"))
+                outputs.append(
+                    self.add_layer(child, mapped, f"{name}.layers.{k}" if name else f"layers.{k}")
+                )
             return outputs[-1]
-        return self.add(op_for(layer, name or type(layer).__name__), inputs,
-                        name or type(layer).__name__)
+        return self.add(
+            op_for(layer, name or type(layer).__name__), inputs, name or type(layer).__name__
+        )
 
 
 def build_graph(module: nn.Module) -> BoundGraph:
@@ -185,25 +187,31 @@ def _trace_into(graph: BoundGraph, module: nn.Module) -> None:
                 raise UnsupportedLayerError(
                     f"{where}: only the sum of two computed tensors is supported (for a "
                     "constant shift use a layer, e.g. certdistill.bounds.layers."
-                    "ConstantAffine).")
+                    "ConstantAffine)."
+                )
             nodes[fx_node.name] = graph.add_layer(Add(), inputs, fx_node.name)
         elif fx_node.op in ("call_function", "call_method") and fx_node.target in _FUNCTIONS:
             if len(fx_node.args) != 1 or any(k != "inplace" for k in fx_node.kwargs):
                 raise UnsupportedLayerError(f"{where}: unexpected arguments.")
-            nodes[fx_node.name] = graph.add_layer(_FUNCTIONS[fx_node.target](), inputs,
-                                                  fx_node.name)
+            nodes[fx_node.name] = graph.add_layer(
+                _FUNCTIONS[fx_node.target](), inputs, fx_node.name
+            )
         elif fx_node.op in ("call_function", "call_method") and fx_node.target in (
-                torch.flatten, "flatten"):
-            start = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get(
-                "start_dim", 0 if fx_node.op == "call_function" else 0)
+            torch.flatten,
+            "flatten",
+        ):
+            start = (
+                fx_node.args[1]
+                if len(fx_node.args) > 1
+                else fx_node.kwargs.get("start_dim", 0 if fx_node.op == "call_function" else 0)
+            )
             end = fx_node.args[2] if len(fx_node.args) > 2 else fx_node.kwargs.get("end_dim", -1)
             if start != 1 or end != -1:
                 raise UnsupportedLayerError(f"{where}: only flatten(x, 1) is supported.")
             nodes[fx_node.name] = graph.add_layer(nn.Flatten(), inputs[:1], fx_node.name)
         else:
             raise UnsupportedLayerError(
-                f"{where} is not supported by the native bound engine. "
-                f"{supported_layers_text()}"
+                f"{where} is not supported by the native bound engine. {supported_layers_text()}"
             )
     if not isinstance(output, torch.fx.Node) or nodes.get(output.name) != len(graph.ops) - 1:
         raise UnsupportedLayerError(

@@ -101,8 +101,7 @@ class IntermediateBounds:
                     coeffs, geometry, state.relaxations.get(op_index)
                 )
                 # Window positions outside the map stand for zero padding: drop them.
-                coeffs = coeffs * in_map_mask(state.input_shapes[op_index], geometry, dtype,
-                                              device)
+                coeffs = coeffs * in_map_mask(state.input_shapes[op_index], geometry, dtype, device)
                 if bias_term is not None:
                     bias = bias + bias_term
                 peak = max(peak, coeffs[0, :2].numel())
@@ -118,7 +117,11 @@ class IntermediateBounds:
         return torch.maximum(ibp_lower, crown_lower), torch.minimum(ibp_upper, crown_upper)
 
     def _crown_bounds_of_node(
-        self, state: Propagation, index: int, ibp_lower: Tensor, ibp_upper: Tensor,
+        self,
+        state: Propagation,
+        index: int,
+        ibp_lower: Tensor,
+        ibp_upper: Tensor,
         unstable: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """CROWN bounds of the input of op ``index``, intersected with its interval bounds.
@@ -146,27 +149,31 @@ class IntermediateBounds:
             order = order[:, :most]
             group = max(1, state.backward_elements // max(1, 2 * n * largest))
             for first in range(0, most, group):
-                neurons = order[:, first:first + group]
+                neurons = order[:, first : first + group]
                 one_hot = torch.nn.functional.one_hot(neurons, width).to(ibp_lower.dtype)
-                A, bias = self._backward_both_signs(one_hot.view(n, -1, *shape), state,
-                                                    end=self._source(index) + 1)
+                A, bias = self._backward_both_signs(
+                    one_hot.view(n, -1, *shape), state, end=self._source(index) + 1
+                )
                 bound = self._concretize(A, bias, state.center, state.radius, overwrite=True)
                 k = neurons.shape[1]
-                lower_flat.scatter_(1, neurons, torch.maximum(lower_flat.gather(1, neurons),
-                                                              bound[:, :k]))
-                upper_flat.scatter_(1, neurons, torch.minimum(upper_flat.gather(1, neurons),
-                                                              -bound[:, k:]))
+                lower_flat.scatter_(
+                    1, neurons, torch.maximum(lower_flat.gather(1, neurons), bound[:, :k])
+                )
+                upper_flat.scatter_(
+                    1, neurons, torch.minimum(upper_flat.gather(1, neurons), -bound[:, k:])
+                )
             return lower_flat.view_as(ibp_lower), upper_flat.view_as(ibp_upper)
         samples, neurons = unstable.nonzero(as_tuple=True)
         # Each row is a batch entry of its own, with a copy of its sample's relaxations.
         relaxed = sum(numel(state.input_shapes[i]) for i in state.relaxations)
         group = max(1, state.backward_elements // (2 * largest + relaxed))
         for first in range(0, total, group):
-            rows, columns = samples[first:first + group], neurons[first:first + group]
+            rows, columns = samples[first : first + group], neurons[first : first + group]
             sub = state.rows(rows)
             one_hot = torch.nn.functional.one_hot(columns, width).to(ibp_lower.dtype)
-            A, bias = self._backward_both_signs(one_hot.view(-1, 1, *shape), sub,
-                                                end=self._source(index) + 1)
+            A, bias = self._backward_both_signs(
+                one_hot.view(-1, 1, *shape), sub, end=self._source(index) + 1
+            )
             bound = self._concretize(A, bias, sub.center, sub.radius, overwrite=True)
             lower_flat[rows, columns] = torch.maximum(lower_flat[rows, columns], bound[:, 0])
             upper_flat[rows, columns] = torch.minimum(upper_flat[rows, columns], -bound[:, 1])

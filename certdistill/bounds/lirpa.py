@@ -71,8 +71,7 @@ class LirpaBounds:
         """Clean logits and margin lower bounds, as :meth:`BoundEngine.bound`."""
         bounded = self._bounded_module(x)
         lower, upper = perturbation.bounds(x)
-        lirpa_perturbation = self.lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lower,
-                                                           x_U=upper)
+        lirpa_perturbation = self.lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper)
         bounded_x = self.lirpa.BoundedTensor(x, lirpa_perturbation)
         with torch.no_grad():
             logits = self.module(x)
@@ -83,12 +82,15 @@ class LirpaBounds:
         # alpha-CROWN optimises slopes by gradient descent even when certifying.
         with torch.enable_grad():
             margins, _ = bounded.compute_bounds(
-                x=(bounded_x,), C=spec, method=METHOD_TABLE[method].lirpa_name,
+                x=(bounded_x,),
+                C=spec,
+                method=METHOD_TABLE[method].lirpa_name,
                 bound_upper=False,
             )
         ref_column = torch.nn.functional.one_hot(reference, n_classes).bool()
-        return BoundResult(logits, reference, margins.detach().masked_fill(ref_column,
-                                                                           float("inf")))
+        return BoundResult(
+            logits, reference, margins.detach().masked_fill(ref_column, float("inf"))
+        )
 
     def margin_lower_bounds(
         self,

@@ -99,8 +99,12 @@ def check_memory_limit(memory_limit) -> int | None:
     """
     if memory_limit is None:
         return None
-    if (isinstance(memory_limit, bool) or not isinstance(memory_limit, numbers.Real)
-            or not math.isfinite(memory_limit) or memory_limit < 1):
+    if (
+        isinstance(memory_limit, bool)
+        or not isinstance(memory_limit, numbers.Real)
+        or not math.isfinite(memory_limit)
+        or memory_limit < 1
+    ):
         raise ValueError(
             f"memory_limit must be None or a positive number of bytes, got {memory_limit!r}."
         )
@@ -194,8 +198,9 @@ def plan_memory(
     else:  # IBP folds the specification into the last affine map: (n, classes, classes)
         per_sample += n_classes * n_classes
     if method == "alpha-crown":
-        per_sample += (_ALPHA_GRAPH_COPIES * n_classes * sum(sizes)
-                       + _ALPHA_SLOPE_COPIES * n_classes * sum(act_sizes))
+        per_sample += _ALPHA_GRAPH_COPIES * n_classes * sum(
+            sizes
+        ) + _ALPHA_SLOPE_COPIES * n_classes * sum(act_sizes)
     # The smallest intermediate group: one neuron (two rows) through the largest layer.
     smallest_group = 0
     if method in _INTERMEDIATE and activations:
@@ -214,5 +219,8 @@ def plan_memory(
     backward = max(0, elements - samples * per_sample) // BACKWARD_COPIES
     if torch.device(device).type == "cpu":
         backward = min(backward, _CPU_BACKWARD_ELEMENTS)
-    return MemoryPlan(samples=int(samples), backward_elements=int(max(1, backward)),
-                      memory_limit=int(memory_limit))
+    return MemoryPlan(
+        samples=int(samples),
+        backward_elements=int(max(1, backward)),
+        memory_limit=int(memory_limit),
+    )

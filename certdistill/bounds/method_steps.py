@@ -42,8 +42,9 @@ class MethodSteps:
             spec = margin_specification(reference, n_classes, dtype=center.dtype)
             A, bias = self._backward(spec, state, end=len(self.ops), start=self._tail_start)
             lower = self._concretize(A, bias, center, radius, overwrite=not upper)
-            highest = -self._concretize(-A, -bias, center, radius, overwrite=True) if upper \
-                else None
+            highest = (
+                -self._concretize(-A, -bias, center, radius, overwrite=True) if upper else None
+            )
             return lower, highest
         # The tail holds no activation, so its composite affine map is the same for every
         # sample: bound all class pairs from it instead of building per-sample spec rows.
@@ -57,8 +58,7 @@ class MethodSteps:
         spread_of_reference = spread.gather(1, rows.unsqueeze(-1).expand(-1, 1, n_classes))
         at_center = logits.gather(1, rows) - logits
         spread_of_reference = spread_of_reference.squeeze(1)
-        return (at_center - spread_of_reference,
-                at_center + spread_of_reference if upper else None)
+        return (at_center - spread_of_reference, at_center + spread_of_reference if upper else None)
 
     def _specification(self, state: Propagation, reference: Tensor) -> Tensor:
         return margin_specification(reference, state.logits.shape[1], dtype=state.center.dtype)

@@ -88,7 +88,11 @@ class BoundOp:
         raise NotImplementedError
 
     def propagate(
-        self, x: Tensor, center: Tensor, radius: Tensor, training: bool = False,
+        self,
+        x: Tensor,
+        center: Tensor,
+        radius: Tensor,
+        training: bool = False,
         owned: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The clean forward and the interval step in one.
@@ -151,10 +155,17 @@ def stacked(x: Tensor, center: Tensor) -> Tensor:
     """``torch.cat([x, center])``, without the copy when the two are already the halves of one
     tensor in that order (the split outputs of the previous affine layer)."""
     base = x._base
-    if (base is not None and center._base is base and base.is_contiguous()
-            and x.is_contiguous() and center.is_contiguous() and x.shape == center.shape
-            and base.numel() == 2 * x.numel() and base.data_ptr() == x.data_ptr()
-            and center.data_ptr() == x.data_ptr() + x.numel() * x.element_size()):
+    if (
+        base is not None
+        and center._base is base
+        and base.is_contiguous()
+        and x.is_contiguous()
+        and center.is_contiguous()
+        and x.shape == center.shape
+        and base.numel() == 2 * x.numel()
+        and base.data_ptr() == x.data_ptr()
+        and center.data_ptr() == x.data_ptr() + x.numel() * x.element_size()
+    ):
         return base.view(2 * x.shape[0], *x.shape[1:])
     return torch.cat([x, center])
 
@@ -204,8 +215,10 @@ class LinearOp(BoundOp):
 
     def interval(self, center, radius):
         weight = self.layer.weight
-        return (F.linear(center, weight, self.layer.bias),
-                F.linear(radius, self.abs_weight(weight)))
+        return (
+            F.linear(center, weight, self.layer.bias),
+            F.linear(radius, self.abs_weight(weight)),
+        )
 
     def propagate(self, x, center, radius, training=False, owned=False):
         # Clean inputs and centres share the map: one call on the stacked batch is faster.
@@ -242,8 +255,10 @@ class Conv2dOp(BoundOp):
 
     def interval(self, center, radius):
         weight = self.layer.weight
-        return (self._conv(center, weight, self.layer.bias),
-                self._conv(radius, self.abs_weight(weight), None))
+        return (
+            self._conv(center, weight, self.layer.bias),
+            self._conv(radius, self.abs_weight(weight), None),
+        )
 
     def propagate(self, x, center, radius, training=False, owned=False):
         x, center = self.forward(stacked(x, center)).split(x.shape[0])
@@ -258,11 +273,16 @@ class Conv2dOp(BoundOp):
         out_size = A.shape[-2:]
         output_padding = tuple(
             size - ((out - 1) * step - 2 * pad + k)
-            for size, out, step, pad, k in zip(input_shape[-2:], out_size, stride, self.padding,
-                                               kernel, strict=True))
+            for size, out, step, pad, k in zip(
+                input_shape[-2:], out_size, stride, self.padding, kernel, strict=True
+            )
+        )
         A_in = F.conv_transpose2d(
-            A.reshape(n * specs, *A.shape[2:]), self.layer.weight, stride=stride,
-            padding=self.padding, output_padding=output_padding,
+            A.reshape(n * specs, *A.shape[2:]),
+            self.layer.weight,
+            stride=stride,
+            padding=self.padding,
+            output_padding=output_padding,
         ).view(n, specs, *input_shape)
         bias = self.layer.bias
         bias_term = A.sum(dim=(3, 4)) @ bias if bias is not None else None
@@ -421,8 +441,7 @@ class ConstantAffineOp(BoundOp):
         channels = coeffs.shape[3]
         scale = _per_channel(self.layer.scale).expand(channels)
         shift = _per_channel(self.layer.shift).expand(channels)
-        return (coeffs * scale.view(-1, 1, 1), geometry,
-                coeffs.sum(dim=(-2, -1)) @ shift)
+        return (coeffs * scale.view(-1, 1, 1), geometry, coeffs.sum(dim=(-2, -1)) @ shift)
 
 
 def _per_channel(constant: Tensor) -> Tensor | None:
@@ -462,7 +481,7 @@ class ZeroPad2dOp(_PlacementOp):
     def backward(self, A, input_shape, relaxation=None, alpha=None):
         left, _, top, _ = self.layer.padding
         height, width = input_shape[-2:]
-        return A[..., top:top + height, left:left + width], None
+        return A[..., top : top + height, left : left + width], None
 
 
 class AvgPool2dOp(BoundOp):
@@ -647,7 +666,9 @@ class Relaxation:
     def rows(self, samples: Tensor) -> Relaxation:
         """The lines of the given samples (repeats allowed)."""
         return Relaxation(
-            self.lower_slope[samples], self.upper_slope[samples], self.upper_intercept[samples],
+            self.lower_slope[samples],
+            self.upper_slope[samples],
+            self.upper_intercept[samples],
             self.unstable[samples],
             None if self.lower_intercept is None else self.lower_intercept[samples],
         )
@@ -671,20 +692,23 @@ class ActivationOp(BoundOp):
 
     def backward(self, A, input_shape, relaxation=None, alpha=None):
         if alpha is None:
-            lower_slope, upper_slope = (relaxation.lower_slope.unsqueeze(1),
-                                        relaxation.upper_slope.unsqueeze(1))
+            lower_slope, upper_slope = (
+                relaxation.lower_slope.unsqueeze(1),
+                relaxation.upper_slope.unsqueeze(1),
+            )
         else:
             lower_slope, upper_slope = relaxation.with_lower_slope(alpha)
         # Positive coefficients take the lower line, negative ones the upper line.
         graph = needs_graph(A, lower_slope, upper_slope)
         negative = A.clamp(max=0)
-        positive = (A.clamp(min=0) if relaxation.lower_intercept is not None or not graph
-                    else None)
-        bias = torch.einsum("nsd,nd->ns", negative.flatten(2),
-                            relaxation.upper_intercept.flatten(1))
+        positive = A.clamp(min=0) if relaxation.lower_intercept is not None or not graph else None
+        bias = torch.einsum(
+            "nsd,nd->ns", negative.flatten(2), relaxation.upper_intercept.flatten(1)
+        )
         if relaxation.lower_intercept is not None:
-            bias = bias + torch.einsum("nsd,nd->ns", positive.flatten(2),
-                                       relaxation.lower_intercept.flatten(1))
+            bias = bias + torch.einsum(
+                "nsd,nd->ns", positive.flatten(2), relaxation.lower_intercept.flatten(1)
+            )
         if graph:
             return A * torch.where(A >= 0, lower_slope, upper_slope), bias
         # The same products on the two temporaries (each coefficient is in exactly one of them,
@@ -695,8 +719,7 @@ class ActivationOp(BoundOp):
         def windows(line: Tensor) -> Tensor:
             return unfold_map(line, geometry).unsqueeze(1)
 
-        lower_slope, upper_slope = windows(relaxation.lower_slope), windows(
-            relaxation.upper_slope)
+        lower_slope, upper_slope = windows(relaxation.lower_slope), windows(relaxation.upper_slope)
         widened = coeffs * torch.where(coeffs >= 0, lower_slope, upper_slope)
         bias = _window_sum(coeffs.clamp(max=0) * windows(relaxation.upper_intercept))
         if relaxation.lower_intercept is not None:
@@ -829,9 +852,11 @@ def supported_layers_text() -> str:
         f"{layer_type.__name__} ({entry.note})" if entry.note else layer_type.__name__
         for layer_type, entry in OP_REGISTRY.items()
     ]
-    return (f"Supported layers: {', '.join(names)}, nested Sequential, GraphNetwork and "
-            "torch.fx-traceable modules of them (with + of two branches, relu and flatten). "
-            "For other layers use backend='auto_lirpa'.")
+    return (
+        f"Supported layers: {', '.join(names)}, nested Sequential, GraphNetwork and "
+        "torch.fx-traceable modules of them (with + of two branches, relu and flatten). "
+        "For other layers use backend='auto_lirpa'."
+    )
 
 
 register_op(nn.Linear, LinearOp)

@@ -42,8 +42,9 @@ class PatchGeometry:
 def unfold_map(feature_map: Tensor, geometry: PatchGeometry) -> Tensor:
     """Windows of ``feature_map`` (n, C, H, W) as ``(n, L, C, Kh, Kw)``; zero outside the map."""
     n, channels = feature_map.shape[:2]
-    columns = F.unfold(feature_map, geometry.kernel, padding=geometry.padding,
-                       stride=geometry.stride)
+    columns = F.unfold(
+        feature_map, geometry.kernel, padding=geometry.padding, stride=geometry.stride
+    )
     return columns.view(n, channels, *geometry.kernel, -1).permute(0, 4, 1, 2, 3)
 
 
@@ -66,8 +67,9 @@ def in_map_mask(shape: torch.Size, geometry: PatchGeometry, dtype, device) -> Te
     return unfold_map(ones, geometry).unsqueeze(1)
 
 
-def concretize_patches(coeffs: Tensor, bias: Tensor, center: Tensor, radius: Tensor,
-                       geometry: PatchGeometry) -> Tensor:
+def concretize_patches(
+    coeffs: Tensor, bias: Tensor, center: Tensor, radius: Tensor, geometry: PatchGeometry
+) -> Tensor:
     """Minimum of the patched linear functions over the box ``center +- radius``: (n, S, L)."""
     center_windows = unfold_map(center, geometry).flatten(2)
     radius_windows = unfold_map(radius, geometry).flatten(2)

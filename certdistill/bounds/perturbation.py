@@ -192,8 +192,9 @@ class Perturbation:
             corners.append(tensor)
         lo, hi = corners
         if lo.shape != hi.shape:
-            raise ValueError(f"lower {tuple(lo.shape)} and upper {tuple(hi.shape)} differ in "
-                             "shape.")
+            raise ValueError(
+                f"lower {tuple(lo.shape)} and upper {tuple(hi.shape)} differ in shape."
+            )
         if bool((lo > hi).any()):
             raise ValueError("lower must not exceed upper anywhere.")
         lo_r, hi_r = _round_outwards(lo, hi, dtype)
@@ -236,8 +237,11 @@ class Perturbation:
     @property
     def has_boxes(self) -> bool:
         """True when the domain is one box per sample (:meth:`from_boxes`)."""
-        return self.per_sample and self.lower is not None and (
-            self.lower.dim() > len(self.sample_shape))
+        return (
+            self.per_sample
+            and self.lower is not None
+            and (self.lower.dim() > len(self.sample_shape))
+        )
 
     def reshaped(self, sample_shape: Sequence[int]) -> Perturbation:
         """The same set for samples reshaped to ``sample_shape`` (same number of features)."""
@@ -254,8 +258,13 @@ class Perturbation:
                 return tensor
             return tensor.expand(self.sample_shape).reshape(sample_shape)
 
-        return replace(self, eps=fit(self.eps), lower=fit(self.lower), upper=fit(self.upper),
-                       sample_shape=sample_shape)
+        return replace(
+            self,
+            eps=fit(self.eps),
+            lower=fit(self.lower),
+            upper=fit(self.upper),
+            sample_shape=sample_shape,
+        )
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Perturbation:
         """The same perturbation with its tensors on ``device`` and of ``dtype``."""
@@ -331,8 +340,10 @@ class Perturbation:
                 return "None"
             return f"{float(tensor):g}" if tensor.numel() == 1 else f"<{tuple(tensor.shape)}>"
 
-        return (f"Perturbation(eps={text(self.eps)}, lower={text(self.lower)}, "
-                f"upper={text(self.upper)}, sample_shape={self.sample_shape})")
+        return (
+            f"Perturbation(eps={text(self.eps)}, lower={text(self.lower)}, "
+            f"upper={text(self.upper)}, sample_shape={self.sample_shape})"
+        )
 
 
 def _round_outwards(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -77,8 +77,9 @@ class SubdomainBounding:
             for earlier in activations[:k]:
                 size = numel(state.input_shapes[earlier])
                 block = reached.get(earlier)
-                blocks.append(block.reshape(width, size) if block is not None
-                              else A.new_zeros(width, size))
+                blocks.append(
+                    block.reshape(width, size) if block is not None else A.new_zeros(width, size)
+                )
             segments.append((torch.cat(blocks, dim=1), bias.reshape(width)))
         return segments
 
@@ -116,8 +117,9 @@ class SubdomainBounding:
         SubdomainBounds
         """
         shapes = self._input_shapes(center)
-        state = Propagation(center=center, radius=radius, input_shapes=shapes,
-                             ibp_bounds=dict(bounds))
+        state = Propagation(
+            center=center, radius=radius, input_shapes=shapes, ibp_bounds=dict(bounds)
+        )
         self._crown_intermediate_bounds(state)
         spec = margin_specification(reference, self._n_classes(center), dtype=center.dtype)
         record: dict[int, Tensor] = {}
@@ -135,9 +137,12 @@ class SubdomainBounding:
         for lower, upper in state.bounds.values():
             infeasible |= (lower > upper).flatten(1).any(1)
         return SubdomainBounds(
-            margins=margins, bounds=state.bounds, relaxations=state.relaxations,
+            margins=margins,
+            bounds=state.bounds,
+            relaxations=state.relaxations,
             coefficients={k: a[rows, worst] for k, a in record.items()},
-            candidate=candidate, infeasible=infeasible,
+            candidate=candidate,
+            infeasible=infeasible,
         )
 
     def bound_split_subdomains(
@@ -192,26 +197,30 @@ class SubdomainBounding:
         for index, (lower, upper) in bounds.items():
             self._set_bounds(state, index, lower.detach(), upper.detach())
         n_classes = self._n_classes(center)
-        done, classes, ignore, spec = _open_margin_specification(reference, n_classes, closed,
-                                                                 center)
+        done, classes, ignore, spec = _open_margin_specification(
+            reference, n_classes, closed, center
+        )
         alphas, betas = self._split_multipliers(state, splits, classes.shape[1])
-        best, A, record = self._optimise_split_bounds(spec, state, alphas, betas, ignore,
-                                                      steps=steps, alpha_lr=alpha_lr,
-                                                      beta_lr=beta_lr)
+        best, A, record = self._optimise_split_bounds(
+            spec, state, alphas, betas, ignore, steps=steps, alpha_lr=alpha_lr, beta_lr=beta_lr
+        )
         selected = best.masked_fill(ignore, float("inf"))
         worst = selected.argmin(1)
         rows = torch.arange(center.shape[0], device=center.device)
         candidate = state.center - state.radius * torch.sign(A.detach()[rows, worst])
         margins = _largest_per_class(best, classes, done)
         return SubdomainBounds(
-            margins=margins, bounds=state.bounds, relaxations=state.relaxations,
+            margins=margins,
+            bounds=state.bounds,
+            relaxations=state.relaxations,
             coefficients={k: a.detach()[rows, worst] for k, a in record.items()},
             candidate=candidate,
             infeasible=torch.zeros(center.shape[0], dtype=torch.bool, device=center.device),
         )
 
-    def _split_multipliers(self, state: Propagation, splits: dict[int, Tensor], n_open: int
-                           ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+    def _split_multipliers(
+        self, state: Propagation, splits: dict[int, Tensor], n_open: int
+    ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
         """Starting lower slopes (alpha, per open margin) and split multipliers (beta = 0,
         with each neuron's split sign) of every activation."""
         alphas, betas = {}, {}
@@ -238,20 +247,24 @@ class SubdomainBounding:
         """Projected Adam on alpha and beta for ``steps`` steps: the best bound seen per row of
         ``spec`` (every iterate is sound), the last pass's coefficients ``A`` and its recorded
         coefficients of the activations."""
-        best = torch.full(spec.shape[:2], float("-inf"), dtype=state.center.dtype,
-                          device=state.center.device)
+        best = torch.full(
+            spec.shape[:2], float("-inf"), dtype=state.center.dtype, device=state.center.device
+        )
         parameters = [*alphas.values(), *(beta for beta, _ in betas.values())]
-        optimizer = torch.optim.Adam([
-            {"params": list(alphas.values()), "lr": alpha_lr},
-            {"params": [beta for beta, _ in betas.values()], "lr": beta_lr},
-        ])
+        optimizer = torch.optim.Adam(
+            [
+                {"params": list(alphas.values()), "lr": alpha_lr},
+                {"params": [beta for beta, _ in betas.values()], "lr": beta_lr},
+            ]
+        )
         for parameter in parameters:
             parameter.requires_grad_(steps > 0)
         with torch.enable_grad():
             for step in range(steps + 1):
                 record: dict[int, Tensor] | None = {} if step == steps else None
-                A, bias = self._backward(spec, state, end=len(self.ops), alphas=alphas,
-                                         betas=betas, record=record)
+                A, bias = self._backward(
+                    spec, state, end=len(self.ops), alphas=alphas, betas=betas, record=record
+                )
                 margins = self._concretize(A, bias, state.center, state.radius)
                 best = torch.maximum(best, margins.detach())
                 if step == steps:
@@ -267,8 +280,9 @@ class SubdomainBounding:
         return best, A, record
 
 
-def _open_margin_specification(reference: Tensor, n_classes: int, closed: Tensor | None,
-                               like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _open_margin_specification(
+    reference: Tensor, n_classes: int, closed: Tensor | None, like: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The margins to bound per subdomain: ``done`` (reference or closed, shape
     ``(d, n_classes)``), the open ``classes``, worst first, and the padding mask ``ignore``
     (both ``(d, n_open)``), and ``spec`` (``(d, n_open, n_classes)``, in ``like``'s dtype and

@@ -51,8 +51,9 @@ class TrainingPasses:
         -------
         IntervalPass
         """
-        state = self._sweep(x, perturbation, record_bounds=record_activations or keep_state,
-                            training=True)
+        state = self._sweep(
+            x, perturbation, record_bounds=record_activations or keep_state, training=True
+        )
         recorded = []
         if record_activations:
             for index in self._activation_indices:
@@ -60,8 +61,11 @@ class TrainingPasses:
                 recorded.append(((upper + lower) / 2, (upper - lower) / 2))
         margins = self._tail_margins(state, reference)
         return IntervalPass(
-            logits=state.logits, margins=mask_reference(margins, reference),
-            activation_bounds=recorded, input_radius=state.radius, reference=reference,
+            logits=state.logits,
+            margins=mask_reference(margins, reference),
+            activation_bounds=recorded,
+            input_radius=state.radius,
+            reference=reference,
             _state=state if keep_state else None,
         )
 
@@ -84,8 +88,9 @@ class TrainingPasses:
         state = interval_pass._state
         if state is None:
             raise ValueError("crown_ibp_margins needs an interval_pass run with keep_state=True.")
-        return mask_reference(self._crown_ibp(state, interval_pass.reference),
-                               interval_pass.reference)
+        return mask_reference(
+            self._crown_ibp(state, interval_pass.reference), interval_pass.reference
+        )
 
     def crown_ibp_cross_entropy(self, interval_pass: IntervalPass, mix: float = 1.0) -> Tensor:
         """Upper bound of the worst-case cross-entropy per sample by loss fusion.
@@ -115,8 +120,9 @@ class TrainingPasses:
         """
         state = interval_pass._state
         if state is None:
-            raise ValueError("crown_ibp_cross_entropy needs an interval_pass run with "
-                             "keep_state=True.")
+            raise ValueError(
+                "crown_ibp_cross_entropy needs an interval_pass run with keep_state=True."
+            )
         reference = interval_pass.reference.view(-1, 1)
         lower_margin, upper_margin = self._tail_margin_bounds(state, interval_pass.reference)
         shift = (-lower_margin).amax(1, keepdim=True).detach()  # >= 0: the reference's is 0
@@ -158,7 +164,6 @@ def exp_chord(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     width = high - low
     wide = width > 1e-4
     # (exp(high) - exp(low)) / width, written so that a very low end cannot overflow.
-    ratio = torch.where(wide, -torch.expm1(-width) / torch.where(wide, width, 1.0),
-                        1.0 - width / 2)
+    ratio = torch.where(wide, -torch.expm1(-width) / torch.where(wide, width, 1.0), 1.0 - width / 2)
     slope = high.exp() * ratio
     return slope, high.exp() - slope * high

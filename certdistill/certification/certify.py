@@ -137,15 +137,27 @@ def certify(
 
     module = as_module(module)
     stages = check_stages(method)
-    options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose,
-                             memory_limit=memory_limit)
+    options = CascadeOptions(
+        timeout=timeout, budget=budget, verbose=verbose, memory_limit=memory_limit
+    )
     if is_streamed(X):
         if eps is None:
             raise ValueError("a box per sample (eps=None) needs X in memory, not streamed.")
-        return certify_stream(module, X, eps, y=y, stages=stages, options=options, lower=lower,
-                              upper=upper, batch_size=batch_size, backend=backend)
-    problem = Problem.create(module, X, eps, y=y, lower=lower, upper=upper,
-                              batch_size=batch_size, backend=backend)
+        return certify_stream(
+            module,
+            X,
+            eps,
+            y=y,
+            stages=stages,
+            options=options,
+            lower=lower,
+            upper=upper,
+            batch_size=batch_size,
+            backend=backend,
+        )
+    problem = Problem.create(
+        module, X, eps, y=y, lower=lower, upper=upper, batch_size=batch_size, backend=backend
+    )
     return problem.certify(stages, options)
 
 
@@ -200,8 +212,9 @@ def certified_radius(
     max_eps, tol = check_radius_search(max_eps, tol)
     stages = check_stages(method)
     options = CascadeOptions(timeout=timeout)
-    problem = Problem.create(module, X, 0.0, y=y, lower=lower, upper=upper,
-                              batch_size=batch_size, backend=backend)
+    problem = Problem.create(
+        module, X, 0.0, y=y, lower=lower, upper=upper, batch_size=batch_size, backend=backend
+    )
     return problem.radius(stages, max_eps=max_eps, tol=tol, options=options)
 
 
@@ -217,5 +230,3 @@ def as_module(model) -> nn.Module:
             f"{type(model).__name__}."
         )
     return model
-
-

@@ -180,16 +180,19 @@ def _expected_input(module: nn.Module) -> str | None:
         if isinstance(layer, nn.Linear):
             return f"its first layer, Linear, takes {layer.in_features} features per sample."
         if isinstance(layer, nn.Conv2d):
-            return (f"its first layer, Conv2d, takes samples of shape ({layer.in_channels}, "
-                    "height, width).")
+            return (
+                f"its first layer, Conv2d, takes samples of shape ({layer.in_channels}, "
+                "height, width)."
+            )
         return None
     return None
 
 
 def _is_box(bound, X: Tensor) -> bool:
     """``bound`` holds one corner per sample of ``X`` (a box per sample, not a domain)."""
-    return bound is not None and np.ndim(bound) == X.dim() and tuple(np.shape(bound)) == tuple(
-        X.shape)
+    return (
+        bound is not None and np.ndim(bound) == X.dim() and tuple(np.shape(bound)) == tuple(X.shape)
+    )
 
 
 def _validate_labels(y, n: int, n_classes: int, device) -> Tensor:
@@ -232,8 +235,9 @@ class Problem:
     backend: str = "native"
 
     @classmethod
-    def create(cls, module, X, eps, *, y=None, lower=None, upper=None, batch_size=256,
-               backend="native") -> Problem:
+    def create(
+        cls, module, X, eps, *, y=None, lower=None, upper=None, batch_size=256, backend="native"
+    ) -> Problem:
         """Validate the inputs of :func:`certify` (a constant number of passes over ``X``)."""
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -262,8 +266,9 @@ class Problem:
                     "a box per sample needs both lower and upper of the shape of X "
                     f"{tuple(X.shape)} (eps=None certifies the whole box)."
                 )
-            perturbation = Perturbation.from_boxes(lower, upper, X.shape[1:], eps=eps,
-                                                   dtype=dtype, device=device)
+            perturbation = Perturbation.from_boxes(
+                lower, upper, X.shape[1:], eps=eps, dtype=dtype, device=device
+            )
             if perturbation.lower.shape[0] != X.shape[0]:
                 raise ValueError(
                     f"lower and upper hold {perturbation.lower.shape[0]} boxes for "
@@ -279,8 +284,9 @@ class Problem:
                 )
             perturbation = eps.to(device=device, dtype=dtype)
         else:
-            perturbation = Perturbation.create(eps, X.shape[1:], lower=lower, upper=upper,
-                                               dtype=dtype, device=device)
+            perturbation = Perturbation.create(
+                eps, X.shape[1:], lower=lower, upper=upper, dtype=dtype, device=device
+            )
         problem = perturbation.outside_domain(X)
         if problem is not None:
             raise ValueError(problem)
@@ -291,18 +297,29 @@ class Problem:
 
     # ------------------------------------------------------------- cascade
     def _cascade(self, options: CascadeOptions | None) -> Cascade:
-        return Cascade(self.module, _bounder(self.module, self.backend), self.batch_size,
-                       options)
+        return Cascade(self.module, _bounder(self.module, self.backend), self.batch_size, options)
 
-    def _run(self, stages: Sequence[str], X: Tensor, perturbation: Perturbation,
-             labels: Tensor | None, options: CascadeOptions | None,
-             deadline: float | None = None) -> CascadeState:
+    def _run(
+        self,
+        stages: Sequence[str],
+        X: Tensor,
+        perturbation: Perturbation,
+        labels: Tensor | None,
+        options: CascadeOptions | None,
+        deadline: float | None = None,
+    ) -> CascadeState:
         with torch.no_grad(), eval_mode(self.module):
-            return self._cascade(options).run(stages, X, perturbation, labels, self.n_classes,
-                                              deadline=deadline)
+            return self._cascade(options).run(
+                stages, X, perturbation, labels, self.n_classes, deadline=deadline
+            )
 
-    def certify(self, stages: Sequence[str], options: CascadeOptions | None = None, *,
-                deadline: float | None = None) -> Certificate:
+    def certify(
+        self,
+        stages: Sequence[str],
+        options: CascadeOptions | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Certificate:
         state = self._run(stages, self.X, self.perturbation, self.labels, options, deadline)
         certified = state.certified.cpu().numpy()
         falsified = state.falsified.cpu().numpy()
@@ -326,8 +343,14 @@ class Problem:
             stage_seconds=dict(state.extras.get("stage_seconds", {})),
         )
 
-    def radius(self, stages: Sequence[str], *, max_eps: float, tol: float,
-               options: CascadeOptions | None = None) -> np.ndarray:
+    def radius(
+        self,
+        stages: Sequence[str],
+        *,
+        max_eps: float,
+        tol: float,
+        options: CascadeOptions | None = None,
+    ) -> np.ndarray:
         n = self.X.shape[0]
         dtype, device = self.X.dtype, self.X.device
 

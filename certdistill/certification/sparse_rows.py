@@ -47,8 +47,9 @@ class SparseRows:
         values = np.asarray(values, dtype=np.float64).reshape(len(rows), *self.shape[1:])
         order = np.argsort(rows, kind="stable")
         self.rows, self.values = rows[order], values[order]
-        if len(self.rows) and (self.rows[0] < 0 or self.rows[-1] >= self.shape[0]
-                               or np.any(np.diff(self.rows) == 0)):
+        if len(self.rows) and (
+            self.rows[0] < 0 or self.rows[-1] >= self.shape[0] or np.any(np.diff(self.rows) == 0)
+        ):
             raise ValueError(f"rows must be distinct indices in [0, {self.shape[0]}).")
 
     @property
@@ -82,7 +83,8 @@ class SparseRows:
         if np.ndim(selected) == 0:
             return self._build(np.reshape(selected, 1))[0][rest]
         return self._build(selected.reshape(-1)).reshape(*selected.shape, *self.shape[1:])[
-            (slice(None),) * selected.ndim + tuple(rest)]
+            (slice(None),) * selected.ndim + tuple(rest)
+        ]
 
     def __array__(self, dtype=None, copy=None):
         if copy is False:

@@ -36,7 +36,7 @@ from certdistill.bounds import Perturbation
 from certdistill.bounds.memory import default_memory_limit
 from certdistill.certification.problem import Certificate, Problem, module_device_dtype
 from certdistill.certification.sparse_rows import SparseRows
-from certdistill.verify.cascade import CascadeOptions, Progress
+from certdistill.verify.cascade_state import CascadeOptions, Progress
 
 __all__ = ["certify_stream", "is_streamed"]
 
@@ -121,8 +121,16 @@ def certify_stream(
             try:
                 if prepare is not None:
                     rows, labels = prepare(rows, labels)
-                problem = Problem.create(module, rows, eps, y=labels, lower=lower, upper=upper,
-                                          batch_size=batch_size, backend=backend)
+                problem = Problem.create(
+                    module,
+                    rows,
+                    eps,
+                    y=labels,
+                    lower=lower,
+                    upper=upper,
+                    batch_size=batch_size,
+                    backend=backend,
+                )
             except ValueError as error:
                 raise ValueError(f"rows {first} to {first + len(rows) - 1}: {error}") from None
             # Validated once: the next chunks get the perturbation as it is.
@@ -153,15 +161,18 @@ def _chunks(X, y, batch_size: int) -> Iterator[tuple[int, object, object]]:
             yield first, rows, None if y is None else np.array(y[first:stop])
         return
     if y is not None:
-        raise ValueError("With an iterable of batches, give the labels inside the batches as "
-                         "(X, y) pairs, not as y.")
+        raise ValueError(
+            "With an iterable of batches, give the labels inside the batches as "
+            "(X, y) pairs, not as y."
+        )
     first, labelled = 0, None
     for batch in X:
         pair = isinstance(batch, tuple | list) and len(batch) == 2
         rows, labels = batch if pair else (batch, None)
         if labelled is not None and labelled != pair:
-            raise ValueError("Some batches are (X, y) pairs and some are not: label all of "
-                             "them or none.")
+            raise ValueError(
+                "Some batches are (X, y) pairs and some are not: label all of them or none."
+            )
         labelled = pair
         if len(rows) == 0:
             continue
@@ -182,11 +193,11 @@ class _Column:
         else:
             if self.array is None:
                 self.array = np.empty((self.total, *values.shape[1:]), dtype=values.dtype)
-            self.array[self.n:self.n + len(values)] = values
+            self.array[self.n : self.n + len(values)] = values
         self.n += len(values)
 
     def values(self) -> np.ndarray:
-        return np.concatenate(self.parts) if self.total is None else self.array[:self.n]
+        return np.concatenate(self.parts) if self.total is None else self.array[: self.n]
 
 
 class _Labels(_Column):
@@ -198,8 +209,9 @@ class _Labels(_Column):
 
     def add(self, values: np.ndarray) -> None:
         names, inverse = np.unique(values, return_inverse=True)
-        codes = np.array([self.names.setdefault(str(name), len(self.names)) for name in names],
-                         dtype=np.int8)
+        codes = np.array(
+            [self.names.setdefault(str(name), len(self.names)) for name in names], dtype=np.int8
+        )
         super().add(codes[inverse.reshape(-1)])
 
     def values(self) -> np.ndarray:
@@ -216,9 +228,13 @@ class _Results:
     """
 
     def __init__(self, total: int | None):
-        self.columns = {"prediction": _Column(total), "margins": _Column(total),
-                        "certified": _Column(total), "status": _Labels(total),
-                        "decided_by": _Labels(total)}
+        self.columns = {
+            "prediction": _Column(total),
+            "margins": _Column(total),
+            "certified": _Column(total),
+            "status": _Labels(total),
+            "decided_by": _Labels(total),
+        }
         self.rows: list[np.ndarray] = []
         self.points: list[np.ndarray] = []
         self.seconds: dict[str, float] = {}
@@ -243,7 +259,8 @@ class _Results:
             **{name: column.values() for name, column in self.columns.items()},
             eps=perturbation.eps_value,
             method=self.method,
-            counterexample=SparseRows((self.n, *self.sample_shape), np.concatenate(self.rows),
-                                      np.concatenate(self.points)),
+            counterexample=SparseRows(
+                (self.n, *self.sample_shape), np.concatenate(self.rows), np.concatenate(self.points)
+            ),
             stage_seconds=self.seconds,
         )

@@ -156,15 +156,23 @@ def verify(
         if remaining <= 0:
             outcomes.append("timeout")
             break
-        found = checker.decide(cases, spec_rows, method=method, budget=remaining,
-                               batch_size=batch_size, verbose=verbose)
+        found = checker.decide(
+            cases,
+            spec_rows,
+            method=method,
+            budget=remaining,
+            batch_size=batch_size,
+            verbose=verbose,
+        )
         if isinstance(found, VerificationResult):
-            return VerificationResult("sat", time.perf_counter() - start,
-                                      found.counterexample, found.output)
+            return VerificationResult(
+                "sat", time.perf_counter() - start, found.counterexample, found.output
+            )
         outcomes.append(found)
     seconds = time.perf_counter() - start
     if all(outcome == "unsat" for outcome in outcomes) and len(outcomes) == len(
-            _groups(prop.cases)):
+        _groups(prop.cases)
+    ):
         return VerificationResult("unsat", seconds)
     if seconds >= timeout or "timeout" in outcomes:
         return VerificationResult("timeout", seconds)
@@ -175,8 +183,9 @@ def _check_timeout(timeout) -> float:
     try:
         value = float(timeout)
     except (TypeError, ValueError):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.") \
-            from None
+        raise ValueError(
+            f"timeout must be a positive number of seconds, got {timeout!r}."
+        ) from None
     if not value > 0 or value == float("inf"):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     return value
@@ -228,26 +237,40 @@ class _Checker:
             )
         self._session = None
 
-    def decide(self, cases: list[VnnlibCase], disjuncts: tuple, *, method, budget: float,
-               batch_size: int, verbose: int):
+    def decide(
+        self,
+        cases: list[VnnlibCase],
+        disjuncts: tuple,
+        *,
+        method,
+        budget: float,
+        batch_size: int,
+        verbose: int,
+    ):
         """``"unsat"``, ``"unknown"`` / ``"timeout"``, or a checked counterexample."""
         from certdistill.certification.certify import certify
 
         if not disjuncts:
             return "unsat"  # an empty disjunction never holds
         single_rows = all(c.C.shape[0] == 1 for c in disjuncts)
-        network = nn.Sequential(self.module, _specification_layer(disjuncts,
-                                                                  self.prop.n_outputs))
+        network = nn.Sequential(self.module, _specification_layer(disjuncts, self.prop.n_outputs))
         network = network.to(self.dtype).eval()
         lower = np.stack([case.lower for case in cases]).reshape(len(cases), *self.input_shape)
         upper = np.stack([case.upper for case in cases]).reshape(len(cases), *self.input_shape)
         center = (lower + upper) / 2
         started = time.perf_counter()
         cert = certify(
-            network, center, None, lower=lower, upper=upper,
+            network,
+            center,
+            None,
+            lower=lower,
+            upper=upper,
             y=np.zeros(len(cases), dtype=np.int64),
             method=method if single_rows else _CONJUNCTION_STAGES,
-            timeout=budget, budget=budget, batch_size=batch_size, verbose=verbose,
+            timeout=budget,
+            budget=budget,
+            batch_size=batch_size,
+            verbose=verbose,
         )
         for index in np.flatnonzero(cert.status == "falsified"):
             checked = self.check(cert.counterexample[index].reshape(-1), cases[index], disjuncts)
@@ -267,7 +290,7 @@ class _Checker:
         row = 1  # column 0 is the reference
         ruled_out = np.ones(margins.shape[0], dtype=bool)
         for disjunct in disjuncts:
-            rows = margins[:, row:row + disjunct.C.shape[0]]
+            rows = margins[:, row : row + disjunct.C.shape[0]]
             ruled_out &= (rows > 0).any(axis=1)
             row += disjunct.C.shape[0]
         return ruled_out
@@ -278,10 +301,12 @@ class _Checker:
         x64 = np.clip(np.asarray(point, dtype=np.float64), case.lower, case.upper)
         x32 = x64.astype(np.float32)
         # Round inwards so the float32 values the network runs on lie in the box.
-        x32 = np.where(x32.astype(np.float64) < case.lower,
-                       np.nextafter(x32, np.float32(np.inf)), x32)
-        x32 = np.where(x32.astype(np.float64) > case.upper,
-                       np.nextafter(x32, np.float32(-np.inf)), x32)
+        x32 = np.where(
+            x32.astype(np.float64) < case.lower, np.nextafter(x32, np.float32(np.inf)), x32
+        )
+        x32 = np.where(
+            x32.astype(np.float64) > case.upper, np.nextafter(x32, np.float32(-np.inf)), x32
+        )
         if (x32 < case.lower).any() or (x32 > case.upper).any():
             return None
         y = self.outputs(x32)
@@ -297,8 +322,7 @@ class _Checker:
             if session is not None:
                 meta = session.get_inputs()[0]
                 shape = [d if isinstance(d, int) and d > 0 else 1 for d in meta.shape]
-                out = session.run([self.module.onnx_output],
-                                  {meta.name: x32.reshape(shape)})[0]
+                out = session.run([self.module.onnx_output], {meta.name: x32.reshape(shape)})[0]
                 return np.asarray(out, dtype=np.float64).reshape(-1)
         import copy
 
@@ -314,7 +338,8 @@ class _Checker:
             except ImportError:
                 return None
             self._session = onnxruntime.InferenceSession(
-                self.onnx_path, providers=["CPUExecutionProvider"])
+                self.onnx_path, providers=["CPUExecutionProvider"]
+            )
         return self._session
 
 
@@ -334,14 +359,17 @@ def read_instances(path: str | os.PathLike) -> list[tuple[str, str, float]]:
             if not fields or all(not f.strip() for f in fields):
                 continue
             if len(fields) != 3:
-                raise ValueError(f"{path}, line {number}: expected onnx,vnnlib,timeout, got "
-                                 f"{len(fields)} fields.")
+                raise ValueError(
+                    f"{path}, line {number}: expected onnx,vnnlib,timeout, got "
+                    f"{len(fields)} fields."
+                )
             onnx_file, vnnlib_file, timeout = (f.strip() for f in fields)
             try:
                 seconds = _check_timeout(timeout)
             except ValueError:
-                raise ValueError(f"{path}, line {number}: timeout {timeout!r} is not a "
-                                 "positive number.") from None
+                raise ValueError(
+                    f"{path}, line {number}: timeout {timeout!r} is not a positive number."
+                ) from None
             rows.append((onnx_file, vnnlib_file, seconds))
     return rows
 
@@ -401,17 +429,41 @@ def verify_instances(
         props = {i: parse_vnnlib(base / rows[i][1]) for i in indices}
         batched = [i for i in indices if batch and _plain_robustness(props[i])]
         if len(batched) > 1:
-            for index, outcome in _verify_batch(model_path, [props[i] for i in batched],
-                                                [rows[i][2] for i in batched], batched,
-                                                method=method, verbose=verbose):
+            for index, outcome in _verify_batch(
+                model_path,
+                [props[i] for i in batched],
+                [rows[i][2] for i in batched],
+                batched,
+                method=method,
+                verbose=verbose,
+            ):
                 record(index, outcome)
         else:
             batched = []
         for index in indices:
             if index not in batched:
-                record(index, verify(model_path, props[index], timeout=rows[index][2],
-                                     method=method, verbose=verbose))
+                record(
+                    index,
+                    verify(
+                        model_path,
+                        props[index],
+                        timeout=rows[index][2],
+                        method=method,
+                        verbose=verbose,
+                    ),
+                )
     finished = [r for r in results if r is not None]
+    _write_results(finished, output, results_dir)
+    return finished
+
+
+def _write_results(
+    finished: list[InstanceResult],
+    output: str | os.PathLike | None,
+    results_dir: str | os.PathLike | None,
+) -> None:
+    """The summary CSV at ``output`` and one VNN-COMP results file per instance in
+    ``results_dir``, for those given."""
     if output is not None:
         with open(output, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -423,7 +475,6 @@ def verify_instances(
         for number, r in enumerate(finished):
             stem = Path(r.vnnlib).name.removesuffix(".gz").removesuffix(".vnnlib")
             (folder / f"{number:04d}_{stem}.txt").write_text(r.outcome.results_text())
-    return finished
 
 
 def _plain_robustness(prop: VnnlibProperty) -> bool:
@@ -435,8 +486,15 @@ def _plain_robustness(prop: VnnlibProperty) -> bool:
     return sorted(classes) == [j for j in range(prop.n_outputs) if j != label]
 
 
-def _verify_batch(model_path: str, props: list[VnnlibProperty], timeouts: list[float],
-                  indices: list[int], *, method, verbose: int):
+def _verify_batch(
+    model_path: str,
+    props: list[VnnlibProperty],
+    timeouts: list[float],
+    indices: list[int],
+    *,
+    method,
+    verbose: int,
+):
     """Certify plain robustness properties of one network in one call (their labels as y)."""
     from certdistill.certification.certify import as_module, certify
 
@@ -447,8 +505,18 @@ def _verify_batch(model_path: str, props: list[VnnlibProperty], timeouts: list[f
     lower = np.stack([p.cases[0].lower for p in props]).reshape(len(props), *shape)
     upper = np.stack([p.cases[0].upper for p in props]).reshape(len(props), *shape)
     labels = np.array([p.margin_form()[0] for p in props])
-    cert = certify(module, (lower + upper) / 2, None, lower=lower, upper=upper, y=labels,
-                   method=method, timeout=max(timeouts), budget=sum(timeouts), verbose=verbose)
+    cert = certify(
+        module,
+        (lower + upper) / 2,
+        None,
+        lower=lower,
+        upper=upper,
+        y=labels,
+        method=method,
+        timeout=max(timeouts),
+        budget=sum(timeouts),
+        verbose=verbose,
+    )
     answers = []
     for k, prop in enumerate(props):
         case = prop.cases[0]

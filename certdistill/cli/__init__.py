@@ -39,20 +39,30 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="certdistill",
         description="Certified robustness and certified distillation: train, distil, certify "
-                    "and compare networks that are provably robust in an L-infinity ball.",
+        "and compare networks that are provably robust in an L-infinity ball.",
         epilog="Run 'certdistill <command> --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"certdistill {__version__}")
     common = ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error")
-    common.add_argument("--threads", type=positive_int, default=1,
-                        help="CPU threads of torch (default 1: the networks are small, so more "
-                             "threads gain little, and on a busy machine they can slow training "
-                             "down many times)")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads of torch (default 1: the networks are small, so more "
+        "threads gain little, and on a busy machine they can slow training "
+        "down many times)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (add_demo_parser, add_train_parser, add_distill_parser, add_certify_parser,
-                add_report_parser, add_verify_parser, add_export_parser):
+    for add in (
+        add_demo_parser,
+        add_train_parser,
+        add_distill_parser,
+        add_certify_parser,
+        add_report_parser,
+        add_verify_parser,
+        add_export_parser,
+    ):
         add(commands, [common])
     return parser
 
@@ -96,4 +106,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(error, UsageError) else 1
     finally:
         torch.set_num_threads(threads)
-

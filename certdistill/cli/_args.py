@@ -141,17 +141,24 @@ def check_suffix(path: str | Path, suffixes: tuple[str, ...], option: str) -> Pa
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, flag: bool = False) -> None:
     """Add the data file argument (positional ``data``, or ``--data`` if ``flag``) and its keys."""
-    help_text = (".npz file with arrays X (one row per sample; images of shape (n, c, h, w) "
-                 "are flattened) and y, or .csv file with a header, a label column and numeric "
-                 "feature columns")
+    help_text = (
+        ".npz file with arrays X (one row per sample; images of shape (n, c, h, w) "
+        "are flattened) and y, or .csv file with a header, a label column and numeric "
+        "feature columns"
+    )
     if flag:
         parser.add_argument("--data", required=True, help=help_text)
     else:
         parser.add_argument("data", help=help_text)
-    parser.add_argument("--x-key", default="X", help="name of the feature array in a .npz "
-                                                     "file (default X)")
-    parser.add_argument("--y-key", default="y", help="name of the label array in a .npz file "
-                                                     "(default y)")
-    parser.add_argument("--label-column", default="label",
-                        help="name of the label column of a .csv file (default label); every "
-                             "other column is a feature")
+    parser.add_argument(
+        "--x-key", default="X", help="name of the feature array in a .npz file (default X)"
+    )
+    parser.add_argument(
+        "--y-key", default="y", help="name of the label array in a .npz file (default y)"
+    )
+    parser.add_argument(
+        "--label-column",
+        default="label",
+        help="name of the label column of a .csv file (default label); every "
+        "other column is a feature",
+    )

@@ -277,8 +277,9 @@ class OnnxModel:
 
         self.path = path
         self.module_ = load_onnx(path)
-        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
-                    .metadata_props}
+        metadata = {
+            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+        }
 
         def meta(key, default=None):
             value = metadata.get(f"certdistill.{key}")
@@ -314,14 +315,27 @@ class OnnxModel:
     def certify(self, X, *, eps, y=None, **options):
         from certdistill.certification.certify import certify
 
-        return certify(self.module_, self._inputs(X), eps, y=self._labels(y), lower=self.lower,
-                       upper=self.upper, **options)
+        return certify(
+            self.module_,
+            self._inputs(X),
+            eps,
+            y=self._labels(y),
+            lower=self.lower,
+            upper=self.upper,
+            **options,
+        )
 
     def certified_radius(self, X, *, y=None, **options):
         from certdistill.certification.certify import certified_radius
 
-        return certified_radius(self.module_, self._inputs(X), y=self._labels(y),
-                                lower=self.lower, upper=self.upper, **options)
+        return certified_radius(
+            self.module_,
+            self._inputs(X),
+            y=self._labels(y),
+            lower=self.lower,
+            upper=self.upper,
+            **options,
+        )
 
 
 def _load(path: Path):
@@ -389,8 +403,10 @@ def markdown_table(rows: Sequence[Mapping], columns: Mapping[str, tuple[str, str
     -------
     str
     """
-    lines = ["| " + " | ".join(header for header, _ in columns.values()) + " |",
-             "|" + "---|" * len(columns)]
+    lines = [
+        "| " + " | ".join(header for header, _ in columns.values()) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for row in rows:
         cells = []
         for key, (_, spec) in columns.items():

@@ -103,9 +103,15 @@ def pgd_accuracy(
                 if generator is None:
                     generator = torch.Generator(device=x.device).manual_seed(int(seed))
                 adversarial = pgd_attack(
-                    module, x, labels, float(eps), steps=steps, restarts=restarts,
+                    module,
+                    x,
+                    labels,
+                    float(eps),
+                    steps=steps,
+                    restarts=restarts,
                     lower=_sample_bound(model.lower, x.shape[1:]),
-                    upper=_sample_bound(model.upper, x.shape[1:]), generator=generator,
+                    upper=_sample_bound(model.upper, x.shape[1:]),
+                    generator=generator,
                 )
                 with torch.no_grad():
                     robust &= module(adversarial).argmax(1) == labels
@@ -114,7 +120,13 @@ def pgd_accuracy(
 
 
 def certified_accuracy_timed(
-    model, X: np.ndarray, y, eps: float, methods: Sequence[str], *, batch_size: int = 256,
+    model,
+    X: np.ndarray,
+    y,
+    eps: float,
+    methods: Sequence[str],
+    *,
+    batch_size: int = 256,
     timeout: float = 10.0,
 ) -> tuple[float, float]:
     """Certified accuracy at ``eps`` (by the cascade of ``methods``) and its throughput.
@@ -131,7 +143,8 @@ def certified_accuracy_timed(
     method = methods[0] if len(methods) == 1 else tuple(methods)
     model.certify(X[:2], eps=eps, method=method, y=np.asarray(y)[:2], timeout=timeout)
     start = time.perf_counter()
-    certificate = model.certify(X, eps=eps, method=method, y=y, batch_size=batch_size,
-                                timeout=timeout)
+    certificate = model.certify(
+        X, eps=eps, method=method, y=y, batch_size=batch_size, timeout=timeout
+    )
     seconds = time.perf_counter() - start
     return certificate.certified_fraction, len(certificate) / max(seconds, 1e-9)

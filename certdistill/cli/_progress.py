@@ -32,9 +32,16 @@ class FitProgress(Callback):
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         from tqdm import tqdm
 
-        self.bar_ = tqdm(total=getattr(net, "n_epochs_", net.max_epochs), desc=self.desc,
-                         unit="epoch", file=sys.stderr, leave=True, disable=self.disable,
-                         dynamic_ncols=True, mininterval=0.5)
+        self.bar_ = tqdm(
+            total=getattr(net, "n_epochs_", net.max_epochs),
+            desc=self.desc,
+            unit="epoch",
+            file=sys.stderr,
+            leave=True,
+            disable=self.disable,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
 
     def on_epoch_end(self, net, **kwargs):
         row = net.history[-1]
@@ -77,7 +84,8 @@ def fit_with_progress(model, X, y, desc: str, *, quiet: bool = False) -> float:
         model.set_params(callbacks=original)
     history = model.history_
     if len(history) < getattr(model, "n_epochs_", model.max_epochs) or (
-            len(history) and history[-1].get("interrupted")):
+        len(history) and history[-1].get("interrupted")
+    ):
         # skorch ends a fit quietly on Ctrl-C; the command must stop too, not save a model
         # trained for part of its epochs as if it were complete.
         raise KeyboardInterrupt

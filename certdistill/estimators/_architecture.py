@@ -25,15 +25,30 @@ def _pair_or_str(value):
 #: Layer type -> the constructor arguments that define it (read from attributes of the same name).
 ARCHITECTURE_LAYERS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Linear: ("in_features", "out_features", "bias"),
-    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                "groups", "bias", "padding_mode"),
+    nn.Conv2d: (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "bias",
+        "padding_mode",
+    ),
     nn.ReLU: ("inplace",),
     nn.Flatten: ("start_dim", "end_dim"),
     nn.Unflatten: ("dim", "unflattened_size"),
     nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                   "divisor_override"),
+    nn.AvgPool2d: (
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    ),
     nn.Identity: (),
     nn.Dropout: ("p", "inplace"),
 }
@@ -79,8 +94,10 @@ def describe_module(module: nn.Module, name: str = "module") -> dict:
     """
     kind = type(module)
     if kind is nn.Sequential:
-        children = [[child_name, describe_module(child, f"{name}.{child_name}")]
-                    for child_name, child in module.named_children()]
+        children = [
+            [child_name, describe_module(child, f"{name}.{child_name}")]
+            for child_name, child in module.named_children()
+        ]
         return {"type": "Sequential", "children": children, "training": module.training}
     if kind not in ARCHITECTURE_LAYERS:
         raise SafeFormatError(
@@ -121,9 +138,11 @@ def build_module(description: dict) -> nn.Module:
 def _build(description: dict) -> nn.Module:
     kind = description["type"]
     if kind == "Sequential":
-        return nn.Sequential(OrderedDict(
-            (str(child_name), _build(child)) for child_name, child in description["children"]
-        ))
+        return nn.Sequential(
+            OrderedDict(
+                (str(child_name), _build(child)) for child_name, child in description["children"]
+            )
+        )
     if kind not in _BY_NAME:
         raise ValueError(f"unknown layer type {kind!r} in the architecture. {_SUPPORTED_TEXT}.")
     layer = _BY_NAME[kind]
@@ -131,8 +150,12 @@ def _build(description: dict) -> nn.Module:
     unknown = set(args) - set(ARCHITECTURE_LAYERS[layer])
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)} for {kind} in the architecture")
-    return layer(**{key: tuple(value) if key in _TUPLE_ARGS and isinstance(value, list)
-                    else value for key, value in args.items()})
+    return layer(
+        **{
+            key: tuple(value) if key in _TUPLE_ARGS and isinstance(value, list) else value
+            for key, value in args.items()
+        }
+    )
 
 
 def _set_modes(module: nn.Module, description: dict) -> None:

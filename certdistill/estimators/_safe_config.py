@@ -46,8 +46,13 @@ _CLASS_NAMESPACES = {
 }
 
 #: Fitted attributes stored besides the network (``current_*_`` schedule values come too).
-_FITTED_ATTRIBUTES = ("n_features_in_", "feature_names_in_", "classes_inferred_", "teacher_",
-                      "n_epochs_")
+_FITTED_ATTRIBUTES = (
+    "n_features_in_",
+    "feature_names_in_",
+    "classes_inferred_",
+    "teacher_",
+    "n_epochs_",
+)
 
 _ARRAY_KINDS = "biufUO"
 
@@ -99,8 +104,11 @@ class _Encoder:
             for key, value in estimator.get_params(deep=False).items()
             if not key.startswith("_")
         }
-        self.estimators[index] = {"class": name, "params": params,
-                                  "fitted": self._fitted(estimator, name)}
+        self.estimators[index] = {
+            "class": name,
+            "params": params,
+            "fitted": self._fitted(estimator, name),
+        }
         return index
 
     def _fitted(self, estimator, name: str) -> dict | None:
@@ -108,11 +116,17 @@ class _Encoder:
             return None
         names = [attr for attr in _FITTED_ATTRIBUTES if hasattr(estimator, attr)]
         # The batch's perturbation is derived from current_eps_ and rebuilt when training goes on.
-        names += sorted(attr for attr in vars(estimator)
-                        if attr.startswith("current_") and attr.endswith("_")
-                        and attr != "current_perturbation_")
-        fitted = {attr: self.value(getattr(estimator, attr), f"attribute {attr} of the {name}")
-                  for attr in names}
+        names += sorted(
+            attr
+            for attr in vars(estimator)
+            if attr.startswith("current_")
+            and attr.endswith("_")
+            and attr != "current_perturbation_"
+        )
+        fitted = {
+            attr: self.value(getattr(estimator, attr), f"attribute {attr} of the {name}")
+            for attr in names
+        }
         fitted["module_"] = self.value(estimator.module_, f"the network of the {name}")
         fitted["history_"] = _history_rows(estimator.history_, name)
         return fitted
@@ -137,8 +151,10 @@ class _Encoder:
         if value is None or isinstance(value, bool | str):
             return value
         if isinstance(value, np.generic):  # before float: np.float64 is a float
-            return {"__numpy__": _encode_array(np.asarray(value), where)["__ndarray__"],
-                    "dtype": value.dtype.str}
+            return {
+                "__numpy__": _encode_array(np.asarray(value), where)["__ndarray__"],
+                "dtype": value.dtype.str,
+            }
         if isinstance(value, int | float):
             return value
         if isinstance(value, np.ndarray):
@@ -158,9 +174,13 @@ class _Encoder:
         if type(value) in _estimator_classes().values():
             return {"__estimator__": self.estimator(value)}
         if type(value) is skorch.dataset.ValidSplit:
-            return {"__valid_split__": {
-                "cv": self.value(value.cv, where), "stratified": bool(value.stratified),
-                "random_state": self.value(value.random_state, where)}}
+            return {
+                "__valid_split__": {
+                    "cv": self.value(value.cv, where),
+                    "stratified": bool(value.stratified),
+                    "random_state": self.value(value.random_state, where),
+                }
+            }
         raise SafeFormatError(
             f"Cannot store {where}, a {type(value).__module__}.{type(value).__qualname__} "
             f"({_short_repr(value)}). {_JOBLIB_HINT}"
@@ -243,8 +263,10 @@ def to_config(estimator) -> tuple[dict, dict[str, torch.Tensor]]:
                 f"The safe format cannot describe this network exactly ({original!r}). "
                 + _JOBLIB_HINT
             )
-    return ({"root": root, "estimators": encoder.estimators, "modules": encoder.modules},
-            encoder.tensors)
+    return (
+        {"root": root, "estimators": encoder.estimators, "modules": encoder.modules},
+        encoder.tensors,
+    )
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -263,8 +285,11 @@ class _Decoder:
             with torch.device("meta"):
                 module = build_module(self.config["modules"][index])
             prefix = f"modules.{index}."
-            state = {key[len(prefix):]: tensor for key, tensor in self.tensors.items()
-                     if key.startswith(prefix)}
+            state = {
+                key[len(prefix) :]: tensor
+                for key, tensor in self.tensors.items()
+                if key.startswith(prefix)
+            }
             try:
                 module.load_state_dict(state, strict=True, assign=True)
             except RuntimeError as error:
@@ -325,7 +350,7 @@ class _Decoder:
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
-            (tag, content), = value.items()
+            ((tag, content),) = value.items()
             if tag == "__tuple__":
                 return tuple(self.value(v) for v in content)
             if tag == "__dict__":
@@ -339,8 +364,9 @@ class _Decoder:
             if tag == "__frozen__":
                 return FrozenEstimator(self.estimator(int(content)))
             if tag == "__valid_split__":
-                return skorch.dataset.ValidSplit(**{key: self.value(v)
-                                                    for key, v in content.items()})
+                return skorch.dataset.ValidSplit(
+                    **{key: self.value(v) for key, v in content.items()}
+                )
         if "__ndarray__" in value:
             return _decode_array(value["__ndarray__"], value["dtype"], value["shape"])
         if "__numpy__" in value:

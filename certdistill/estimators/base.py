@@ -74,8 +74,9 @@ _DEFAULT_EPOCHS = 60
 _MIN_STEPS = 500
 
 
-class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, ParameterChecks,
-                       NeuralNetClassifier):
+class CertifiedNetBase(
+    CertificationAPI, CertifiedTraining, DataChecks, ParameterChecks, NeuralNetClassifier
+):
     """Base of the certified estimators (a skorch ``NeuralNetClassifier``).
 
     Parameters
@@ -235,7 +236,6 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
         tags.input_tags.allow_nan = False
         return tags
 
-
     # -------------------------------------------------------------- seeding
     def _seed(self, offset: int = 0) -> int | None:
         rs = self.random_state
@@ -311,7 +311,8 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
                 f"{type(self).__name__} predicts the single class {self.classes_[predicted[0]]} "
                 "for all its training data: the fit collapsed (too few optimiser steps, a "
                 "learning rate too high, or a radius eps too large for the data).",
-                ConvergenceWarning, stacklevel=3,
+                ConvergenceWarning,
+                stacklevel=3,
             )
 
     @in_torch_threads
@@ -352,10 +353,10 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
         with self._rng(offset):
             if first:
                 self.initialize()
-            super().partial_fit(X, y_enc, epochs=self._epochs_for(len(X)) if epochs is None
-                                else int(epochs))
+            super().partial_fit(
+                X, y_enc, epochs=self._epochs_for(len(X)) if epochs is None else int(epochs)
+            )
         return self
-
 
     def fit_loop(self, X, y=None, epochs=None, **fit_params):
         """skorch's training loop; an interruption (Ctrl-C) is recorded and reported.
@@ -379,7 +380,6 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
             )
             raise  # skorch's partial_fit catches it and ends training (on_train_end)
 
-
     # --------------------------------------------------------------- module
     def initialize_module(self):
         """Build the default network from the data when ``module`` is None."""
@@ -391,9 +391,7 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
                 "(or pass a module)."
             )
         kwargs = self.get_params_for("module")
-        self.module_ = self.build_default_module(
-            self.n_features_in_, len(self.classes_), **kwargs
-        )
+        self.module_ = self.build_default_module(self.n_features_in_, len(self.classes_), **kwargs)
         return self
 
     def build_default_module(self, n_features: int, n_classes: int, **kwargs) -> nn.Module:
@@ -416,7 +414,6 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
         if self.input_shape is not None and len(tuple(self.input_shape)) == 3:
             return make_cnn(tuple(self.input_shape), n_classes, **kwargs)
         return make_mlp(n_features, n_classes, **kwargs)
-
 
     # ----------------------------------------------------------- prediction
     @in_torch_threads
@@ -451,5 +448,3 @@ class CertifiedNetBase(CertificationAPI, CertifiedTraining, DataChecks, Paramete
         """
         proba = self.predict_proba(X)
         return np.asarray(self.classes_)[proba.argmax(axis=1)]
-
-

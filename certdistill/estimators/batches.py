@@ -89,10 +89,12 @@ class TensorBatches:
             for start in range(0, n, self.batch_size):
                 if order is None:
                     rows = torch.arange(start, min(start + self.batch_size, n))
-                    batch = (self.X[start:start + self.batch_size].clone(),
-                             self.y[start:start + self.batch_size].clone())
+                    batch = (
+                        self.X[start : start + self.batch_size].clone(),
+                        self.y[start : start + self.batch_size].clone(),
+                    )
                 else:
-                    rows = order[start:start + self.batch_size]
+                    rows = order[start : start + self.batch_size]
                     batch = (self.X[rows], self.y[rows])
                 self._last = (batch[0], rows)
                 yield batch

@@ -33,14 +33,23 @@ class CertificationAPI:
 
     def _certification_problem(self, X, y, eps, batch_size: int = 256) -> Problem:
         x, labels = self._certification_inputs(X, y)
-        return Problem.create(self.module_, x, self._certification_perturbation(eps), y=labels,
-                               batch_size=batch_size)
+        return Problem.create(
+            self.module_, x, self._certification_perturbation(eps), y=labels, batch_size=batch_size
+        )
 
     @in_torch_threads
     def certify(
-        self, X, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *, y=None,
-        batch_size: int = 256, timeout: float = 10.0, budget: float | None = None,
-        verbose: int = 0, memory_limit: int | None = None,
+        self,
+        X,
+        eps=None,
+        method: str | Sequence[str] = DEFAULT_METHOD,
+        *,
+        y=None,
+        batch_size: int = 256,
+        timeout: float = 10.0,
+        budget: float | None = None,
+        verbose: int = 0,
+        memory_limit: int | None = None,
     ) -> Certificate:
         """Certify each sample's prediction (or label) in the L-infinity ball of radius eps.
 
@@ -79,19 +88,33 @@ class CertificationAPI:
             labels); ``margins`` columns follow ``classes_``.
         """
         stages = check_stages(method)
-        options = CascadeOptions(timeout=timeout, budget=budget, verbose=verbose,
-                                 memory_limit=memory_limit)
+        options = CascadeOptions(
+            timeout=timeout, budget=budget, verbose=verbose, memory_limit=memory_limit
+        )
         if is_streamed(X):
             self._check_fitted()
-            return certify_stream(self.module_, X, self._certification_perturbation(eps), y=y,
-                                  stages=stages, options=options, batch_size=batch_size,
-                                  prepare=self._certification_inputs)
+            return certify_stream(
+                self.module_,
+                X,
+                self._certification_perturbation(eps),
+                y=y,
+                stages=stages,
+                options=options,
+                batch_size=batch_size,
+                prepare=self._certification_inputs,
+            )
         return self._certification_problem(X, y, eps, batch_size).certify(stages, options)
 
     @in_torch_threads
     def certified_radius(
-        self, X, *, y=None, method: str | Sequence[str] = DEFAULT_METHOD, max_eps: float = 1.0,
-        tol: float = 1e-3, timeout: float = 10.0,
+        self,
+        X,
+        *,
+        y=None,
+        method: str | Sequence[str] = DEFAULT_METHOD,
+        max_eps: float = 1.0,
+        tol: float = 1e-3,
+        timeout: float = 10.0,
     ) -> np.ndarray:
         """Largest certified L-infinity radius of each sample (bisection on eps).
 
@@ -116,12 +139,19 @@ class CertificationAPI:
         max_eps, tol = check_radius_search(max_eps, tol)
         stages = check_stages(method)
         problem = self._certification_problem(X, y, 0.0)
-        return problem.radius(stages, max_eps=max_eps, tol=tol,
-                              options=CascadeOptions(timeout=timeout))
+        return problem.radius(
+            stages, max_eps=max_eps, tol=tol, options=CascadeOptions(timeout=timeout)
+        )
 
     def certified_accuracy(
-        self, X, y, eps=None, method: str | Sequence[str] = DEFAULT_METHOD, *,
-        timeout: float = 10.0, budget: float | None = None,
+        self,
+        X,
+        y,
+        eps=None,
+        method: str | Sequence[str] = DEFAULT_METHOD,
+        *,
+        timeout: float = 10.0,
+        budget: float | None = None,
     ) -> float:
         """Fraction of samples certified robustly correct at radius ``eps``.
 
@@ -146,5 +176,10 @@ class CertificationAPI:
                 f"{type(self).__name__}.certified_accuracy requires y (the true labels): the "
                 "fraction of robust predictions is certify(X).certified_fraction."
             )
-        return float(np.mean(self.certify(X, eps=eps, method=method, y=y, timeout=timeout,
-                                          budget=budget).certified))
+        return float(
+            np.mean(
+                self.certify(
+                    X, eps=eps, method=method, y=y, timeout=timeout, budget=budget
+                ).certified
+            )
+        )

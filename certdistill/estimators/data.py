@@ -36,8 +36,9 @@ class DataChecks:
 
     def _set_perturbation(self, n_features: int) -> None:
         """Validate ``eps`` and the domain into ``perturbation_`` (in ``fit``, or on loading)."""
-        self.perturbation_ = Perturbation.create(self.eps, self._sample_shape(n_features),
-                                                 lower=self.lower, upper=self.upper)
+        self.perturbation_ = Perturbation.create(
+            self.eps, self._sample_shape(n_features), lower=self.lower, upper=self.upper
+        )
 
     def _module_sample_shape(self) -> tuple[int, ...] | None:
         """Shape of one sample as the module sees it: the fitted one (``perturbation_``) once
@@ -97,8 +98,9 @@ class DataChecks:
         return X, self._encode_labels(y)
 
     def _check_domain(self, X: np.ndarray) -> None:
-        x = torch.from_numpy(np.ascontiguousarray(X)).reshape(X.shape[0],
-                                                                *self.perturbation_.sample_shape)
+        x = torch.from_numpy(np.ascontiguousarray(X)).reshape(
+            X.shape[0], *self.perturbation_.sample_shape
+        )
         problem = self.perturbation_.outside_domain(x)
         if problem is not None:
             raise ValueError(

@@ -65,8 +65,9 @@ class DistillationBatch:
     def certified(self, target=None, weights: Tensor | None = None) -> Tensor:
         """The student's own certified loss (IBP mixed with the clean loss by ``kappa``)."""
         target = self.y if target is None else target
-        return certified_loss(self.terms.logits, self.terms.worst_logits, target, self.kappa,
-                              weights)
+        return certified_loss(
+            self.terms.logits, self.terms.worst_logits, target, self.kappa, weights
+        )
 
     def mixed(self, term: Tensor) -> Tensor:
         """``(1 - lambda)`` times the certified loss plus ``lambda`` times ``term``."""
@@ -96,8 +97,9 @@ def baseline_loss(b: DistillationBatch) -> Tensor:
         return b.certified()
     term = distillation_kl(b.teacher_logits, b.terms.logits, b.temperature)
     if b.worst_case_weight > 0.0:
-        term = term + b.worst_case_weight * distillation_kl(b.teacher_worst, b.terms.worst_logits,
-                                                            b.temperature)
+        term = term + b.worst_case_weight * distillation_kl(
+            b.teacher_worst, b.terms.worst_logits, b.temperature
+        )
     return b.mixed(term)
 
 
@@ -113,11 +115,13 @@ def margin_loss(b: DistillationBatch) -> Tensor:
     if b.weight <= 0.0:
         return b.certified()
     logits, y, t = b.terms.logits, b.y, b.teacher_logits
-    term = margin_matching(t - t.gather(1, y[:, None]), logits - logits.gather(1, y[:, None]),
-                           b.temperature)
+    term = margin_matching(
+        t - t.gather(1, y[:, None]), logits - logits.gather(1, y[:, None]), b.temperature
+    )
     if b.worst_case_weight > 0.0:
-        term = term + b.worst_case_weight * margin_matching(b.teacher_worst, b.terms.worst_logits,
-                                                            b.temperature)
+        term = term + b.worst_case_weight * margin_matching(
+            b.teacher_worst, b.terms.worst_logits, b.temperature
+        )
     return b.mixed(term)
 
 
@@ -128,8 +132,7 @@ def adversarial_loss(b: DistillationBatch) -> Tensor:
         return b.certified()
     if b.terms.margins is None:
         return b.mixed(distillation_kl(b.teacher_logits, b.terms.logits, b.temperature))
-    x_adv = pgd_attack(b.module, b.x, b.y, b.terms.perturbation, steps=b.pgd_steps,
-                       mode="current")
+    x_adv = pgd_attack(b.module, b.x, b.y, b.terms.perturbation, steps=b.pgd_steps, mode="current")
     return b.mixed(distillation_kl(b.teacher_at(x_adv), b.module(x_adv), b.temperature))
 
 

@@ -33,8 +33,10 @@ def _unlabeled_rows(y, marker) -> np.ndarray | None:
     if not mask.any():
         return None
     if mask.all():
-        raise ValueError(f"Every row of y is {marker!r} (unlabelled): the teacher and the student "
-                         "need labelled rows too.")
+        raise ValueError(
+            f"Every row of y is {marker!r} (unlabelled): the teacher and the student "
+            "need labelled rows too."
+        )
     return mask
 
 
@@ -67,8 +69,11 @@ class TeacherGuidance:
         rows = None
         if batches is not None and isinstance(batch, (tuple, list)) and batch:
             outputs = getattr(self, "teacher_outputs_", None)
-            bound = (outputs is not None and outputs.teacher is getattr(self, "teacher_", None)
-                     and outputs.is_bound_to(batches.source))
+            bound = (
+                outputs is not None
+                and outputs.teacher is getattr(self, "teacher_", None)
+                and outputs.is_bound_to(batches.source)
+            )
             rows = batches.rows_of(batch[0]) if bound else None
         self._batch_rows = rows
         try:
@@ -102,8 +107,10 @@ class TeacherGuidance:
         """The teacher's predicted class index of each (validated, flat) row."""
         module = self.teacher_.module_
         with torch.no_grad(), eval_mode(module):
-            logits = [module(self.teacher_.module_input(X[start:start + 1024]))
-                      for start in range(0, len(X), 1024)]
+            logits = [
+                module(self.teacher_.module_input(X[start : start + 1024]))
+                for start in range(0, len(X), 1024)
+            ]
         return torch.cat(logits).argmax(1).cpu().numpy().astype(np.int64)
 
     def _validate_unlabeled(self, X: np.ndarray) -> np.ndarray:
@@ -115,15 +122,22 @@ class TeacherGuidance:
         """Transfer inputs made from the rows ``X`` (and, with ``return_sources``, the row each
         was made from; see :func:`~certdistill.estimators.transfer.transfer_inputs`)."""
         perturbation = self.perturbation_.reshaped((X.shape[1],))
-        flat = [None if t is None else t.cpu().numpy() for t in (perturbation.lower,
-                                                                 perturbation.upper)]
+        flat = [
+            None if t is None else t.cpu().numpy() for t in (perturbation.lower, perturbation.upper)
+        ]
         kinds = (self.transfer,) if isinstance(self.transfer, str) else tuple(self.transfer)
         if "shift" in kinds and (self.input_shape is None or len(self.input_shape) != 3):
             raise ValueError("transfer='shift' moves images: it needs input_shape=(C, H, W).")
         return transfer_inputs(
-            X, kinds, self.transfer_size, perturbation.eps.cpu().numpy(), lower=flat[0],
-            upper=flat[1], input_shape=self.input_shape,
-            random_state=check_random_state(self._seed()), return_sources=return_sources,
+            X,
+            kinds,
+            self.transfer_size,
+            perturbation.eps.cpu().numpy(),
+            lower=flat[0],
+            upper=flat[1],
+            input_shape=self.input_shape,
+            random_state=check_random_state(self._seed()),
+            return_sources=return_sources,
         )
 
     def _fitted_teacher(self, X: np.ndarray, y: np.ndarray) -> CertifiedNetBase:
@@ -162,10 +176,13 @@ class TeacherGuidance:
         outputs = getattr(self, "teacher_outputs_", None)
         if outputs is None or outputs.teacher is not self.teacher_:
             levels = self.teacher_radius_levels
-            outputs = TeacherOutputs(self.teacher_, self.teacher_bounds,
-                                     cache=bool(self.cache_teacher),
-                                     ceiling=self.training_perturbation(),
-                                     levels=None if levels is None else int(levels))
+            outputs = TeacherOutputs(
+                self.teacher_,
+                self.teacher_bounds,
+                cache=bool(self.cache_teacher),
+                ceiling=self.training_perturbation(),
+                levels=None if levels is None else int(levels),
+            )
             self.teacher_outputs_ = outputs
         return outputs
 

@@ -26,6 +26,7 @@ __all__ = [
     "margin_matching",
     "shi_regularizer",
     "worst_case_logits",
+    "with_clean_term",
 ]
 
 
@@ -43,6 +44,19 @@ def worst_case_logits(margins: Tensor) -> Tensor:
         Logits whose softmax cross-entropy at the reference upper-bounds the worst-case loss.
     """
     return torch.where(torch.isinf(margins) & (margins > 0), torch.zeros_like(margins), -margins)
+
+
+def with_clean_term(worst_loss: Tensor, logits: Tensor, target: Tensor, kappa: float) -> Tensor:
+    """``kappa CE(z, target) + (1 - kappa) worst_loss``; at ``kappa == 0`` no clean term.
+
+    The one place of the clean/certified mix, for losses whose certified part is computed
+    without worst-case logits (the fused CROWN-IBP cross-entropy) as well as for
+    :func:`certified_loss`.
+    """
+    loss = (1.0 - kappa) * worst_loss
+    if kappa > 0.0:
+        loss = loss + kappa * F.cross_entropy(logits, target)
+    return loss
 
 
 def certified_loss(
@@ -77,10 +91,7 @@ def certified_loss(
         Mean loss (scalar).
     """
     if weights is None:
-        loss = (1.0 - kappa) * F.cross_entropy(worst_logits, target)
-        if kappa > 0.0:
-            loss = loss + kappa * F.cross_entropy(logits, target)
-        return loss
+        return with_clean_term(F.cross_entropy(worst_logits, target), logits, target, kappa)
     clean = F.cross_entropy(logits, target, reduction="none")
     certified = weights * F.cross_entropy(worst_logits, target, reduction="none")
     certified = certified + (1.0 - weights) * clean
@@ -188,5 +199,4 @@ def margin_matching(teacher_worst: Tensor, student_worst: Tensor, temperature: f
     Tensor
         Scalar loss.
     """
-    return temperature * F.smooth_l1_loss(student_worst / temperature,
-                                          teacher_worst / temperature)
+    return temperature * F.smooth_l1_loss(student_worst / temperature, teacher_worst / temperature)

@@ -124,8 +124,7 @@ def check_device(device) -> None:
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                f"device={device!r} but CUDA is not available on this machine: use "
-                "device='cpu'."
+                f"device={device!r} but CUDA is not available on this machine: use device='cpu'."
             )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ValueError(
@@ -152,7 +151,8 @@ class ParameterChecks:
         options = self.get_params_for("criterion")
         if self.criterion is not nn.CrossEntropyLoss or options:
             given = f"criterion={self.criterion!r}" + (
-                f" with criterion__* options {sorted(options)}" if options else "")
+                f" with criterion__* options {sorted(options)}" if options else ""
+            )
             raise ValueError(
                 f"{type(self).__name__} does not use `criterion`: its certified losses are "
                 f"cross-entropies of clean and worst-case logits computed directly. Got {given}; "

@@ -161,9 +161,10 @@ def load(path, *, device: str | None = None):
         raise ValueError(
             f"{str(path)!r}: cannot read the weights: {type(error).__name__}: {error}"
         ) from None
-    if not (isinstance(tensors, dict)
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                    for k, v in tensors.items())):
+    if not (
+        isinstance(tensors, dict)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())
+    ):
         raise ValueError(f"{str(path)!r}: the weights are not a dict of named tensors")
     try:
         return from_config(document, tensors, device=device)
@@ -183,7 +184,7 @@ def _split(data: bytes, path: Path) -> tuple[dict, bytes, bytes]:
     if end < 0:
         raise ValueError(f"{name!r}: truncated or corrupted file (no complete header)")
     try:
-        header = json.loads(data[len(MAGIC):end].decode("ascii"))
+        header = json.loads(data[len(MAGIC) : end].decode("ascii"))
         version = int(header["format_version"])
         n_config, n_weights = int(header["config_bytes"]), int(header["weights_bytes"])
         digest = str(header["sha256"])
@@ -194,7 +195,7 @@ def _split(data: bytes, path: Path) -> tuple[dict, bytes, bytes]:
             f"{name!r} has format version {version}; this certdistill reads up to "
             f"{FORMAT_VERSION}: upgrade certdistill."
         )
-    body = data[end + 1:]
+    body = data[end + 1 :]
     expected = n_config + n_weights
     if n_config < 0 or n_weights < 0 or len(body) < expected:
         raise ValueError(
@@ -206,7 +207,6 @@ def _split(data: bytes, path: Path) -> tuple[dict, bytes, bytes]:
         )
     if hashlib.sha256(body).hexdigest() != digest:
         raise ValueError(
-            f"{name!r} is corrupted or was altered: its SHA-256 digest does not match the "
-            "content"
+            f"{name!r} is corrupted or was altered: its SHA-256 digest does not match the content"
         )
     return header, body[:n_config], body[n_config:]

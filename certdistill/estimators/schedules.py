@@ -116,8 +116,13 @@ class EpsSchedule(_ProgressCallback):
     attribute = "current_eps_"
     key = "eps"
 
-    def __init__(self, eps=None, warmup: float | None = None, ramp: float | None = None,
-                 shape: str = "smooth"):
+    def __init__(
+        self,
+        eps=None,
+        warmup: float | None = None,
+        ramp: float | None = None,
+        shape: str = "smooth",
+    ):
         self.eps = eps
         self.warmup = warmup
         self.ramp = ramp
@@ -128,8 +133,11 @@ class EpsSchedule(_ProgressCallback):
         if self.shape not in ("smooth", "linear"):
             raise ValueError(f"shape must be 'smooth' or 'linear', got {self.shape!r}")
         # The final training perturbation, validated here where a callback's own eps enters.
-        final = (net.training_perturbation() if self.eps is None
-                 else net.perturbation_.with_eps(self.eps).to(device=net.device))
+        final = (
+            net.training_perturbation()
+            if self.eps is None
+            else net.perturbation_.with_eps(self.eps).to(device=net.device)
+        )
         self.perturbation_ = final
         self.eps_ = final.eps_value
         self.warmup_ = float(getattr(net, "warmup", 0.0) if self.warmup is None else self.warmup)
@@ -186,9 +194,15 @@ class LinearSchedule(_ProgressCallback):
         ``warmup`` and ``warmup + ramp``).
     """
 
-    def __init__(self, attribute: str, key: str, start: float | None = None,
-                 end: float | None = None, begin: float | None = None,
-                 stop: float | None = None):
+    def __init__(
+        self,
+        attribute: str,
+        key: str,
+        start: float | None = None,
+        end: float | None = None,
+        begin: float | None = None,
+        stop: float | None = None,
+    ):
         self.attribute = attribute
         self.key = key
         self.start = start

@@ -41,8 +41,14 @@ class CertifiedAccuracy:
     ``MinMaxScaler``).
     """
 
-    def __init__(self, eps, method: str | Sequence[str] = DEFAULT_METHOD, *,
-                 timeout: float = 10.0, budget: float | None = None):
+    def __init__(
+        self,
+        eps,
+        method: str | Sequence[str] = DEFAULT_METHOD,
+        *,
+        timeout: float = 10.0,
+        budget: float | None = None,
+    ):
         self.eps = eps
         self.method = method
         self.timeout = timeout
@@ -79,12 +85,15 @@ class CertifiedAccuracy:
                 f"CertifiedAccuracy needs an estimator with a 'certify' method, got "
                 f"{type(final).__name__}"
             )
-        certified = final.certify(X, eps=self.eps, method=self.method, y=y,
-                                  timeout=self.timeout, budget=self.budget).certified
+        certified = final.certify(
+            X, eps=self.eps, method=self.method, y=y, timeout=self.timeout, budget=self.budget
+        ).certified
         if sample_weight is None:
             return float(np.mean(certified))
         return float(np.average(certified, weights=np.asarray(sample_weight)))
 
     def __repr__(self) -> str:
-        return (f"CertifiedAccuracy(eps={self.eps!r}, method={self.method!r}, "
-                f"timeout={self.timeout!r}, budget={self.budget!r})")
+        return (
+            f"CertifiedAccuracy(eps={self.eps!r}, method={self.method!r}, "
+            f"timeout={self.timeout!r}, budget={self.budget!r})"
+        )

@@ -278,18 +278,22 @@ default="selective"
         if given & set(kwargs) or not hasattr(self, "teacher_"):
             return super().build_default_module(n_features, n_classes, **kwargs)
         target = float(self.student_size) * _n_parameters(self.teacher_.module_)
-        widths = {"hidden_sizes": (512, 512)} if not image else {"channels": (32, 64),
-                                                                 "hidden_sizes": (256,)}
+        widths = (
+            {"hidden_sizes": (512, 512)}
+            if not image
+            else {"channels": (32, 64), "hidden_sizes": (256,)}
+        )
 
         def scaled(factor: float) -> dict:
-            return {name: tuple(max(4, round(w * factor)) for w in values)
-                    for name, values in widths.items()}
+            return {
+                name: tuple(max(4, round(w * factor)) for w in values)
+                for name, values in widths.items()
+            }
 
         low, high = 0.0, 1.0
         for _ in range(30):  # the parameter count grows with the factor: bisection
             middle = (low + high) / 2
-            built = super().build_default_module(n_features, n_classes, **scaled(middle),
-                                                 **kwargs)
+            built = super().build_default_module(n_features, n_classes, **scaled(middle), **kwargs)
             low, high = (middle, high) if _n_parameters(built) < target else (low, middle)
         return super().build_default_module(n_features, n_classes, **scaled(high), **kwargs)
 
@@ -318,15 +322,27 @@ default="selective"
         entry = DISTILLATION_LOSSES[self.loss]
         outputs = self._teacher_outputs()
         rows = getattr(self, "_batch_rows", None) if training else None
-        t, that = outputs(x, y, outputs.rounded_up(terms.perturbation),
-                          worst_case=entry.needs_worst and lam > 0, rows=rows)
+        t, that = outputs(
+            x,
+            y,
+            outputs.rounded_up(terms.perturbation),
+            worst_case=entry.needs_worst and lam > 0,
+            rows=rows,
+        )
         batch = DistillationBatch(
-            x, y, terms, t, that, weight=lam,
+            x,
+            y,
+            terms,
+            t,
+            that,
+            weight=lam,
             temperature=float(getattr(self, "current_temperature_", self.temperature)),
             kappa=float(getattr(self, "current_kappa_", self.kappa_end)),
-            worst_case_weight=float(self.worst_case_weight), module=self.module_,
+            worst_case_weight=float(self.worst_case_weight),
+            module=self.module_,
             pgd_steps=int(self.pgd_steps),
-            teacher_at=lambda inputs: outputs(inputs, y, terms.perturbation.scaled(0.0),
-                                              worst_case=False, cache=False)[0],
+            teacher_at=lambda inputs: outputs(
+                inputs, y, terms.perturbation.scaled(0.0), worst_case=False, cache=False
+            )[0],
         )
         return entry.function(batch) + terms.regularizer, terms.logits

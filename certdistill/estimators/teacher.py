@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from certdistill.estimators.base import UNIT, CertifiedNetBase, Choice, Range
-from certdistill.estimators.losses import certified_loss, worst_case_logits
+from certdistill.estimators.losses import certified_loss, with_clean_term, worst_case_logits
 from certdistill.estimators.schedules import AlphaSchedule, BetaSchedule, KappaSchedule
 from certdistill.verify.attacks import pgd_attack
 
 __all__ = ["TRAINING_LOSSES", "TRAINING_METHODS", "CertifiedTeacher", "sabr_center"]
+
 
 def _kappa(net: CertifiedTeacher) -> float:
     return float(getattr(net, "current_kappa_", net.kappa_end))
@@ -22,8 +23,10 @@ def _ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
     terms = net.interval_terms(x, y, training)
     if terms.margins is None:
         return F.cross_entropy(terms.logits, y), terms.logits
-    return (certified_loss(terms.logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
-            terms.logits)
+    return (
+        certified_loss(terms.logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
+        terms.logits,
+    )
 
 
 def _crown_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
@@ -37,10 +40,7 @@ def _crown_ibp_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool)
     # The same sweep (one Dropout mask, one set of batch statistics) bounded again.
     if net.loss_fusion:
         worst_ce = net.bound_engine().crown_ibp_cross_entropy(terms.interval_pass, mix=beta)
-        kappa = _kappa(net)
-        loss = (1.0 - kappa) * worst_ce.mean()
-        if kappa > 0.0:
-            loss = loss + kappa * F.cross_entropy(terms.logits, y)
+        loss = with_clean_term(worst_ce.mean(), terms.logits, y, _kappa(net))
         return loss + terms.regularizer, terms.logits
     margins = net.bound_engine().crown_ibp_margins(terms.interval_pass)
     worst = (1.0 - beta) * terms.worst_logits + beta * worst_case_logits(margins)
@@ -79,14 +79,17 @@ def _sabr_loss(net: CertifiedTeacher, x: Tensor, y: Tensor, training: bool):
     center = sabr_center(x, net._attack(x, y, perturbation).detach(), eps, net.sabr_lambda)
     terms = net.interval_terms(x, y, training, center=center, scale=float(net.sabr_lambda))
     logits = net.module_(x)
-    return (certified_loss(logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer,
-            logits)
+    return (certified_loss(logits, terms.worst_logits, y, _kappa(net)) + terms.regularizer, logits)
 
 
 #: Training method -> its loss ``(net, x, y, training) -> (loss, clean logits)``: a new
 #: method is one function and one entry here.
-TRAINING_LOSSES = {"ibp": _ibp_loss, "crown-ibp": _crown_ibp_loss, "mtl-ibp": _mtl_ibp_loss,
-                   "sabr": _sabr_loss}
+TRAINING_LOSSES = {
+    "ibp": _ibp_loss,
+    "crown-ibp": _crown_ibp_loss,
+    "mtl-ibp": _mtl_ibp_loss,
+    "sabr": _sabr_loss,
+}
 
 #: Certified training methods of :class:`CertifiedTeacher`: the names of ``TRAINING_LOSSES``.
 TRAINING_METHODS = tuple(TRAINING_LOSSES)
@@ -260,5 +263,12 @@ class CertifiedTeacher(CertifiedNetBase):
 
     def _attack(self, x: Tensor, y: Tensor, perturbation) -> Tensor:
         """The short PGD attack of MTL-IBP and SABR inside the batch's ball."""
-        return pgd_attack(self.module_, x, y, perturbation, steps=int(self.pgd_steps),
-                          step_size=self.pgd_step_size, mode="current")
+        return pgd_attack(
+            self.module_,
+            x,
+            y,
+            perturbation,
+            steps=int(self.pgd_steps),
+            step_size=self.pgd_step_size,
+            mode="current",
+        )

@@ -82,9 +82,14 @@ def _tensor_bytes(tensor: Tensor | None) -> bytes:
 
 def _perturbation_key(perturbation: Perturbation) -> bytes:
     """Radius and domain (what a cached worst case depends on besides the rows and labels)."""
-    return b"|".join([_tensor_bytes(perturbation.eps), _tensor_bytes(perturbation.lower),
-                      _tensor_bytes(perturbation.upper),
-                      repr(tuple(perturbation.sample_shape)).encode()])
+    return b"|".join(
+        [
+            _tensor_bytes(perturbation.eps),
+            _tensor_bytes(perturbation.lower),
+            _tensor_bytes(perturbation.upper),
+            repr(tuple(perturbation.sample_shape)).encode(),
+        ]
+    )
 
 
 def _digest_tensor(digest, tensor: Tensor) -> None:
@@ -105,8 +110,10 @@ def _teacher_fingerprint(teacher) -> bytes:
     module = teacher.module_
     digest = hashlib.blake2b(digest_size=20)
     device = next(iter(module.parameters()), torch.empty(0)).device
-    digest.update(f"{type(module).__module__}.{type(module).__qualname__}"
-                  f"{teacher._module_sample_shape()}{device}".encode())
+    digest.update(
+        f"{type(module).__module__}.{type(module).__qualname__}"
+        f"{teacher._module_sample_shape()}{device}".encode()
+    )
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         _digest_tensor(digest, tensor)
@@ -156,8 +163,9 @@ def clear_shared_cache() -> None:
     _SHARED.clear()
 
 
-def _on_batch_device(logits: Tensor, worst: Tensor | None, x: Tensor, y: Tensor,
-                     worst_case: bool) -> tuple[Tensor, Tensor | None]:
+def _on_batch_device(
+    logits: Tensor, worst: Tensor | None, x: Tensor, y: Tensor, worst_case: bool
+) -> tuple[Tensor, Tensor | None]:
     """The outputs on the batch's device; without a worst case (eps 0) the clean logits
     shifted so that the label's is 0, where one is wanted."""
     logits = logits.to(x.device)
@@ -226,8 +234,16 @@ class TeacherOutputs:
     _rows: dict | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------- calls
-    def __call__(self, x: Tensor, y: Tensor, perturbation: Perturbation, *,
-                 worst_case: bool = True, cache: bool = True, rows: Tensor | None = None):
+    def __call__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        perturbation: Perturbation,
+        *,
+        worst_case: bool = True,
+        cache: bool = True,
+        rows: Tensor | None = None,
+    ):
         """Teacher logits of a batch of student inputs.
 
         Parameters
@@ -317,8 +333,14 @@ class TeacherOutputs:
         inputs = inputs.detach().reshape(len(inputs), -1)
         if len(labels) != len(inputs):
             raise ValueError(f"bind got {len(inputs)} rows but {len(labels)} labels.")
-        self._rows = {"X": inputs, "y": labels.reshape(-1), "tables": {}, "grid": self._grid(),
-                      "key": None, "source": X}
+        self._rows = {
+            "X": inputs,
+            "y": labels.reshape(-1),
+            "tables": {},
+            "grid": self._grid(),
+            "key": None,
+            "source": X,
+        }
         return self
 
     def is_bound_to(self, X) -> bool:
@@ -336,8 +358,10 @@ class TeacherOutputs:
             return set()
         grid = {_radius_key(self.ceiling)}
         if self.levels is not None:
-            grid |= {_radius_key(self.ceiling.scaled(step / self.levels))
-                     for step in range(1, int(self.levels) + 1)}
+            grid |= {
+                _radius_key(self.ceiling.scaled(step / self.levels))
+                for step in range(1, int(self.levels) + 1)
+            }
         return grid
 
     def _bound_rows(self, rows: Tensor, y: Tensor) -> bool:
@@ -360,8 +384,7 @@ class TeacherOutputs:
             if self.bounds == "pgd":
                 worst, computed = self._pgd_rows(x, y, perturbation, rows, radius)
             elif radius in self._rows["grid"] and not perturbation.per_sample:
-                worst = self._whole_set(perturbation).index_select(
-                    0, rows.to(self._table_device()))
+                worst = self._whole_set(perturbation).index_select(0, rows.to(self._table_device()))
             else:  # a radius of this batch only (the exact ramp): nothing to reuse
                 computed = True
                 _, worst = self._compute(x, y, perturbation, True, clean=False)
@@ -385,11 +408,17 @@ class TeacherOutputs:
         key = table = None
         if share:
             if bound["key"] is None:
-                bound["key"] = (_teacher_fingerprint(self.teacher),
-                                _fingerprint(bound["X"]), _fingerprint(bound["y"]))
+                bound["key"] = (
+                    _teacher_fingerprint(self.teacher),
+                    _fingerprint(bound["X"]),
+                    _fingerprint(bound["y"]),
+                )
             teacher_key, x_key, y_key = bound["key"]
-            key = ((teacher_key, x_key, b"clean") if perturbation is None
-                   else (teacher_key, x_key, y_key, self.bounds, name))
+            key = (
+                (teacher_key, x_key, b"clean")
+                if perturbation is None
+                else (teacher_key, x_key, y_key, self.bounds, name)
+            )
             table = _SHARED.get(module, key)
             if table is not None:
                 self.shared_hits += 1
@@ -412,10 +441,11 @@ class TeacherOutputs:
         chunk = self.bulk_rows or BULK_ROWS.get(device.type, _BULK_ROWS_DEFAULT)
         parts = []
         for start in range(0, len(bound["X"]), int(chunk)):
-            x = bound["X"][start:start + int(chunk)]
-            y = bound["y"][start:start + int(chunk)]
-            logits, worst = self._compute(x, y, perturbation, perturbation is not None,
-                                          clean=perturbation is None)
+            x = bound["X"][start : start + int(chunk)]
+            y = bound["y"][start : start + int(chunk)]
+            logits, worst = self._compute(
+                x, y, perturbation, perturbation is not None, clean=perturbation is None
+            )
             parts.append(logits if perturbation is None else worst)
         return torch.cat(parts)
 
@@ -426,8 +456,11 @@ class TeacherOutputs:
         state = bound["tables"].get(b"pgd")
         if state is None or state[0] != radius:
             n_classes = self._whole_set(None).shape[1]
-            state = (radius, torch.zeros(len(bound["y"]), n_classes, device=self._table_device()),
-                     torch.zeros(len(bound["y"]), dtype=torch.bool))
+            state = (
+                radius,
+                torch.zeros(len(bound["y"]), n_classes, device=self._table_device()),
+                torch.zeros(len(bound["y"]), dtype=torch.bool),
+            )
             bound["tables"][b"pgd"] = state
         _, table, done = state
         if bool(done[rows].all()):
@@ -447,8 +480,15 @@ class TeacherOutputs:
         except KeyError:
             return None
 
-    def _compute(self, x: Tensor, y: Tensor, perturbation: Perturbation | None,
-                 want_worst: bool, *, clean: bool = True):
+    def _compute(
+        self,
+        x: Tensor,
+        y: Tensor,
+        perturbation: Perturbation | None,
+        want_worst: bool,
+        *,
+        clean: bool = True,
+    ):
         """Clean logits (``clean``; else None) and worst-case logits (``want_worst``; else
         None) of a batch."""
         teacher = self.teacher
@@ -461,8 +501,7 @@ class TeacherOutputs:
                 with torch.no_grad():
                     logits = module(xt)
             if want_worst:
-                around = perturbation.reshaped(xt.shape[1:]).to(device=xt.device,
-                                                                dtype=xt.dtype)
+                around = perturbation.reshaped(xt.shape[1:]).to(device=xt.device, dtype=xt.dtype)
             if want_worst and self.bounds == "pgd":
                 x_adv = pgd_attack(module, xt, yt, around, steps=int(self.pgd_steps))
                 with torch.no_grad():
@@ -472,9 +511,11 @@ class TeacherOutputs:
                 engine = engine_for(module)
                 methods = _BEST if self.bounds == "best" else (self.bounds,)
                 with torch.no_grad():
-                    margins = torch.stack([
-                        engine.margin_lower_bounds(xt, around, yt, method=method)
-                        for method in methods
-                    ]).amax(0)
+                    margins = torch.stack(
+                        [
+                            engine.margin_lower_bounds(xt, around, yt, method=method)
+                            for method in methods
+                        ]
+                    ).amax(0)
                 worst = worst_case_logits(margins)
         return logits, worst

@@ -34,8 +34,9 @@ def _batchnorm_eval_for_single_sample(module: nn.Module, n: int):
     if n > 1:
         yield
         return
-    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-              and m.training]
+    layers = [
+        m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
     for m in layers:
         m.eval()
     try:
@@ -98,8 +99,7 @@ class CertifiedTraining:
         callbacks = [cb for cb in super()._default_callbacks if cb[0] != "valid_acc"]
         print_log = callbacks.pop()
         callbacks.append(
-            ("valid_acc", EpochScoring(_encoded_accuracy, name="valid_acc",
-                                       lower_is_better=False))
+            ("valid_acc", EpochScoring(_encoded_accuracy, name="valid_acc", lower_is_better=False))
         )
         callbacks.append(("eps_schedule", EpsSchedule()))
         callbacks += self._schedule_callbacks()
@@ -131,8 +131,14 @@ class CertifiedTraining:
         super().on_train_begin(net, X=X, y=y, **kwargs)
 
     def interval_terms(
-        self, x: Tensor, y: Tensor, training: bool = True, *, keep_state: bool = False,
-        center: Tensor | None = None, scale: float = 1.0,
+        self,
+        x: Tensor,
+        y: Tensor,
+        training: bool = True,
+        *,
+        keep_state: bool = False,
+        center: Tensor | None = None,
+        scale: float = 1.0,
     ) -> IntervalTerms:
         """The IBP pieces of a certified training loss for one batch, at the scheduled eps.
 
@@ -164,8 +170,13 @@ class CertifiedTraining:
         eps_level = perturbation.level
         if eps_level <= 0.0:
             logits = self.module_(x)
-            return IntervalTerms(logits, logits - logits.gather(1, y[:, None]), None,
-                                 perturbation, logits.new_zeros(()))
+            return IntervalTerms(
+                logits,
+                logits - logits.gather(1, y[:, None]),
+                None,
+                perturbation,
+                logits.new_zeros(()),
+            )
         eps_max_level = float(np.mean(self.eps_train))
         reg_lambda = float(self.reg_lambda)
         reg_weight = 0.0
@@ -173,7 +184,10 @@ class CertifiedTraining:
             reg_weight = reg_lambda * (1.0 - eps_level / eps_max_level)
         bounded = perturbation if scale == 1.0 else perturbation.scaled(scale)
         out = self.bound_engine().interval_pass(
-            x if center is None else center, bounded, y, record_activations=reg_weight > 0,
+            x if center is None else center,
+            bounded,
+            y,
+            record_activations=reg_weight > 0,
             keep_state=keep_state,
         )
         regularizer = out.logits.new_zeros(())
@@ -181,8 +195,9 @@ class CertifiedTraining:
             regularizer = reg_weight * shi_regularizer(
                 out.activation_bounds, out.input_radius, tol=float(self.reg_tol)
             )
-        return IntervalTerms(out.logits, worst_case_logits(out.margins), out.margins,
-                             perturbation, regularizer, out)
+        return IntervalTerms(
+            out.logits, worst_case_logits(out.margins), out.margins, perturbation, regularizer, out
+        )
 
     def bound_engine(self):
         """The bound engine over ``module_`` (built once per module, see

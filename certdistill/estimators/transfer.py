@@ -69,8 +69,10 @@ def transfer_inputs(
     """
     n, n_features = X.shape
     count = int(round(float(size) * n))
-    eps = np.broadcast_to(np.asarray(eps, dtype=np.float32).reshape(-1)
-                          if np.ndim(eps) else np.float32(eps), (n_features,))
+    eps = np.broadcast_to(
+        np.asarray(eps, dtype=np.float32).reshape(-1) if np.ndim(eps) else np.float32(eps),
+        (n_features,),
+    )
     made, sources = [], []
     for kind in kinds:
         chosen = random_state.randint(0, n, size=count)
@@ -109,10 +111,18 @@ def _shifted(rows: np.ndarray, input_shape: tuple[int, ...], random_state) -> np
         source = images[chosen]
         target = np.zeros_like(source)
         height, width = input_shape[-2:]
-        ys, yt = (slice(1, height), slice(0, height - 1)) if dy < 0 else (
-            (slice(0, height - 1), slice(1, height)) if dy > 0 else (slice(None), slice(None)))
-        xs, xt = (slice(1, width), slice(0, width - 1)) if dx < 0 else (
-            (slice(0, width - 1), slice(1, width)) if dx > 0 else (slice(None), slice(None)))
+        ys, yt = (
+            (slice(1, height), slice(0, height - 1))
+            if dy < 0
+            else (
+                (slice(0, height - 1), slice(1, height)) if dy > 0 else (slice(None), slice(None))
+            )
+        )
+        xs, xt = (
+            (slice(1, width), slice(0, width - 1))
+            if dx < 0
+            else ((slice(0, width - 1), slice(1, width)) if dx > 0 else (slice(None), slice(None)))
+        )
         target[..., yt, xt] = source[..., ys, xs]
         out[chosen] = target
     return out.reshape(len(rows), -1)

@@ -67,8 +67,13 @@ from certdistill.bounds.graph import INPUT, BoundGraph, build_graph
 from certdistill.bounds.layers import Add, ConstantAffine, Reshape
 from certdistill.exceptions import UnsupportedLayerError
 
-__all__ = ["EXPORTED_LAYERS", "METADATA_KEYS", "MIN_OPSET", "export_onnx",
-           "supported_export_layers_text"]
+__all__ = [
+    "EXPORTED_LAYERS",
+    "METADATA_KEYS",
+    "MIN_OPSET",
+    "export_onnx",
+    "supported_export_layers_text",
+]
 
 _INSTALL_HINT = 'ONNX export needs the "onnx" package: pip install "certdistill[onnx]"'
 
@@ -123,10 +128,13 @@ def supported_export_layers_text() -> str:
     -------
     str
     """
-    names = [f"{t.__name__} ({note})" if note else t.__name__
-             for t, note in EXPORTED_LAYERS.items()]
-    return (f"Supported layers: {', '.join(names)}; nested Sequential, GraphNetwork and "
-            "torch.fx-traceable modules of them (with + of two branches, relu and flatten).")
+    names = [
+        f"{t.__name__} ({note})" if note else t.__name__ for t, note in EXPORTED_LAYERS.items()
+    ]
+    return (
+        f"Supported layers: {', '.join(names)}; nested Sequential, GraphNetwork and "
+        "torch.fx-traceable modules of them (with + of two branches, relu and flatten)."
+    )
 
 
 def _bound_graph(module: nn.Module) -> BoundGraph:
@@ -176,13 +184,17 @@ class _Graph:
         self.initializers.append(self.onnx.numpy_helper.from_array(array, unique))
         return unique
 
-    def node(self, op_type: str, name: str, inputs: Sequence[str], shape: Sequence[int],
-             **attributes) -> None:
+    def node(
+        self, op_type: str, name: str, inputs: Sequence[str], shape: Sequence[int], **attributes
+    ) -> None:
         """Add a node on the flow (its first input) and move the flow to its output."""
         node_name = self.unique(f"{name}/{op_type}")
         output = self.unique(f"{name}/{op_type}:0")
-        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), [output],
-                                                     name=node_name, **attributes))
+        self.nodes.append(
+            self.onnx.helper.make_node(
+                op_type, list(inputs), [output], name=node_name, **attributes
+            )
+        )
         self.flow = output
         self.set_shape(name, shape)
 
@@ -200,8 +212,9 @@ class _Graph:
 
 
 # ----------------------------------------------------------------------- layer writers
-def _require_rank(name: str, layer: nn.Module, shape: tuple[int, ...], ranks: Sequence[int],
-                  what: str) -> None:
+def _require_rank(
+    name: str, layer: nn.Module, shape: tuple[int, ...], ranks: Sequence[int], what: str
+) -> None:
     if len(shape) not in ranks:
         raise ValueError(
             f"Layer '{name}' ({layer!r}) needs {what}, but its input samples have shape "
@@ -229,8 +242,11 @@ def _write_linear(g: _Graph, name: str, layer: nn.Linear) -> None:
 
 
 def _pair(value) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, numbers.Integral) else tuple(
-        int(v) for v in value)
+    return (
+        (int(value), int(value))
+        if isinstance(value, numbers.Integral)
+        else tuple(int(v) for v in value)
+    )
 
 
 def _write_conv2d(g: _Graph, name: str, layer: nn.Conv2d) -> None:
@@ -258,13 +274,24 @@ def _write_conv2d(g: _Graph, name: str, layer: nn.Conv2d) -> None:
             f"samples have shape {g.shape}: check input_shape."
         )
     stride = _pair(layer.stride)
-    spatial = [(size + 2 * p - k) // s + 1
-               for size, k, s, p in zip(g.shape[1:], kernel, stride, padding, strict=True)]
+    spatial = [
+        (size + 2 * p - k) // s + 1
+        for size, k, s, p in zip(g.shape[1:], kernel, stride, padding, strict=True)
+    ]
     inputs = [g.flow, g.constant(f"{name}.weight", layer.weight)]
     if layer.bias is not None:
         inputs.append(g.constant(f"{name}.bias", layer.bias))
-    g.node("Conv", name, inputs, (layer.out_channels, *spatial), kernel_shape=list(kernel),
-           strides=list(stride), pads=[*padding, *padding], dilations=[1, 1], group=1)
+    g.node(
+        "Conv",
+        name,
+        inputs,
+        (layer.out_channels, *spatial),
+        kernel_shape=list(kernel),
+        strides=list(stride),
+        pads=[*padding, *padding],
+        dilations=[1, 1],
+        group=1,
+    )
 
 
 def _write_relu(g: _Graph, name: str, layer: nn.ReLU) -> None:
@@ -274,8 +301,9 @@ def _write_relu(g: _Graph, name: str, layer: nn.ReLU) -> None:
 def _axis(name: str, layer: nn.Module, dim, rank: int) -> int:
     """``dim`` of the batched tensor (rank ``rank``) as an axis of one sample."""
     if not isinstance(dim, numbers.Integral) or not -rank <= dim < rank:
-        raise ValueError(f"Layer '{name}' ({layer!r}): dim {dim!r} is not an axis of its "
-                         f"input of rank {rank}.")
+        raise ValueError(
+            f"Layer '{name}' ({layer!r}): dim {dim!r} is not an axis of its input of rank {rank}."
+        )
     axis = int(dim) % rank
     if axis == 0:
         raise UnsupportedLayerError(
@@ -291,7 +319,7 @@ def _write_flatten(g: _Graph, name: str, layer: nn.Flatten) -> None:
     end = _axis(name, layer, layer.end_dim, rank)
     if start > end:
         raise ValueError(f"Layer '{name}' ({layer!r}): start_dim comes after end_dim.")
-    shape = (*g.shape[:start], math.prod(g.shape[start:end + 1]), *g.shape[end + 1:])
+    shape = (*g.shape[:start], math.prod(g.shape[start : end + 1]), *g.shape[end + 1 :])
     if start == 0 and end == len(g.shape) - 1:
         g.node("Flatten", name, [g.flow], shape, axis=1)
     else:
@@ -307,15 +335,16 @@ def _write_unflatten(g: _Graph, name: str, layer: nn.Unflatten) -> None:
         if known > 0 and size % known == 0:
             sizes[sizes.index(-1)] = size // known
     if math.prod(sizes) != size or any(s < 1 for s in sizes):
-        raise ValueError(f"Layer '{name}' ({layer!r}) cannot unflatten an axis of size {size} "
-                         f"(input samples of shape {g.shape}).")
-    g.reshape(name, (*g.shape[:axis], *sizes, *g.shape[axis + 1:]))
+        raise ValueError(
+            f"Layer '{name}' ({layer!r}) cannot unflatten an axis of size {size} "
+            f"(input samples of shape {g.shape})."
+        )
+    g.reshape(name, (*g.shape[:axis], *sizes, *g.shape[axis + 1 :]))
 
 
 def _write_reshape(g: _Graph, name: str, layer: Reshape) -> None:
     if math.prod(layer.shape) != math.prod(g.shape):
-        raise ValueError(f"Layer '{name}' ({layer!r}) cannot reshape samples of shape "
-                         f"{g.shape}.")
+        raise ValueError(f"Layer '{name}' ({layer!r}) cannot reshape samples of shape {g.shape}.")
     g.reshape(name, layer.shape)
 
 
@@ -353,13 +382,19 @@ def _write_batch_norm(g: _Graph, name: str, layer: nn.modules.batchnorm._BatchNo
         _require_rank(name, layer, g.shape, (1, 2), "samples of shape (C,) or (C, L)")
     channels = layer.num_features
     if g.shape[0] != channels:
-        raise ValueError(f"Layer '{name}' ({layer!r}) normalises {channels} channels, but its "
-                         f"input samples have shape {g.shape}.")
+        raise ValueError(
+            f"Layer '{name}' ({layer!r}) normalises {channels} channels, but its "
+            f"input samples have shape {g.shape}."
+        )
     weight = layer.weight if layer.weight is not None else torch.ones(channels)
     bias = layer.bias if layer.bias is not None else torch.zeros(channels)
-    inputs = [g.flow, g.constant(f"{name}.weight", weight), g.constant(f"{name}.bias", bias),
-              g.constant(f"{name}.running_mean", layer.running_mean),
-              g.constant(f"{name}.running_var", layer.running_var)]
+    inputs = [
+        g.flow,
+        g.constant(f"{name}.weight", weight),
+        g.constant(f"{name}.bias", bias),
+        g.constant(f"{name}.running_mean", layer.running_mean),
+        g.constant(f"{name}.running_var", layer.running_var),
+    ]
     g.node("BatchNormalization", name, inputs, g.shape, epsilon=float(layer.eps))
 
 
@@ -394,9 +429,17 @@ def _write_avg_pool2d(g: _Graph, name: str, layer: nn.AvgPool2d) -> None:
             )
         ceil_mode = False
     g.set_shape(name, (g.shape[0], *(torch_out if layer.ceil_mode else floor)))
-    g.node("AveragePool", name, [g.flow], g.shape, kernel_shape=list(kernel),
-           strides=list(stride), pads=[*padding, *padding], ceil_mode=int(ceil_mode),
-           count_include_pad=int(layer.count_include_pad))
+    g.node(
+        "AveragePool",
+        name,
+        [g.flow],
+        g.shape,
+        kernel_shape=list(kernel),
+        strides=list(stride),
+        pads=[*padding, *padding],
+        ceil_mode=int(ceil_mode),
+        count_include_pad=int(layer.count_include_pad),
+    )
 
 
 def _write_zero_pad2d(g: _Graph, name: str, layer: nn.ZeroPad2d) -> None:
@@ -467,10 +510,15 @@ def _require_onnx():
 
 def _check_opset(onnx, opset) -> int:
     newest = onnx.defs.onnx_opset_version()
-    if (not isinstance(opset, numbers.Integral) or isinstance(opset, bool)
-            or not MIN_OPSET <= opset <= newest):
-        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest} (the newest "
-                         f"this onnx package knows), got {opset!r}.")
+    if (
+        not isinstance(opset, numbers.Integral)
+        or isinstance(opset, bool)
+        or not MIN_OPSET <= opset <= newest
+    ):
+        raise ValueError(
+            f"opset must be an integer from {MIN_OPSET} to {newest} (the newest "
+            f"this onnx package knows), got {opset!r}."
+        )
     return int(opset)
 
 
@@ -480,10 +528,13 @@ def _sample_shape_arg(input_shape) -> tuple[int, ...]:
         shape = tuple(shape)
     except TypeError:
         shape = None
-    if (not shape or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 1
-                         for s in shape)):
-        raise ValueError(f"input_shape must be the shape of one sample (no batch axis), a tuple "
-                         f"of positive ints such as (1, 28, 28), got {input_shape!r}.")
+    if not shape or any(
+        not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 1 for s in shape
+    ):
+        raise ValueError(
+            f"input_shape must be the shape of one sample (no batch axis), a tuple "
+            f"of positive ints such as (1, 28, 28), got {input_shape!r}."
+        )
     return tuple(int(s) for s in shape)
 
 
@@ -491,8 +542,9 @@ def _infer_input_shape(graph: BoundGraph) -> tuple[int, ...]:
     """The sample shape read off the first layer reading the input (through layers that keep
     the shape without fixing it; for a chain, the first layers)."""
     like_input = {INPUT}  # nodes whose samples have the input's shape
-    for index, (name, op, reads) in enumerate(zip(graph.names, graph.ops, graph.inputs,
-                                                  strict=True)):
+    for index, (name, op, reads) in enumerate(
+        zip(graph.names, graph.ops, graph.inputs, strict=True)
+    ):
         if like_input.isdisjoint(reads):
             continue
         layer = op.layer
@@ -537,8 +589,11 @@ def _estimator(obj):
 
 def _fitted_module(estimator) -> nn.Module:
     module = getattr(estimator, "module_", None)
-    if not (getattr(estimator, "initialized_", False) and hasattr(estimator, "n_features_in_")
-            and isinstance(module, nn.Module)):
+    if not (
+        getattr(estimator, "initialized_", False)
+        and hasattr(estimator, "n_features_in_")
+        and isinstance(module, nn.Module)
+    ):
         raise NotFittedError(
             f"This {type(estimator).__name__} instance is not fitted yet: call 'fit' before "
             "exporting it to ONNX."
@@ -556,14 +611,15 @@ def _write_graph(g: _Graph, graph: BoundGraph) -> tuple[str, tuple[int, ...]]:
     the network's output.
     """
     tensors: dict[int, tuple[str, tuple[int, ...]]] = {INPUT: (g.flow, g.shape)}
-    for index, (name, op, reads) in enumerate(zip(graph.names, graph.ops, graph.inputs,
-                                                  strict=True)):
+    for index, (name, op, reads) in enumerate(
+        zip(graph.names, graph.ops, graph.inputs, strict=True)
+    ):
         layer = op.layer
         operands = [tensors[j] for j in reads]
         if type(layer) in _MERGES:
             _WRITERS[type(layer)](g, name, layer, operands)
         else:
-            (g.flow, g.shape), = operands
+            ((g.flow, g.shape),) = operands
             _WRITERS[type(layer)](g, name, layer)
         tensors[index] = (g.flow, g.shape)
     return tensors[len(graph.ops) - 1]
@@ -618,8 +674,9 @@ def _estimator_network(estimator, input_shape) -> _ExportedNetwork:
 def _module_network(module: nn.Module, input_shape) -> _ExportedNetwork:
     """A bare network, fed samples of ``input_shape`` (read off its first layer if None)."""
     graph = _bound_graph(module)
-    sample_shape = (_infer_input_shape(graph) if input_shape is None
-                    else _sample_shape_arg(input_shape))
+    sample_shape = (
+        _infer_input_shape(graph) if input_shape is None else _sample_shape_arg(input_shape)
+    )
     return _ExportedNetwork(module, graph, sample_shape, sample_shape, {})
 
 
@@ -657,7 +714,8 @@ def _write_nodes(onnx, network: _ExportedNetwork, estimator) -> tuple[_Graph, tu
         warnings.warn(
             f"The network holds float64 tensors ({', '.join(g.float64[:3])}"
             f"{', ...' if len(g.float64) > 3 else ''}); they are exported as float32, the dtype "
-            "the estimators compute in.", UserWarning,
+            "the estimators compute in.",
+            UserWarning,
             stacklevel=3,  # the caller of export_onnx
         )
     helper = onnx.helper
@@ -666,27 +724,41 @@ def _write_nodes(onnx, network: _ExportedNetwork, estimator) -> tuple[_Graph, tu
     else:
         _rename_tensor(g.nodes, output, _LOGITS)
     if estimator is not None:
-        g.nodes.append(helper.make_node("Softmax", [_LOGITS], [_PROBABILITIES], axis=1,
-                                        name="probabilities/Softmax"))
+        g.nodes.append(
+            helper.make_node(
+                "Softmax", [_LOGITS], [_PROBABILITIES], axis=1, name="probabilities/Softmax"
+            )
+        )
     return g, output_shape
 
 
-def _make_model(onnx, g: _Graph, network: _ExportedNetwork, output_shape: tuple[int, ...],
-                opset: int, exported: object, with_probabilities: bool):
+def _make_model(
+    onnx,
+    g: _Graph,
+    network: _ExportedNetwork,
+    output_shape: tuple[int, ...],
+    opset: int,
+    exported: object,
+    with_probabilities: bool,
+):
     """The ONNX model of the written graph ``g``, with its opset and metadata."""
     helper, float32 = onnx.helper, onnx.TensorProto.FLOAT
     outputs = [helper.make_tensor_value_info(_LOGITS, float32, ["batch", *output_shape])]
     if with_probabilities:
-        outputs.append(helper.make_tensor_value_info(_PROBABILITIES, float32,
-                                                     ["batch", *output_shape]))
+        outputs.append(
+            helper.make_tensor_value_info(_PROBABILITIES, float32, ["batch", *output_shape])
+        )
     graph = helper.make_graph(
-        g.nodes, "certdistill", [helper.make_tensor_value_info(_INPUT, float32,
-                                                               ["batch", *network.graph_input])],
-        outputs, initializer=g.initializers,
+        g.nodes,
+        "certdistill",
+        [helper.make_tensor_value_info(_INPUT, float32, ["batch", *network.graph_input])],
+        outputs,
+        initializer=g.initializers,
     )
     opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="certdistill",
-                              producer_version=__version__)
+    model = helper.make_model(
+        graph, opset_imports=opsets, producer_name="certdistill", producer_version=__version__
+    )
     # The oldest IR version that can hold the opset: readable by older runtimes too.
     model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     model.doc_string = f"{type(exported).__name__} exported by certdistill"
@@ -698,8 +770,13 @@ def _save_checked(onnx, model, initializers: list, path: pathlib.Path) -> None:
     """Write ``model`` to ``path`` (its weights to ``<path>.data`` when large) and check it."""
     data = path.with_name(f"{path.name}.data")
     if sum(init.ByteSize() for init in initializers) > _EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name)
+        onnx.save_model(
+            model,
+            os.fspath(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+        )
     else:
         onnx.save_model(model, os.fspath(path))
     try:
@@ -711,7 +788,10 @@ def _save_checked(onnx, model, initializers: list, path: pathlib.Path) -> None:
 
 
 def export_onnx(
-    estimator_or_module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
+    estimator_or_module,
+    path: str | os.PathLike,
+    input_shape: Sequence[int] | None = None,
+    *,
     opset: int = 17,
 ) -> pathlib.Path:
     """Write a fitted estimator or a network as an ONNX model.
@@ -793,7 +873,8 @@ def export_onnx(
     network = _exported_network(estimator_or_module, estimator, input_shape)
     g, output_shape = _write_nodes(onnx, network, estimator)
     exported = estimator if estimator is not None else network.module
-    model = _make_model(onnx, g, network, output_shape, opset, exported,
-                        with_probabilities=estimator is not None)
+    model = _make_model(
+        onnx, g, network, output_shape, opset, exported, with_probabilities=estimator is not None
+    )
     _save_checked(onnx, model, g.initializers, path)
     return path

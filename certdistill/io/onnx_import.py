@@ -199,8 +199,9 @@ class _Converter:
         for node in nodes:
             self._convert_node(node)
         if self.output in self.constants:
-            raise OnnxImportError(f"{self.source}: output {self.output!r} does not depend on "
-                                  "the input.")
+            raise OnnxImportError(
+                f"{self.source}: output {self.output!r} does not depend on the input."
+            )
         out = self.tensors.get(self.output)
         if out is None:  # pragma: no cover - guarded by _needed_nodes
             raise OnnxImportError(f"{self.source}: the output is not reached from the input.")
@@ -262,8 +263,9 @@ class _Converter:
 
     def _convert_node(self, node) -> None:
         if node.domain not in ("", "ai.onnx"):
-            raise self._refuse(node, f"custom domain {node.domain!r} is not supported. "
-                               f"{supported_onnx_ops_text()}")
+            raise self._refuse(
+                node, f"custom domain {node.domain!r} is not supported. {supported_onnx_ops_text()}"
+            )
         computed = [name for name in node.input if name and name not in self.constants]
         if not computed:
             self._fold_constant(node)
@@ -275,15 +277,18 @@ class _Converter:
             self.constants[node.output[0]] = np.array(flows[0].shape[start:end], dtype=np.int64)
             return
         if len(set(computed)) != len(computed):
-            raise self._refuse(node, "it uses the same computed tensor twice (e.g. x * x), "
-                               "which is not linear in it.")
+            raise self._refuse(
+                node,
+                "it uses the same computed tensor twice (e.g. x * x), which is not linear in it.",
+            )
         if len(flows) > 1:
             self._merge(node, flows)
             return
         handler = _HANDLERS.get(node.op_type)
         if handler is None:
-            raise self._refuse(node, f"op {node.op_type!r} is not supported. "
-                               f"{supported_onnx_ops_text()}")
+            raise self._refuse(
+                node, f"op {node.op_type!r} is not supported. {supported_onnx_ops_text()}"
+            )
         flow = flows[0]
         self.cursor, self._emitted_foldable = flow.node, False
         shape, batched = handler(self, node, flow)
@@ -300,13 +305,19 @@ class _Converter:
     def _merge(self, node, flows: list[_Flow]) -> None:
         """``Add`` (or ``Sub``) of two computed tensors: the merge of a residual connection."""
         if node.op_type not in ("Add", "Sub") or len(flows) != 2:
-            raise self._refuse(node, f"{node.op_type} of {len(flows)} computed tensors is not "
-                               "supported (only the Add or Sub of two branches).")
+            raise self._refuse(
+                node,
+                f"{node.op_type} of {len(flows)} computed tensors is not "
+                "supported (only the Add or Sub of two branches).",
+            )
         first, second = (self.tensors[name] for name in node.input[:2])
         if first.shape != second.shape or first.batched != second.batched:
-            raise self._refuse(node, f"the branches have shapes {first.shape} and "
-                               f"{second.shape}; broadcasting between branches is not "
-                               "supported.")
+            raise self._refuse(
+                node,
+                f"the branches have shapes {first.shape} and "
+                f"{second.shape}; broadcasting between branches is not "
+                "supported.",
+            )
         right = second.node
         if node.op_type == "Sub":
             self.cursor = second.node
@@ -358,8 +369,10 @@ class _Converter:
         """The flow takes the file's ``shape`` (same number of entries): a per-sample reshape."""
         shape = tuple(int(s) for s in shape)
         if math.prod(shape) != math.prod(flow.shape):
-            raise OnnxImportError(f"{self.source}: a reshape from {flow.shape} to {shape} "
-                                  "changes the number of entries.")
+            raise OnnxImportError(
+                f"{self.source}: a reshape from {flow.shape} to {shape} "
+                "changes the number of entries."
+            )
         batched = len(shape) >= 2 and shape[0] == 1
         sample = shape[1:] if batched else shape
         if sample != flow.sample_shape:
@@ -373,11 +386,17 @@ class _Converter:
         try:
             result = np.broadcast_shapes(value.shape, flow.shape)
         except ValueError:
-            raise self._refuse(node, f"constant of shape {value.shape} does not broadcast with "
-                               f"the input of shape {flow.shape}.") from None
+            raise self._refuse(
+                node,
+                f"constant of shape {value.shape} does not broadcast with "
+                f"the input of shape {flow.shape}.",
+            ) from None
         if tuple(result) != tuple(flow.shape):
-            raise self._refuse(node, f"constant of shape {value.shape} would broadcast the "
-                               f"input of shape {flow.shape} to {tuple(result)}.")
+            raise self._refuse(
+                node,
+                f"constant of shape {value.shape} would broadcast the "
+                f"input of shape {flow.shape} to {tuple(result)}.",
+            )
         aligned = value.reshape((1,) * (len(flow.shape) - value.ndim) + value.shape)
         if flow.batched:
             aligned = aligned[0]
@@ -390,15 +409,19 @@ class _Converter:
         scale = self.per_sample_constant(node, scale, flow)
         shift = self.per_sample_constant(node, shift, flow)
         # Fold only into the layer writing this tensor, and only when nothing else reads it.
-        foldable = (flow.node >= 0 and self.foldable_at.get(flow.node) == flow.name
-                    and self.consumers.get(flow.name, 0) == 1)
+        foldable = (
+            flow.node >= 0
+            and self.foldable_at.get(flow.node) == flow.name
+            and self.consumers.get(flow.name, 0) == 1
+        )
         previous = self.layers[flow.node] if foldable else None
         if isinstance(previous, ConstantAffine):
             # (x * a + b) * s + h = x * (a s) + (b s + h): one layer for a whole normalisation.
             a, b = previous.scale.numpy(), previous.shift.numpy()
             merged_scale, merged_shift = a * scale, b * scale + shift
-            self.layers[flow.node] = ConstantAffine(self.tensor(merged_scale),
-                                                    self.tensor(merged_shift)).double()
+            self.layers[flow.node] = ConstantAffine(
+                self.tensor(merged_scale), self.tensor(merged_shift)
+            ).double()
             return flow.shape, flow.batched
         if np.all(scale == 1) and isinstance(previous, nn.Linear | nn.Conv2d):
             bias = _bias_vector(previous, shift)
@@ -409,8 +432,9 @@ class _Converter:
                     else:
                         previous.bias += self.tensor(bias)
                 return flow.shape, flow.batched
-        return self.emit(ConstantAffine(self.tensor(scale), self.tensor(shift)), flow,
-                         foldable=True)
+        return self.emit(
+            ConstantAffine(self.tensor(scale), self.tensor(shift)), flow, foldable=True
+        )
 
 
 def _bias_vector(layer: nn.Linear | nn.Conv2d, shift: np.ndarray) -> np.ndarray | None:
@@ -439,8 +463,7 @@ def _gemm(conv: _Converter, node, flow: _Flow):
     if node.input[0] != flow.name:
         raise conv._refuse(node, "the computed tensor must be its first input A.")
     if len(flow.shape) != 2 or conv.attribute(node, "transA", 0):
-        raise conv._refuse(node, f"Gemm needs A of shape (1, k) without transA; got "
-                           f"{flow.shape}.")
+        raise conv._refuse(node, f"Gemm needs A of shape (1, k) without transA; got {flow.shape}.")
     weight = _constant_input(conv, node, 1, "B").astype(np.float64)
     if not conv.attribute(node, "transB", 0):
         weight = weight.T
@@ -463,15 +486,21 @@ def _matmul(conv: _Converter, node, flow: _Flow):
     if node.input[0] == flow.name:
         weight = _constant_input(conv, node, 1, "second").astype(np.float64)
         if weight.ndim != 2 or flow.shape[-1] != weight.shape[0]:
-            raise conv._refuse(node, f"x @ W needs a constant matrix W of shape "
-                               f"({flow.shape[-1]}, m), got {weight.shape}.")
+            raise conv._refuse(
+                node,
+                f"x @ W needs a constant matrix W of shape "
+                f"({flow.shape[-1]}, m), got {weight.shape}.",
+            )
         weight = weight.T
     else:
         # W @ x for a vector x (VNN-COMP's small test networks) is the same map.
         weight = _constant_input(conv, node, 0, "first").astype(np.float64)
         if len(flow.shape) != 1 or weight.ndim != 2 or weight.shape[1] != flow.shape[0]:
-            raise conv._refuse(node, f"W @ x is supported for a vector x only; got W of shape "
-                               f"{weight.shape} and x of shape {flow.shape}.")
+            raise conv._refuse(
+                node,
+                f"W @ x is supported for a vector x only; got W of shape "
+                f"{weight.shape} and x of shape {flow.shape}.",
+            )
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         layer.weight.copy_(conv.tensor(weight))
@@ -507,8 +536,11 @@ def _pass_through(conv: _Converter, node, flow: _Flow):
         import onnx
 
         target = conv.attribute(node, "to")
-        if target not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                          onnx.TensorProto.FLOAT16):
+        if target not in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.FLOAT16,
+        ):
             raise conv._refuse(node, "only casts between floating-point types are supported.")
     if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
         raise conv._refuse(node, "the dropout mask output is not supported.")
@@ -579,9 +611,12 @@ def _transpose(conv: _Converter, node, flow: _Flow):
         perm = list(reversed(range(len(flow.shape))))
     moved = [axis for axis in perm if flow.shape[axis] != 1]
     if moved != sorted(moved):
-        raise conv._refuse(node, f"Transpose with perm={list(perm)} on shape {flow.shape} "
-                           "permutes data; only transposes that move axes of size 1 (a "
-                           "reshape) are supported.")
+        raise conv._refuse(
+            node,
+            f"Transpose with perm={list(perm)} on shape {flow.shape} "
+            "permutes data; only transposes that move axes of size 1 (a "
+            "reshape) are supported.",
+        )
     return conv.reshape_to(tuple(flow.shape[axis] for axis in perm), flow)
 
 
@@ -605,8 +640,9 @@ def _spatial_pads(conv: _Converter, node, flow: _Flow, kernel, strides) -> tuple
 
 def _check_feature_map(conv: _Converter, node, flow: _Flow) -> None:
     if len(flow.shape) != 4 or not flow.batched:
-        raise conv._refuse(node, f"needs a 2-D feature map of shape (1, C, H, W), got "
-                           f"{flow.shape}.")
+        raise conv._refuse(
+            node, f"needs a 2-D feature map of shape (1, C, H, W), got {flow.shape}."
+        )
 
 
 def _conv(conv: _Converter, node, flow: _Flow):
@@ -617,15 +653,16 @@ def _conv(conv: _Converter, node, flow: _Flow):
     group = conv.attribute(node, "group", 1)
     dilations = list(conv.attribute(node, "dilations", [1, 1]))
     if group != 1 or dilations != [1, 1]:
-        raise conv._refuse(node, f"group={group}, dilations={dilations}: only group=1 and "
-                           "dilation 1 are supported.")
+        raise conv._refuse(
+            node,
+            f"group={group}, dilations={dilations}: only group=1 and dilation 1 are supported.",
+        )
     kernel = tuple(weight.shape[2:])
     strides = tuple(conv.attribute(node, "strides", [1, 1]))
     top, left, bottom, right = _spatial_pads(conv, node, flow, kernel, strides)
     out_channels, in_channels = weight.shape[:2]
     if in_channels != flow.shape[1]:
-        raise conv._refuse(node, f"weight takes {in_channels} channels, input has "
-                           f"{flow.shape[1]}.")
+        raise conv._refuse(node, f"weight takes {in_channels} channels, input has {flow.shape[1]}.")
     shape = flow.shape, flow.batched
     padding = (top, left)
     if (top, left) != (bottom, right):
@@ -654,14 +691,16 @@ def _average_pool(conv: _Converter, node, flow: _Flow):
     padding = (top, left)
     if (top, left) != (bottom, right):
         if not include_pad:
-            raise conv._refuse(node, "asymmetric padding that is not counted in the average "
-                               "is not supported.")
+            raise conv._refuse(
+                node, "asymmetric padding that is not counted in the average is not supported."
+            )
         flow = _Flow(flow.name, *conv.emit(nn.ZeroPad2d((left, right, top, bottom)), flow))
         padding = (0, 0)
     if any(2 * p > k for p, k in zip(padding, kernel, strict=True)):
         raise conv._refuse(node, f"padding {padding} exceeds half the kernel {kernel}.")
-    layer = nn.AvgPool2d(kernel, stride=strides, padding=padding, ceil_mode=ceil_mode,
-                         count_include_pad=include_pad)
+    layer = nn.AvgPool2d(
+        kernel, stride=strides, padding=padding, ceil_mode=ceil_mode, count_include_pad=include_pad
+    )
     return conv.emit(layer, flow)
 
 
@@ -681,8 +720,11 @@ def _pad(conv: _Converter, node, flow: _Flow):
         raise conv._refuse(node, "Pad with an axes input is not supported.")
     rank = len(flow.shape)
     if mode != "constant" or value != 0.0 or len(pads) != 2 * rank or rank != 4:
-        raise conv._refuse(node, f"only zero padding of the two spatial axes of a (1, C, H, W) "
-                           f"map is supported (mode={mode!r}, value={value}, pads={pads}).")
+        raise conv._refuse(
+            node,
+            f"only zero padding of the two spatial axes of a (1, C, H, W) "
+            f"map is supported (mode={mode!r}, value={value}, pads={pads}).",
+        )
     begin, end = pads[:rank], pads[rank:]
     if any(begin[:2]) or any(end[:2]) or min(pads) < 0:
         raise conv._refuse(node, f"pads {pads} touch the batch or channel axes or crop.")
@@ -691,8 +733,9 @@ def _pad(conv: _Converter, node, flow: _Flow):
 
 def _batch_norm(conv: _Converter, node, flow: _Flow):
     if len(node.output) > 1 and any(node.output[1:]):
-        raise conv._refuse(node, "training-mode BatchNormalization (running statistics "
-                           "outputs) is not supported.")
+        raise conv._refuse(
+            node, "training-mode BatchNormalization (running statistics outputs) is not supported."
+        )
     if conv.attribute(node, "training_mode", 0):
         raise conv._refuse(node, "training_mode=1 is not supported.")
     if len(flow.shape) < 2 or not flow.batched:
@@ -737,5 +780,7 @@ ONNX_OPS: tuple[str, ...] = (*_HANDLERS, "Shape", "Constant")
 
 def supported_onnx_ops_text() -> str:
     """The sentence listing the ONNX ops :func:`load_onnx` supports."""
-    return (f"Supported ONNX ops: {', '.join(ONNX_OPS)} (Add, Sub, Mul, Div with one constant "
-            "operand; any op whose inputs are all constants is evaluated at load time).")
+    return (
+        f"Supported ONNX ops: {', '.join(ONNX_OPS)} (Add, Sub, Mul, Div with one constant "
+        "operand; any op whose inputs are all constants is evaluated at load time)."
+    )

@@ -489,8 +489,9 @@ class _ExpressionParser:
         if op in _COMPARISONS:
             return self.comparison(op, node)
         if op in _TERM_OPS:
-            raise _Fail(f"expected a Boolean formula, got the arithmetic term '({op} ...)'",
-                        node[1])
+            raise _Fail(
+                f"expected a Boolean formula, got the arithmetic term '({op} ...)'", node[1]
+            )
         raise _Fail(f"unknown or unsupported operator '{op}'", node[1])
 
     def comparison(self, op: str, node: list):
@@ -541,8 +542,7 @@ class _ExpressionParser:
             return _Node(0.0 <= rhs, [], op_tok)
         kinds = {self.decls[name][0] for name, _ in terms}
         if len(kinds) > 1:
-            raise _Fail("a comparison mixing inputs (X) and outputs (Y) is not supported",
-                        op_tok)
+            raise _Fail("a comparison mixing inputs (X) and outputs (Y) is not supported", op_tok)
         if kinds == {False}:
             if len(terms) > 1:
                 raise _Fail(
@@ -660,16 +660,16 @@ class _PropertyBuilder:
     """Turns the asserted formulas into a :class:`VnnlibProperty`: the disjunctive normal
     form, one input box per conjunction, and its output rows grouped by box."""
 
-    def __init__(self, decls: _Declarations, last_token: int, path: str | None,
-                 max_conjunctions: int):
+    def __init__(
+        self, decls: _Declarations, last_token: int, path: str | None, max_conjunctions: int
+    ):
         self.decls = decls
         # Where errors about the file as a whole (a missing declaration) point.
         self.last_token = last_token
         self.path = path
         self.max_conjunctions = max_conjunctions
 
-    def build(self, formulas: list, n_inputs: int | None,
-              n_outputs: int | None) -> VnnlibProperty:
+    def build(self, formulas: list, n_inputs: int | None, n_outputs: int | None) -> VnnlibProperty:
         """The property of the conjunction of ``formulas``."""
         n_in = self.count(False, n_inputs)
         n_out = self.count(True, n_outputs)
@@ -700,8 +700,9 @@ class _PropertyBuilder:
         decls = [(idx, tok) for out, idx, tok in self.decls.values() if out == is_output]
         n = len(decls)
         if n == 0:
-            raise _Fail(f"no {what} variables ({kind}_0, {kind}_1, ...) are declared",
-                        self.last_token)
+            raise _Fail(
+                f"no {what} variables ({kind}_0, {kind}_1, ...) are declared", self.last_token
+            )
         for idx, tok in decls:
             if idx >= n:
                 missing = min(set(range(n)) - {i for i, _ in decls})
@@ -744,8 +745,7 @@ class _PropertyBuilder:
             result.extend(self.dnf(child))
             if len(result) > limit:
                 raise _Fail(
-                    f"the formula has more than {limit} conjunctions in disjunctive normal "
-                    "form",
+                    f"the formula has more than {limit} conjunctions in disjunctive normal form",
                     node.tok,
                 )
         return result
@@ -784,8 +784,9 @@ class _PropertyBuilder:
             block.rows = (C, d)
         return block.rows
 
-    def box(self, conj: tuple[_Block, ...], n_in: int, number: int,
-            total: int) -> tuple[np.ndarray, np.ndarray]:
+    def box(
+        self, conj: tuple[_Block, ...], n_in: int, number: int, total: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The input box of conjunction ``number`` of ``total``, checked finite and non-empty."""
         lower = np.full(n_in, -np.inf)
         upper = np.full(n_in, np.inf)
@@ -805,8 +806,7 @@ class _PropertyBuilder:
         if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
             i = int(np.flatnonzero(~(np.isfinite(lower) & np.isfinite(upper)))[0])
             side = "lower" if not math.isfinite(lower[i]) else "upper"
-            raise _Fail(f"input X_{i} has no finite {side} bound{where}",
-                        self.decls[f"X_{i}"][2])
+            raise _Fail(f"input X_{i} has no finite {side} bound{where}", self.decls[f"X_{i}"][2])
         if (lower > upper).any():
             i = int(np.flatnonzero(lower > upper)[0])
             # Point at the bound that came last in the file: the one that emptied the box.

@@ -160,20 +160,35 @@ def certify_dask(
         if labels.shape != (X.shape[0],):
             raise ValueError(f"y must have shape ({X.shape[0]},), got {labels.shape}.")
         arrays += [labels.rechunk((X.chunks[0],)), "a"]
-    dtype = np.dtype([
-        ("prediction", np.int64), ("margins", _margin_dtype(target), (n_classes,)),
-        ("certified", np.bool_), ("status", f"<U{_STATUS_WIDTH}"),
-        ("decided_by", f"<U{_STAGE_WIDTH}"),
-    ])
+    dtype = np.dtype(
+        [
+            ("prediction", np.int64),
+            ("margins", _margin_dtype(target), (n_classes,)),
+            ("certified", np.bool_),
+            ("status", f"<U{_STATUS_WIDTH}"),
+            ("decided_by", f"<U{_STAGE_WIDTH}"),
+        ]
+    )
     records = da.blockwise(
-        _certify_block, "a", *arrays, dtype=dtype, concatenate=True,
-        target=target, eps=eps, stages=stages, record_dtype=dtype,
+        _certify_block,
+        "a",
+        *arrays,
+        dtype=dtype,
+        concatenate=True,
+        target=target,
+        eps=eps,
+        stages=stages,
+        record_dtype=dtype,
         options=dict(batch_size=batch_size, timeout=timeout, memory_limit=memory_limit),
         threads=torch_threads,
     )
     eps_value = eps.eps_value if isinstance(eps, Perturbation) else eps
-    return DaskCertificate(**{name: records[name] for name in dtype.names}, records=records,
-                           eps=eps_value, method="+".join(stages))
+    return DaskCertificate(
+        **{name: records[name] for name in dtype.names},
+        records=records,
+        eps=eps_value,
+        method="+".join(stages),
+    )
 
 
 # ---------------------------------------------------------------------------- internals
@@ -189,22 +204,27 @@ def _prepare(target, X, eps, lower, upper):
         target._check_fitted()
         n_features = int(np.prod(X.shape[1:]))
         if n_features != target.n_features_in_:
-            raise ValueError(f"X has {n_features} features per sample, but the estimator was "
-                             f"fitted on {target.n_features_in_}.")
+            raise ValueError(
+                f"X has {n_features} features per sample, but the estimator was "
+                f"fitted on {target.n_features_in_}."
+            )
         if eps is not None:
             target.perturbation_.with_eps(eps)  # raises for an invalid radius, here
         return target, eps, len(target.classes_)
     if not isinstance(target, nn.Module):
-        raise TypeError(f"module_or_estimator must be a torch.nn.Module or a fitted estimator, "
-                        f"got {type(target).__name__}.")
+        raise TypeError(
+            f"module_or_estimator must be a torch.nn.Module or a fitted estimator, "
+            f"got {type(target).__name__}."
+        )
     if eps is None:
         raise ValueError("eps is required with a module.")
     device, dtype = module_device_dtype(target)
     if isinstance(eps, Perturbation):
         perturbation = eps
     else:
-        perturbation = Perturbation.create(eps, X.shape[1:], lower=lower, upper=upper,
-                                           dtype=dtype, device=device)
+        perturbation = Perturbation.create(
+            eps, X.shape[1:], lower=lower, upper=upper, dtype=dtype, device=device
+        )
     probe = torch.zeros(1, *X.shape[1:], dtype=dtype, device=device)
     training = target.training
     target.eval()

@@ -65,8 +65,7 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
     if n_threads is None:
         yield
         return
-    if (isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral)
-            or n_threads < 1):
+    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
         raise ValueError(f"torch_threads must be None or a positive int, got {n_threads!r}")
     previous = torch.get_num_threads()
     if previous == n_threads:

@@ -57,8 +57,9 @@ def _perturbation(x: torch.Tensor, eps, lower, upper) -> Perturbation:
         if lower is not None or upper is not None:
             raise ValueError("give the domain inside the Perturbation, not as lower/upper.")
         return eps.to(device=x.device, dtype=x.dtype)
-    return Perturbation.create(eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype,
-                               device=x.device)
+    return Perturbation.create(
+        eps, x.shape[1:], lower=lower, upper=upper, dtype=x.dtype, device=x.device
+    )
 
 
 def _feasible_box(x: torch.Tensor, perturbation: Perturbation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +261,9 @@ def min_margin_attack(
     """
     x = _prepare_input(module, x)
     perturbation = _perturbation(x, eps, lower, upper)
-    margins, _ = targeted_attack(module, x, reference, perturbation, steps=steps,
-                                 restarts=restarts, generator=generator)
+    margins, _ = targeted_attack(
+        module, x, reference, perturbation, steps=steps, restarts=restarts, generator=generator
+    )
     return margins
 
 
@@ -333,9 +335,18 @@ def targeted_attack(
         # One row per attacked (sample, class) pair.
         sample, target = targets.nonzero(as_tuple=True)
         first = (x if start is None else start.detach().to(x))[sample]
-        best, best_x = _targeted_pgd(module, first, lo[sample], hi[sample], ref[sample], target,
-                                     step[sample], steps=steps, restarts=restarts,
-                                     generator=generator)
+        best, best_x = _targeted_pgd(
+            module,
+            first,
+            lo[sample],
+            hi[sample],
+            ref[sample],
+            target,
+            step[sample],
+            steps=steps,
+            restarts=restarts,
+            generator=generator,
+        )
 
     margins = torch.full((n, n_classes), float("inf"), dtype=x.dtype, device=x.device)
     margins[sample, target] = best.detach()
@@ -369,8 +380,11 @@ def _targeted_pgd(
     view = (-1,) + (1,) * (first.dim() - 1)
     with torch.enable_grad():
         for r in range(restarts if first.shape[0] else 0):
-            x_adv = (torch.minimum(torch.maximum(first, lo), hi) if r == 0
-                     else _uniform_in_box(lo, hi, generator))
+            x_adv = (
+                torch.minimum(torch.maximum(first, lo), hi)
+                if r == 0
+                else _uniform_in_box(lo, hi, generator)
+            )
             for it in range(steps + 1):
                 x_adv.requires_grad_(True)
                 val = margin(module(x_adv))

@@ -86,20 +86,29 @@ class _Queue:
         return int(self.sample.numel())
 
     def take(self, rows: Tensor) -> _Queue:
-        return _Queue(self.sample[rows], {k: v[rows] for k, v in self.splits.items()},
-                      self.margins[rows], self.layer[rows], self.neuron[rows])
+        return _Queue(
+            self.sample[rows],
+            {k: v[rows] for k, v in self.splits.items()},
+            self.margins[rows],
+            self.layer[rows],
+            self.neuron[rows],
+        )
 
     @staticmethod
     def concat(parts: list[_Queue]) -> _Queue:
         parts = [part for part in parts if len(part)] or parts[:1]
-        return _Queue(torch.cat([p.sample for p in parts]),
-                      {k: torch.cat([p.splits[k] for p in parts]) for k in parts[0].splits},
-                      torch.cat([p.margins for p in parts]), torch.cat([p.layer for p in parts]),
-                      torch.cat([p.neuron for p in parts]))
+        return _Queue(
+            torch.cat([p.sample for p in parts]),
+            {k: torch.cat([p.splits[k] for p in parts]) for k in parts[0].splits},
+            torch.cat([p.margins for p in parts]),
+            torch.cat([p.layer for p in parts]),
+            torch.cat([p.neuron for p in parts]),
+        )
 
 
-def _split_scores(result, layers: list[int], splits: dict[int, Tensor]
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def _split_scores(
+    result, layers: list[int], splits: dict[int, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k`` best-scored free unstable ReLUs of each subdomain, best first: BaBSR scores
     (negative: none left), activation op indices and flat neurons, each of shape ``(d, k)``
     with ``k`` up to ``_MAX_CANDIDATES`` per layer."""
@@ -111,21 +120,31 @@ def _split_scores(result, layers: list[int], splits: dict[int, Tensor]
         lower, upper = (bound.flatten(1) for bound in result.bounds[index])
         intercept = relaxation.upper_intercept.flatten(1)
         # The upper line's loss, and a small term that prefers wide relaxations on ties.
-        score = (coefficient.clamp(max=0).neg() * intercept
-                 + 1e-4 * coefficient.abs() * torch.minimum(upper, -lower).clamp(min=0))
+        score = coefficient.clamp(
+            max=0
+        ).neg() * intercept + 1e-4 * coefficient.abs() * torch.minimum(upper, -lower).clamp(min=0)
         score = torch.where(free, score + 1e-12, torch.full_like(score, -1.0))
         value, neuron = score.topk(min(_MAX_CANDIDATES, score.shape[1]), dim=1)
         scores.append(value)
         neuron_of.append(neuron)
         layer_of.append(torch.full_like(neuron, index))
     value, order = torch.cat(scores, 1).sort(dim=1, descending=True)
-    return (value, torch.cat(layer_of, 1).gather(1, order),
-            torch.cat(neuron_of, 1).gather(1, order))
+    return (
+        value,
+        torch.cat(layer_of, 1).gather(1, order),
+        torch.cat(neuron_of, 1).gather(1, order),
+    )
 
 
-def _choose_splits(engine: BoundEngine, result, layers: list[int], splits: dict[int, Tensor],
-                   boxes: tuple[Tensor, Tensor, Tensor], open_rows: Tensor, candidates: int
-                   ) -> tuple[Tensor, Tensor]:
+def _choose_splits(
+    engine: BoundEngine,
+    result,
+    layers: list[int],
+    splits: dict[int, Tensor],
+    boxes: tuple[Tensor, Tensor, Tensor],
+    open_rows: Tensor,
+    candidates: int,
+) -> tuple[Tensor, Tensor]:
     """The ReLU each subdomain splits next (activation op index, flat neuron; -1: none left),
     by filtered smart branching over ``candidates`` (see the module docstring) for the
     subdomains ``open_rows`` (the others get BaBSR's choice: they are not split).
@@ -153,17 +172,23 @@ def _choose_splits(engine: BoundEngine, result, layers: list[int], splits: dict[
         here = trial_layer == index
         chosen = torch.zeros_like(lower, dtype=torch.bool)
         # Rows whose candidate lies in another layer write False at neuron 0.
-        chosen.view(2 * k, d, -1).scatter_(2, (trial_neuron * here)[..., None],
-                                           here[..., None])
+        chosen.view(2 * k, d, -1).scatter_(2, (trial_neuron * here)[..., None], here[..., None])
         sign = (side.expand(-1, d) * here).reshape(-1, 1)
         shape = bounds[index][0].shape[1:]
-        trial_bounds[index] = (torch.where(chosen & (sign > 0), lower.clamp(min=0), lower).view(
-            -1, *shape), torch.where(chosen & (sign < 0), upper.clamp(max=0), upper).view(
-            -1, *shape))
+        trial_bounds[index] = (
+            torch.where(chosen & (sign > 0), lower.clamp(min=0), lower).view(-1, *shape),
+            torch.where(chosen & (sign < 0), upper.clamp(max=0), upper).view(-1, *shape),
+        )
         trial_splits[index] = torch.where(chosen, sign, splits[index][rows]).view(-1, *shape)
     trial = engine.bound_split_subdomains(
-        center[rows], radius[rows], trial_bounds, trial_splits, reference[rows],
-        closed=(result.margins[open_rows] > 0)[rows], steps=0)
+        center[rows],
+        radius[rows],
+        trial_bounds,
+        trial_splits,
+        reference[rows],
+        closed=(result.margins[open_rows] > 0)[rows],
+        steps=0,
+    )
     worst = trial.margins.min(1).values.view(k, 2, d)
     # A candidate is as good as its better child (one side nearly closed is worth more than
     # two halves of an improvement); a negative score is no candidate.
@@ -188,19 +213,23 @@ def _children(queue: _Queue) -> _Queue:
     def twice(values: Tensor) -> Tensor:
         return torch.cat([values, values])
 
-    return _Queue(twice(queue.sample), splits, twice(queue.margins), twice(queue.layer),
-                  twice(queue.neuron))
+    return _Queue(
+        twice(queue.sample), splits, twice(queue.margins), twice(queue.layer), twice(queue.neuron)
+    )
 
 
-def _split_bounds(root: dict[int, tuple[Tensor, Tensor]], samples: Tensor,
-                  splits: dict[int, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+def _split_bounds(
+    root: dict[int, tuple[Tensor, Tensor]], samples: Tensor, splits: dict[int, Tensor]
+) -> dict[int, tuple[Tensor, Tensor]]:
     """The root bounds of each subdomain's sample with its split ReLUs bounded by 0."""
     bounds = {}
     for index, (lower, upper) in root.items():
         lower, upper = lower[samples], upper[samples]
         split = splits[index].view_as(lower)
-        bounds[index] = (torch.where(split > 0, lower.clamp(min=0), lower),
-                         torch.where(split < 0, upper.clamp(max=0), upper))
+        bounds[index] = (
+            torch.where(split > 0, lower.clamp(min=0), lower),
+            torch.where(split < 0, upper.clamp(max=0), upper),
+        )
     return bounds
 
 
@@ -266,8 +295,19 @@ def branch_and_bound(
     -------
     BabResult
     """
-    state = _Search(engine, judge, milp, center, radius, corners, reference,
-                    sorted(interval_bounds), steps=steps, candidates=candidates, attack=search)
+    state = _Search(
+        engine,
+        judge,
+        milp,
+        center,
+        radius,
+        corners,
+        reference,
+        sorted(interval_bounds),
+        steps=steps,
+        candidates=candidates,
+        attack=search,
+    )
     queue = state.open_roots(interval_bounds)
     while True:
         queue = state.settle(queue, timeout)
@@ -294,18 +334,28 @@ def _pick_worst(queue: _Queue, batch_size: int) -> tuple[_Queue, _Queue]:
     worst = queue.margins.min(1).values
     picked = torch.zeros(len(queue), dtype=torch.bool, device=queue.sample.device)
     picked[torch.argsort(worst)[: max(1, batch_size // 2)]] = True
-    return (queue.take(picked.nonzero().squeeze(1)),
-            queue.take((~picked).nonzero().squeeze(1)))
+    return (queue.take(picked.nonzero().squeeze(1)), queue.take((~picked).nonzero().squeeze(1)))
 
 
 class _Search:
     """The state of one :func:`branch_and_bound` call: the problem, its options and each
     sample's outcome so far, shared by the steps of the search loop."""
 
-    def __init__(self, engine: BoundEngine, judge: Judge, milp: MarginMilp, center: Tensor,
-                 radius: Tensor, corners: tuple[Tensor, Tensor], reference: Tensor,
-                 layers: list[int], *, steps: int, candidates: int,
-                 attack: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
+    def __init__(
+        self,
+        engine: BoundEngine,
+        judge: Judge,
+        milp: MarginMilp,
+        center: Tensor,
+        radius: Tensor,
+        corners: tuple[Tensor, Tensor],
+        reference: Tensor,
+        layers: list[int],
+        *,
+        steps: int,
+        candidates: int,
+        attack: Callable[[Tensor, Tensor, Tensor], Tensor] | None,
+    ) -> None:
         n = center.shape[0]
         device = center.device
         self.engine, self.judge, self.milp = engine, judge, milp
@@ -331,8 +381,13 @@ class _Search:
 
     def result(self) -> BabResult:
         """The outcome per sample (a falsified sample is never reported certified)."""
-        return BabResult(self.certified & ~self.falsified, self.falsified, self.counterexample,
-                         self.spent, self.domains)
+        return BabResult(
+            self.certified & ~self.falsified,
+            self.falsified,
+            self.counterexample,
+            self.spent,
+            self.domains,
+        )
 
     def open_roots(self, interval_bounds: dict[int, tuple[Tensor, Tensor]]) -> _Queue:
         """Bound every sample's root by CROWN (kept for the whole search); the roots left open
@@ -340,11 +395,14 @@ class _Search:
         start = time.perf_counter()
         n, device = self.n, self.center.device
         everyone = torch.arange(n, device=device)
-        root = self.engine.bound_subdomains(self.center, self.radius, interval_bounds,
-                                            self.reference)
+        root = self.engine.bound_subdomains(
+            self.center, self.radius, interval_bounds, self.reference
+        )
         self.root_bounds = root.bounds
-        no_splits = {k: torch.zeros(n, lower[0].numel(), dtype=torch.int8, device=device)
-                     for k, (lower, _) in self.root_bounds.items()}
+        no_splits = {
+            k: torch.zeros(n, lower[0].numel(), dtype=torch.int8, device=device)
+            for k, (lower, _) in self.root_bounds.items()
+        }
         queue = self._keep_open(everyone, root, no_splits)
         self.spent += (time.perf_counter() - start) / max(n, 1)
         return queue
@@ -376,9 +434,18 @@ class _Search:
         leaves = batch.layer < 0
         if not bool(leaves.any()):
             return batch
-        _decide_leaves(batch.take(leaves.nonzero().squeeze(1)), self.root_bounds, self.judge,
-                       self.milp, self.corners, self.reference, self.falsified, self.given_up,
-                       self.counterexample, deadline)
+        _decide_leaves(
+            batch.take(leaves.nonzero().squeeze(1)),
+            self.root_bounds,
+            self.judge,
+            self.milp,
+            self.corners,
+            self.reference,
+            self.falsified,
+            self.given_up,
+            self.counterexample,
+            deadline,
+        )
         return batch.take((~leaves).nonzero().squeeze(1))
 
     def branch(self, batch: _Queue) -> _Queue:
@@ -387,11 +454,16 @@ class _Search:
         children = _children(batch)
         rows = children.sample
         result = self.engine.bound_split_subdomains(
-            self.center[rows], self.radius[rows],
+            self.center[rows],
+            self.radius[rows],
             _split_bounds(self.root_bounds, rows, children.splits),
-            {k: v.view(len(children), *self.root_bounds[k][0].shape[1:])
-             for k, v in children.splits.items()},
-            self.reference[rows], closed=children.margins > 0, steps=self.steps,
+            {
+                k: v.view(len(children), *self.root_bounds[k][0].shape[1:])
+                for k, v in children.splits.items()
+            },
+            self.reference[rows],
+            closed=children.margins > 0,
+            steps=self.steps,
         )
         return self._keep_open(rows, result, children.splits)
 
@@ -402,8 +474,9 @@ class _Search:
         elapsed = time.perf_counter() - round_start
         self.spent += elapsed * share / max(np.sum(share), 1)
 
-    def _keep_open(self, rows: Tensor, result: SubdomainBounds,
-                   splits: dict[int, Tensor]) -> _Queue:
+    def _keep_open(
+        self, rows: Tensor, result: SubdomainBounds, splits: dict[int, Tensor]
+    ) -> _Queue:
         """Count the bounded subdomains (of samples ``rows``), try their candidates and choose
         the next split of each open one; the subdomains not closed."""
         np.add.at(self.domains, rows.cpu().numpy(), 1)
@@ -413,11 +486,17 @@ class _Search:
         done = (result.margins > 0).all(1) | result.infeasible
         open_rows = (~done & ~self.falsified[rows]).nonzero().squeeze(1)
         layer, neuron = _choose_splits(
-            self.engine, result, self.layers, splits,
-            (self.center[rows], self.radius[rows], self.reference[rows]), open_rows,
-            self.candidates)
+            self.engine,
+            result,
+            self.layers,
+            splits,
+            (self.center[rows], self.radius[rows], self.reference[rows]),
+            open_rows,
+            self.candidates,
+        )
         return _Queue(rows, splits, result.margins, layer, neuron).take(
-            (~done).nonzero().squeeze(1))
+            (~done).nonzero().squeeze(1)
+        )
 
     def _attack_worst(self, rows: Tensor, result: SubdomainBounds) -> None:
         """A few attack steps from the bounds' minimisers of the most promising subdomains
@@ -426,17 +505,18 @@ class _Search:
         chosen = torch.argsort(worst)[:_SEARCHED]
         chosen = chosen[(worst[chosen] < 0) & ~self.falsified[rows[chosen]]]
         if chosen.numel():
-            targets = torch.nn.functional.one_hot(result.margins[chosen].argmin(1),
-                                                  result.margins.shape[1]).bool()
-            self._check(rows[chosen], self.attack(rows[chosen], result.candidate[chosen],
-                                                  targets))
+            targets = torch.nn.functional.one_hot(
+                result.margins[chosen].argmin(1), result.margins.shape[1]
+            ).bool()
+            self._check(rows[chosen], self.attack(rows[chosen], result.candidate[chosen], targets))
 
     def _check(self, rows: Tensor, candidates: Tensor) -> None:
         """Falsify the samples ``rows`` whose candidate flips the decision (the first
         counterexample found is kept)."""
         lower_box, upper_box = self.corners
-        flipped, points = self.judge.flips(candidates, self.reference[rows], lower_box[rows],
-                                           upper_box[rows])
+        flipped, points = self.judge.flips(
+            candidates, self.reference[rows], lower_box[rows], upper_box[rows]
+        )
         for row in flipped.nonzero().squeeze(1).tolist():
             sample = int(rows[row])
             if not self.falsified[sample]:
@@ -444,10 +524,18 @@ class _Search:
                 self.counterexample[sample] = points[row]
 
 
-def _decide_leaves(leaves: _Queue, root_bounds: dict[int, tuple[Tensor, Tensor]], judge: Judge,
-                   milp: MarginMilp, corners: tuple[Tensor, Tensor], reference: Tensor,
-                   falsified: Tensor, given_up: Tensor, counterexample: Tensor,
-                   deadline: float) -> None:
+def _decide_leaves(
+    leaves: _Queue,
+    root_bounds: dict[int, tuple[Tensor, Tensor]],
+    judge: Judge,
+    milp: MarginMilp,
+    corners: tuple[Tensor, Tensor],
+    reference: Tensor,
+    falsified: Tensor,
+    given_up: Tensor,
+    counterexample: Tensor,
+    deadline: float,
+) -> None:
     """Subdomains with every unstable ReLU split: one linear program each (exact there)."""
     lower_box, upper_box = corners
     bounds = _split_bounds(root_bounds, leaves.sample, leaves.splits)
@@ -455,24 +543,39 @@ def _decide_leaves(leaves: _Queue, root_bounds: dict[int, tuple[Tensor, Tensor]]
         sample = int(leaves.sample[row])
         if falsified[sample] or given_up[sample]:
             continue
-        leaf_bounds = [(lower[row].flatten().double().cpu().numpy(),
-                        upper[row].flatten().double().cpu().numpy())
-                       for lower, upper in (bounds[k] for k in sorted(bounds))]
+        leaf_bounds = [
+            (
+                lower[row].flatten().double().cpu().numpy(),
+                upper[row].flatten().double().cpu().numpy(),
+            )
+            for lower, upper in (bounds[k] for k in sorted(bounds))
+        ]
         ref = int(reference[sample])
         margins = leaves.margins[row]
-        classes = sorted((j for j in range(margins.numel()) if j != ref and margins[j] <= 0),
-                         key=lambda j: float(margins[j]))
-        outcome = milp.solve(lower_box[sample].double().cpu().numpy(),
-                             upper_box[sample].double().cpu().numpy(), leaf_bounds, ref, classes,
-                             deadline=deadline)
+        classes = sorted(
+            (j for j in range(margins.numel()) if j != ref and margins[j] <= 0),
+            key=lambda j: float(margins[j]),
+        )
+        outcome = milp.solve(
+            lower_box[sample].double().cpu().numpy(),
+            upper_box[sample].double().cpu().numpy(),
+            leaf_bounds,
+            ref,
+            classes,
+            deadline=deadline,
+        )
         if outcome.proven:
             continue
         if outcome.candidate is not None:
-            point = torch.as_tensor(outcome.candidate, dtype=lower_box.dtype,
-                                    device=lower_box.device).view_as(lower_box[sample])
-            flipped, points = judge.flips(point[None], reference[sample:sample + 1],
-                                          lower_box[sample:sample + 1],
-                                          upper_box[sample:sample + 1])
+            point = torch.as_tensor(
+                outcome.candidate, dtype=lower_box.dtype, device=lower_box.device
+            ).view_as(lower_box[sample])
+            flipped, points = judge.flips(
+                point[None],
+                reference[sample : sample + 1],
+                lower_box[sample : sample + 1],
+                upper_box[sample : sample + 1],
+            )
             if bool(flipped[0]):
                 falsified[sample] = True
                 counterexample[sample] = points[0]

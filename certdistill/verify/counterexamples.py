@@ -24,12 +24,16 @@ def inner_box(x: Tensor, perturbation) -> tuple[Tensor, Tensor]:
     """
     lower, upper = perturbation.to(dtype=torch.float64).bounds(x.double())
     lower_r, upper_r = lower.to(x.dtype), upper.to(x.dtype)
-    lower_r = torch.where(lower_r.double() < lower,
-                          torch.nextafter(lower_r, torch.full_like(lower_r, float("inf"))),
-                          lower_r)
-    upper_r = torch.where(upper_r.double() > upper,
-                          torch.nextafter(upper_r, torch.full_like(upper_r, float("-inf"))),
-                          upper_r)
+    lower_r = torch.where(
+        lower_r.double() < lower,
+        torch.nextafter(lower_r, torch.full_like(lower_r, float("inf"))),
+        lower_r,
+    )
+    upper_r = torch.where(
+        upper_r.double() > upper,
+        torch.nextafter(upper_r, torch.full_like(upper_r, float("-inf"))),
+        upper_r,
+    )
     return lower_r, upper_r
 
 
@@ -58,8 +62,9 @@ class Judge:
             self._float64 = copy.deepcopy(self.module).double().eval()
         return self._float64
 
-    def flips(self, points: Tensor, reference: Tensor, lower: Tensor, upper: Tensor
-              ) -> tuple[Tensor, Tensor]:
+    def flips(
+        self, points: Tensor, reference: Tensor, lower: Tensor, upper: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Which points flip the decision; the points clipped into ``[lower, upper]``.
 
         Parameters
@@ -84,7 +89,8 @@ class Judge:
             flipped = worst_margin(self.module(points), reference) < 0
             if bool(flipped.any()):
                 rows = flipped.nonzero().squeeze(1)
-                again = worst_margin(self._reference_copy()(points[rows].double()),
-                                     reference[rows]) < 0
+                again = (
+                    worst_margin(self._reference_copy()(points[rows].double()), reference[rows]) < 0
+                )
                 flipped[rows] = again
         return flipped, points

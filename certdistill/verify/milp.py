@@ -115,13 +115,16 @@ class MarginMilp:
                 break
             cost = np.zeros(model.n_variables)
             first = 0 if self.wide else model.last_offset
-            cost[first:first + last_w.shape[1]] = last_w[reference] - last_w[j]
+            cost[first : first + last_w.shape[1]] = last_w[reference] - last_w[j]
             constant = last_b[reference] - last_b[j]
             with quiet_native_stdout():
-                result = milp(cost, integrality=model.integrality,
-                              bounds=model.variable_bounds, constraints=model.constraints,
-                              options={"time_limit": max(remaining, 1e-3),
-                                       "mip_rel_gap": 1e-6})
+                result = milp(
+                    cost,
+                    integrality=model.integrality,
+                    bounds=model.variable_bounds,
+                    constraints=model.constraints,
+                    options={"time_limit": max(remaining, 1e-3), "mip_rel_gap": 1e-6},
+                )
             dual = getattr(result, "mip_dual_bound", None)
             if result.status == 0 and result.x is not None:
                 value = result.fun + constant
@@ -145,12 +148,7 @@ class MarginMilp:
         """Variables ``x | a_1 | ... | a_L | delta``; one binary per unstable neuron."""
         widths = [lower.size] + [w.shape[0] for w in self.weights[:-1]]
         offsets = np.concatenate([[0], np.cumsum(widths)])
-        relu_lower = [np.asarray(lo, np.float64).reshape(-1) for lo, _ in bounds]
-        relu_upper = [np.asarray(up, np.float64).reshape(-1) for _, up in bounds]
-        slack = [BOUND_SLACK * (1 + np.abs(lo) + np.abs(up))
-                 for lo, up in zip(relu_lower, relu_upper, strict=True)]
-        relu_lower = [lo - s for lo, s in zip(relu_lower, slack, strict=True)]
-        relu_upper = [up + s for up, s in zip(relu_upper, slack, strict=True)]
+        relu_lower, relu_upper = _widened(bounds)
         unstable = [(lo < 0) & (up > 0) for lo, up in zip(relu_lower, relu_upper, strict=True)]
         n_binary = int(sum(mask.sum() for mask in unstable))
         n_variables = int(offsets[-1]) + n_binary
@@ -160,59 +158,85 @@ class MarginMilp:
         rows, row_lower, row_upper = [], [], []
         binary = int(offsets[-1])
         for k, (lo, up, mask) in enumerate(zip(relu_lower, relu_upper, unstable, strict=True)):
-            w, b = self.weights[k], self.biases[k]
             previous, current = 0 if self.wide else int(offsets[k]), int(offsets[k + 1])
-            var_upper[current:current + len(up)] = np.maximum(up, 0.0)
-            var_lower[current:current + len(up)] = 0.0
-            active = lo >= 0
-            # a - W a_prev (against b) in every constraint of an active or unstable neuron.
-            for selected, low_side, high_side in (
-                (active, b[active], b[active]),  # a = z
-                (mask, b[mask], np.full(mask.sum(), np.inf)),  # a >= z
+            var_upper[current : current + len(up)] = np.maximum(up, 0.0)
+            var_lower[current : current + len(up)] = 0.0
+            for block, low_side, high_side in self._layer_rows(
+                k, lo, up, mask, previous, current, binary, n_variables
             ):
-                rows.append(self._row_block(w[selected], np.flatnonzero(selected), previous,
-                                            current, n_variables))
+                rows.append(block)
                 row_lower.append(low_side)
                 row_upper.append(high_side)
-            index = np.flatnonzero(mask)
-            count = len(index)
-            deltas = binary + np.arange(count)
-            # a - W a_prev - l delta <= b - l
-            block = self._row_block(w[mask], index, previous, current, n_variables)
-            block = block + coo_matrix((-lo[mask], (np.arange(count), deltas)),
-                                       shape=(count, n_variables)).tocsr()
-            rows.append(block)
-            row_lower.append(np.full(count, -np.inf))
-            row_upper.append(b[mask] - lo[mask])
-            # a - u delta <= 0
-            block = coo_matrix(
-                (np.concatenate([np.ones(count), -up[mask]]),
-                 (np.tile(np.arange(count), 2), np.concatenate([current + index, deltas]))),
-                shape=(count, n_variables)).tocsr()
-            rows.append(block)
-            row_lower.append(np.full(count, -np.inf))
-            row_upper.append(np.zeros(count))
-            binary += count
+            binary += int(mask.sum())
         integrality = np.zeros(n_variables)
-        integrality[int(offsets[-1]):] = 1
+        integrality[int(offsets[-1]) :] = 1
         matrix = vstack(rows).tocsr() if rows else csr_matrix((0, n_variables))
-        constraints = [LinearConstraint(matrix, np.concatenate(row_lower),
-                                        np.concatenate(row_upper))] if matrix.shape[0] else []
-        return _Model(n_variables, int(offsets[len(bounds)]), lower.size, integrality,
-                      Bounds(var_lower, var_upper), constraints)
+        constraints = (
+            [LinearConstraint(matrix, np.concatenate(row_lower), np.concatenate(row_upper))]
+            if matrix.shape[0]
+            else []
+        )
+        return _Model(
+            n_variables,
+            int(offsets[len(bounds)]),
+            lower.size,
+            integrality,
+            Bounds(var_lower, var_upper),
+            constraints,
+        )
+
+    def _layer_rows(self, k, lo, up, mask, previous, current, binary, n_variables):
+        """The constraint blocks ``(rows, lower side, upper side)`` of ReLU layer ``k``: the
+        equality of its active neurons and the big-M encoding of its unstable ones, whose
+        binaries start at column ``binary``."""
+        w, b = self.weights[k], self.biases[k]
+        active = lo >= 0
+        # a - W a_prev (against b) in every constraint of an active or unstable neuron.
+        for selected, low_side, high_side in (
+            (active, b[active], b[active]),  # a = z
+            (mask, b[mask], np.full(mask.sum(), np.inf)),  # a >= z
+        ):
+            block = self._row_block(
+                w[selected], np.flatnonzero(selected), previous, current, n_variables
+            )
+            yield block, low_side, high_side
+        index = np.flatnonzero(mask)
+        count = len(index)
+        deltas = binary + np.arange(count)
+        # a - W a_prev - l delta <= b - l
+        block = self._row_block(w[mask], index, previous, current, n_variables)
+        block = (
+            block
+            + coo_matrix(
+                (-lo[mask], (np.arange(count), deltas)), shape=(count, n_variables)
+            ).tocsr()
+        )
+        yield block, np.full(count, -np.inf), b[mask] - lo[mask]
+        # a - u delta <= 0
+        block = coo_matrix(
+            (
+                np.concatenate([np.ones(count), -up[mask]]),
+                (np.tile(np.arange(count), 2), np.concatenate([current + index, deltas])),
+            ),
+            shape=(count, n_variables),
+        ).tocsr()
+        yield block, np.full(count, -np.inf), np.zeros(count)
 
     @staticmethod
-    def _row_block(w_rows: np.ndarray, neurons: np.ndarray, previous: int, current: int,
-                   n_variables: int) -> csr_matrix:
+    def _row_block(
+        w_rows: np.ndarray, neurons: np.ndarray, previous: int, current: int, n_variables: int
+    ) -> csr_matrix:
         """Rows ``a_i - W_i a_prev`` for the given neurons."""
         count = w_rows.shape[0]
         if count == 0:
             return csr_matrix((0, n_variables))
         dense = coo_matrix(-w_rows)
-        block = coo_matrix((dense.data, (dense.row, dense.col + previous)),
-                           shape=(count, n_variables))
-        own = coo_matrix((np.ones(count), (np.arange(count), current + neurons)),
-                         shape=(count, n_variables))
+        block = coo_matrix(
+            (dense.data, (dense.row, dense.col + previous)), shape=(count, n_variables)
+        )
+        own = coo_matrix(
+            (np.ones(count), (np.arange(count), current + neurons)), shape=(count, n_variables)
+        )
         return (block + own).tocsr()
 
 
@@ -244,3 +268,17 @@ class _Model:
     variable_bounds: Bounds
     constraints: list
 
+
+def _widened(bounds) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The bounds of every ReLU's input as flat float64 arrays, widened by ``BOUND_SLACK``
+    (relative): they were computed in the module's precision, the MILP is of the float64
+    network."""
+    lower = [np.asarray(lo, np.float64).reshape(-1) for lo, _ in bounds]
+    upper = [np.asarray(up, np.float64).reshape(-1) for _, up in bounds]
+    slack = [
+        BOUND_SLACK * (1 + np.abs(lo) + np.abs(up)) for lo, up in zip(lower, upper, strict=True)
+    ]
+    return (
+        [lo - s for lo, s in zip(lower, slack, strict=True)],
+        [up + s for up, s in zip(upper, slack, strict=True)],
+    )

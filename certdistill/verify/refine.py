@@ -95,8 +95,9 @@ class _LinearProgram:
         duals = np.asarray(self.highs.getSolution().row_dual, dtype=np.float64)
         if duals.shape != self.row_lower.shape or not np.all(np.isfinite(duals)):
             return -np.inf
-        return _dual_bound(cost, duals, self.matrix, self.row_lower, self.row_upper,
-                           self.var_lower, self.var_upper)
+        return _dual_bound(
+            cost, duals, self.matrix, self.row_lower, self.row_upper, self.var_lower, self.var_upper
+        )
 
 
 def _dual_bound(cost, duals, matrix, row_lower, row_upper, var_lower, var_upper) -> float:
@@ -104,8 +105,11 @@ def _dual_bound(cost, duals, matrix, row_lower, row_upper, var_lower, var_upper)
     below through the multipliers ``duals`` (any multipliers give a valid bound)."""
     duals = np.where((duals > 0) & np.isinf(row_lower), 0.0, duals)
     duals = np.where((duals < 0) & np.isinf(row_upper), 0.0, duals)
-    side = np.where(duals > 0, np.where(np.isinf(row_lower), 0.0, row_lower),
-                    np.where(np.isinf(row_upper), 0.0, row_upper))
+    side = np.where(
+        duals > 0,
+        np.where(np.isinf(row_lower), 0.0, row_lower),
+        np.where(np.isinf(row_upper), 0.0, row_upper),
+    )
     reduced = cost - matrix.T @ duals
     return float(duals @ side + np.minimum(reduced * var_lower, reduced * var_upper).sum())
 
@@ -159,10 +163,13 @@ def _refine(engine, milp, center, radius, bounds, reference, deadline) -> Refine
         if time.perf_counter() >= deadline:
             complete = False
             break
-        lower, upper = (bound.detach().flatten().double().cpu().numpy().copy()
-                        for bound in current[index])
-        flat = [tuple(b.detach().flatten().double().cpu().numpy() for b in current[k])
-                for k in indices[:position]]
+        lower, upper = (
+            bound.detach().flatten().double().cpu().numpy().copy() for bound in current[index]
+        )
+        flat = [
+            tuple(b.detach().flatten().double().cpu().numpy() for b in current[k])
+            for k in indices[:position]
+        ]
         program = _prefix_program(milp, lower_box, upper_box, flat)
         weight, bias = milp.weights[position], milp.biases[position]
         first = 0 if milp.wide else program.last_offset
@@ -173,11 +180,11 @@ def _refine(engine, milp, center, radius, bounds, reference, deadline) -> Refine
                 break
             program.lp.set_time_limit(remaining)
             cost = np.zeros(program.n_variables)
-            cost[first:first + weight.shape[1]] = -weight[neuron]
+            cost[first : first + weight.shape[1]] = -weight[neuron]
             upper[neuron] = min(upper[neuron], bias[neuron] - program.lp.minimum(cost))
             if upper[neuron] <= 0:
                 continue
-            cost[first:first + weight.shape[1]] = weight[neuron]
+            cost[first : first + weight.shape[1]] = weight[neuron]
             lower[neuron] = max(lower[neuron], bias[neuron] + program.lp.minimum(cost))
         slack = BOUND_SLACK * (1 + np.abs(lower) + np.abs(upper))
         old_lower, old_upper = current[index]
@@ -190,15 +197,19 @@ def _refine(engine, milp, center, radius, bounds, reference, deadline) -> Refine
     final = engine.bound_subdomains(center, radius, current, reference)
     margins = final.margins[0].clone()
     if complete and time.perf_counter() < deadline:
-        flat = [tuple(b.detach().flatten().double().cpu().numpy() for b in final.bounds[k])
-                for k in indices]
-        margins, complete = _lp_margins(milp, lower_box, upper_box, flat, int(reference),
-                                        margins, deadline)
+        flat = [
+            tuple(b.detach().flatten().double().cpu().numpy() for b in final.bounds[k])
+            for k in indices
+        ]
+        margins, complete = _lp_margins(
+            milp, lower_box, upper_box, flat, int(reference), margins, deadline
+        )
     return RefinedBounds(dict(final.bounds), margins, complete)
 
 
-def _lp_margins(milp: MarginMilp, lower_box, upper_box, flat, reference: int, margins: Tensor,
-                deadline: float) -> tuple[Tensor, bool]:
+def _lp_margins(
+    milp: MarginMilp, lower_box, upper_box, flat, reference: int, margins: Tensor, deadline: float
+) -> tuple[Tensor, bool]:
     """The margins' minima over the LP of the whole network (kept where above CROWN's)."""
     program = _prefix_program(milp, lower_box, upper_box, flat)
     weight, bias = milp.weights[-1], milp.biases[-1]
@@ -212,7 +223,7 @@ def _lp_margins(milp: MarginMilp, lower_box, upper_box, flat, reference: int, ma
             return margins, False
         program.lp.set_time_limit(remaining)
         cost = np.zeros(program.n_variables)
-        cost[first:first + weight.shape[1]] = weight[reference] - weight[j]
+        cost[first : first + weight.shape[1]] = weight[reference] - weight[j]
         value = bias[reference] - bias[j] + program.lp.minimum(cost)
         margins[j] = max(float(margins[j]), value - BOUND_SLACK * (1 + abs(value)))
     return margins, True
@@ -227,9 +238,15 @@ class _PrefixProgram:
 
 def _prefix_program(milp: MarginMilp, lower_box, upper_box, flat) -> _PrefixProgram:
     """The LP relaxation of the network up to the input of activation ``len(flat)``."""
-    prefix = MarginMilp([(w, b) for w, b in zip(milp.weights[:len(flat) + 1],
-                                                 milp.biases[:len(flat) + 1], strict=True)],
-                        wide=milp.wide)
+    prefix = MarginMilp(
+        [
+            (w, b)
+            for w, b in zip(
+                milp.weights[: len(flat) + 1], milp.biases[: len(flat) + 1], strict=True
+            )
+        ],
+        wide=milp.wide,
+    )
     model = prefix.model(lower_box, upper_box, flat)
     if model.constraints:
         constraint = model.constraints[0]
@@ -239,13 +256,17 @@ def _prefix_program(milp: MarginMilp, lower_box, upper_box, flat) -> _PrefixProg
 
         matrix = csr_matrix((0, model.n_variables))
         row_lower = row_upper = np.zeros(0)
-    lp = _LinearProgram(matrix, np.asarray(row_lower, np.float64),
-                        np.asarray(row_upper, np.float64),
-                        np.asarray(model.variable_bounds.lb, np.float64),
-                        np.asarray(model.variable_bounds.ub, np.float64))
+    lp = _LinearProgram(
+        matrix,
+        np.asarray(row_lower, np.float64),
+        np.asarray(row_upper, np.float64),
+        np.asarray(model.variable_bounds.lb, np.float64),
+        np.asarray(model.variable_bounds.ub, np.float64),
+    )
     return _PrefixProgram(lp, model.n_variables, model.last_offset)
 
 
 def _like(values: np.ndarray, reference: Tensor) -> Tensor:
     return torch.as_tensor(values, dtype=reference.dtype, device=reference.device).view_as(
-        reference)
+        reference
+    )

@@ -13,8 +13,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     module = nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
     )
     module[1].running_mean.normal_(0, 0.5)
     module[1].running_var.uniform_(0.5, 2.0)

@@ -25,23 +25,60 @@ def _randomise(module: nn.Module, seed: int, sample_shape) -> nn.Module:
 
 
 ARCHITECTURES = {
-    "strided": (lambda: nn.Sequential(
-        nn.Conv2d(1, 4, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 5, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3)), (1, 12, 12)),
-    "bn-avgpool": (lambda: nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AvgPool2d(3, stride=1, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.LazyLinear(4)), (2, 10, 10)),
-    "conv-conv-no-relu": (lambda: nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=2), nn.ReLU(), nn.Conv2d(3, 3, 2), nn.Identity(),
-        nn.Conv2d(3, 4, 3, stride=3, padding=1), nn.Dropout(0.3), nn.ReLU(),
-        nn.Flatten(), nn.LazyLinear(3)), (1, 9, 9)),
-    "asymmetric": (lambda: nn.Sequential(
-        nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0)), nn.ReLU(),
-        nn.Conv2d(3, 3, (2, 3), stride=(2, 1), padding=(0, 1)), nn.ReLU(),
-        nn.Flatten(), nn.LazyLinear(3)), (2, 8, 10)),
+    "strided": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 5, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(8),
+            nn.ReLU(),
+            nn.Linear(8, 3),
+        ),
+        (1, 12, 12),
+    ),
+    "bn-avgpool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(3, 4, 3, stride=2, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AvgPool2d(3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(4),
+        ),
+        (2, 10, 10),
+    ),
+    "conv-conv-no-relu": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=2),
+            nn.ReLU(),
+            nn.Conv2d(3, 3, 2),
+            nn.Identity(),
+            nn.Conv2d(3, 4, 3, stride=3, padding=1),
+            nn.Dropout(0.3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        (1, 9, 9),
+    ),
+    "asymmetric": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0)),
+            nn.ReLU(),
+            nn.Conv2d(3, 3, (2, 3), stride=(2, 1), padding=(0, 1)),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        (2, 8, 10),
+    ),
 }
 
 
@@ -57,9 +94,11 @@ def test_patches_equal_dense_rows(name, domain):
     kwargs = {"lower": 0.0, "upper": 1.0} if domain else {}
     with torch.no_grad():
         patched = BoundEngine(module, conv_mode="patches").margin_lower_bounds(
-            x, around(x, eps, **kwargs), reference, method="crown")
+            x, around(x, eps, **kwargs), reference, method="crown"
+        )
         dense = BoundEngine(module, conv_mode="matrix").margin_lower_bounds(
-            x, around(x, eps, **kwargs), reference, method="crown")
+            x, around(x, eps, **kwargs), reference, method="crown"
+        )
     torch.testing.assert_close(patched, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -73,7 +112,8 @@ def test_patches_are_sound_against_sampled_points(name):
     reference = module(x).argmax(1)
     with torch.no_grad():
         bound = BoundEngine(module, conv_mode="patches").margin_lower_bounds(
-            x, around(x, eps, 0.0, 1.0), reference, method="crown")
+            x, around(x, eps, 0.0, 1.0), reference, method="crown"
+        )
         finite = torch.isfinite(bound)
         for _ in range(30):
             points = (x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1)
@@ -87,16 +127,22 @@ def test_patches_are_sound_against_sampled_points(name):
 def test_patches_never_beat_the_exact_optimum():
     torch.manual_seed(2)
     module = nn.Sequential(
-        nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(2, 2, 2, stride=1, padding=0), nn.ReLU(),
-        nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+        nn.Conv2d(1, 2, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 2, stride=1, padding=0),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
     ).eval()
     net64 = float64_copy(module)
     x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
     reference = net64(x).argmax(1)
     with torch.no_grad():
-        bound = BoundEngine(net64, conv_mode="patches").margin_lower_bounds(
-            x, around(x, 0.1, 0.0, 1.0), reference, method="crown").numpy()
+        bound = (
+            BoundEngine(net64, conv_mode="patches")
+            .margin_lower_bounds(x, around(x, 0.1, 0.0, 1.0), reference, method="crown")
+            .numpy()
+        )
     exact = exact_min_margins(net64, x.numpy(), reference.numpy(), 0.1, lower=0.0, upper=1.0)
     optimum = np.stack([result.optimum for result in exact])
     finite = np.isfinite(bound)
@@ -106,17 +152,22 @@ def test_patches_never_beat_the_exact_optimum():
 def test_auto_mode_uses_patches_on_large_maps_and_matches():
     torch.manual_seed(3)
     module = nn.Sequential(
-        nn.Conv2d(1, 4, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 8, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 7 * 7, 10),
+        nn.Conv2d(1, 4, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 7 * 7, 10),
     ).eval()
     x = torch.rand(4, 1, 28, 28)
     reference = module(x).argmax(1)
     with torch.no_grad():
-        auto = BoundEngine(module).margin_lower_bounds(x, around(x, 0.02), reference,
-                                                       method="crown")
+        auto = BoundEngine(module).margin_lower_bounds(
+            x, around(x, 0.02), reference, method="crown"
+        )
         dense = BoundEngine(module, conv_mode="matrix").margin_lower_bounds(
-            x, around(x, 0.02), reference, method="crown")
+            x, around(x, 0.02), reference, method="crown"
+        )
     torch.testing.assert_close(auto, dense, rtol=1e-5, atol=1e-5)
 
 

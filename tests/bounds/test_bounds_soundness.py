@@ -283,8 +283,10 @@ def test_linear_relaxations_are_exact_where_the_net_is_affine_and_ibp_is_not(see
     # the closed form is attained: the corner x0 - eps sign(c) of the ball reaches it
     corner = x[:, None] - eps * np.sign(c)
     zc = logits64(net, corner.reshape(-1, 5)).reshape(4, 4, 4)
-    attained = np.take_along_axis(zc, ref[:, None, None].repeat(4, 1), 2)[..., 0] - \
-        zc[:, np.arange(4), np.arange(4)]
+    attained = (
+        np.take_along_axis(zc, ref[:, None, None].repeat(4, 1), 2)[..., 0]
+        - zc[:, np.arange(4), np.arange(4)]
+    )
     np.testing.assert_allclose(attained[finite], exact[finite], rtol=1e-9, atol=1e-9)
     for method in ("crown-ibp", "crown", "alpha-crown"):
         margins = certify(net, x, eps, method=method).margins
@@ -569,18 +571,25 @@ UNUSUAL = {
 
 #: Configurations the engine must reject, and a pattern naming the offending layer.
 REJECTED = {
-    "conv-padding-reflect": (lambda: _conv_net(padding=1, padding_mode="reflect"),
-                             r"Conv2d\(2, 3.*padding_mode=reflect"),
-    "conv-padding-circular": (lambda: _conv_net(padding=1, padding_mode="circular"),
-                              r"Conv2d\(2, 3.*padding_mode=circular"),
+    "conv-padding-reflect": (
+        lambda: _conv_net(padding=1, padding_mode="reflect"),
+        r"Conv2d\(2, 3.*padding_mode=reflect",
+    ),
+    "conv-padding-circular": (
+        lambda: _conv_net(padding=1, padding_mode="circular"),
+        r"Conv2d\(2, 3.*padding_mode=circular",
+    ),
     "conv-padding-same-even-kernel": (
-        lambda: nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(48, 3)),
-        r"Conv2d\(2, 3, kernel_size=\(2, 2\).*padding='same' with an even kernel"),
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)
+        ),
+        r"Conv2d\(2, 3, kernel_size=\(2, 2\).*padding='same' with an even kernel",
+    ),
     "conv-dilation": (lambda: _conv_net(padding=2, dilation=2), r"Conv2d\(2, 3.*dilation"),
     "relu-subclass": (
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(32, 8), _DoubledReLU(), nn.Linear(8, 3)),
-        r"Layer '2' \(_DoubledReLU\(\)\) is not supported"),
+        r"Layer '2' \(_DoubledReLU\(\)\) is not supported",
+    ),
 }
 
 
@@ -669,8 +678,7 @@ def test_engine_follows_in_place_weight_updates_under_no_grad():
         module[0].weight.mul_(-2.0)
         module[3].weight.add_(0.5)
         reused = engine.margin_lower_bounds(x, around(x, 0.1), reference, method="ibp")
-        fresh = BoundEngine(module).margin_lower_bounds(x, around(x, 0.1), reference,
-                                                        method="ibp")
+        fresh = BoundEngine(module).margin_lower_bounds(x, around(x, 0.1), reference, method="ibp")
     torch.testing.assert_close(reused, fresh)
 
 
@@ -708,8 +716,7 @@ def test_a_box_per_sample_against_the_milp(net, shape):
         bounds = certify(net, x, None, lower=lower, upper=upper, method=method, y=ref).margins
         assert_below(bounds, witness, atol=1e-6, rtol=0, what=f"MILP optimum ({method})")
     complete = certify(net, x, None, lower=lower, upper=upper, method="complete", y=ref)
-    optimum = np.stack([np.min(np.delete(r.optimum, k)) for r, k in zip(exact, ref,
-                                                                        strict=True)])
+    optimum = np.stack([np.min(np.delete(r.optimum, k)) for r, k in zip(exact, ref, strict=True)])
     decided = complete.status != "unknown"
     np.testing.assert_array_equal(complete.certified[decided], (optimum > 0)[decided])
     assert decided.all()

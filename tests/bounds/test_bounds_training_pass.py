@@ -15,9 +15,17 @@ from certdistill.bounds import BoundEngine
 def _cnn() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.0),
-        nn.Linear(32, 10), nn.BatchNorm1d(10),
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Dropout(0.0),
+        nn.Linear(32, 10),
+        nn.BatchNorm1d(10),
     )
 
 
@@ -94,8 +102,14 @@ def test_gradients_reach_every_parameter_and_activations_are_recorded():
 
 def test_dropout_in_training_thins_inputs_and_bounds_alike():
     torch.manual_seed(4)
-    module = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 16),
-                           nn.ReLU(), nn.Linear(16, 5)).train()
+    module = nn.Sequential(
+        nn.Linear(12, 64),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(64, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ).train()
     x = torch.rand(64, 12)
     y = torch.randint(0, 5, (64,))
     result = BoundEngine(module).interval_pass(x, around(x, 0.02), y)
@@ -119,8 +133,9 @@ def test_the_relu_interval_step_of_training_has_autograd_values_and_gradients():
     center[1, :4] = -radius[1, :4]  # c + r = 0 exactly
     # Finite differences only away from the kinks (rows 2 onwards).
     assert torch.autograd.gradcheck(
-        _ReLUInterval.apply, (center[2:].clone().requires_grad_(True),
-                              radius[2:].clone().requires_grad_(True)))
+        _ReLUInterval.apply,
+        (center[2:].clone().requires_grad_(True), radius[2:].clone().requires_grad_(True)),
+    )
     center.requires_grad_(True)
     radius.requires_grad_(True)
     lower, upper = torch.relu(center - radius), torch.relu(center + radius)
@@ -129,6 +144,9 @@ def test_the_relu_interval_step_of_training_has_autograd_values_and_gradients():
     grads = [torch.randn(32, 12, generator=gen, dtype=torch.float64) for _ in range(2)]
     for a, b in zip(ours, expected, strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(torch.autograd.grad(ours, (center, radius), grads),
-                    torch.autograd.grad(expected, (center, radius), grads), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(ours, (center, radius), grads),
+        torch.autograd.grad(expected, (center, radius), grads),
+        strict=True,
+    ):
         assert torch.equal(a, b)

@@ -30,7 +30,11 @@ def test_backward_is_the_transpose_of_the_convolution(size, stride, padding, ker
     through = torch.einsum("nschw,nchw->ns", A_in, x) + bias
     torch.testing.assert_close(through, direct, rtol=1e-12, atol=1e-12)
     # and it equals autograd's gradient of the input
-    reference = torch.nn.grad.conv2d_input((20, *x.shape[1:]), layer.weight,
-                                           A.reshape(20, *A.shape[2:]), stride=layer.stride,
-                                           padding=op.padding).view_as(A_in)
+    reference = torch.nn.grad.conv2d_input(
+        (20, *x.shape[1:]),
+        layer.weight,
+        A.reshape(20, *A.shape[2:]),
+        stride=layer.stride,
+        padding=op.padding,
+    ).view_as(A_in)
     torch.testing.assert_close(A_in, reference, rtol=1e-12, atol=1e-12)

@@ -52,8 +52,14 @@ def test_flat_per_feature_values_are_reshaped_to_the_sample():
 
 @pytest.mark.parametrize(
     "eps, match",
-    [(-0.1, "non-negative"), (float("nan"), "finite"), (float("inf"), "finite"),
-     (np.ones(5), "broadcast"), ("a", "numeric"), (np.ones((2, 2, 3)), "broadcast")],
+    [
+        (-0.1, "non-negative"),
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (np.ones(5), "broadcast"),
+        ("a", "numeric"),
+        (np.ones((2, 2, 3)), "broadcast"),
+    ],
 )
 def test_bad_eps_names_the_problem(eps, match):
     with pytest.raises(ValueError, match=match):
@@ -164,8 +170,9 @@ def test_register_op_adds_a_layer_everywhere():
             with torch.no_grad():
                 folded[0].weight.mul_(2.0)
                 folded[0].bias.mul_(2.0)
-            np.testing.assert_allclose(cert.margins, certify(folded, x, 0.1, method=method).margins,
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                cert.margins, certify(folded, x, 0.1, method=method).margins, rtol=1e-5, atol=1e-5
+            )
     finally:
         del OP_REGISTRY[_Scale]
 
@@ -245,9 +252,13 @@ def test_ragged_and_padded_crown_rows_give_the_same_bounds():
         reference = net64(x).argmax(1)
         together = engine.margin_lower_bounds(x, batch, reference, method="crown")
         for i in range(12):
-            alone = engine.margin_lower_bounds(x[i:i + 1], around(x[i:i + 1], float(radii[i])),
-                                               reference[i:i + 1], method="crown")
-            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-10, atol=1e-10)
+            alone = engine.margin_lower_bounds(
+                x[i : i + 1],
+                around(x[i : i + 1], float(radii[i])),
+                reference[i : i + 1],
+                method="crown",
+            )
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------- training pass
@@ -255,8 +266,15 @@ def test_ragged_and_padded_crown_rows_give_the_same_bounds():
 
 def _dropout_net() -> nn.Sequential:
     torch.manual_seed(4)
-    return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
-                         nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(5, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
 
 
 @pytest.mark.parametrize("training", [False, True])

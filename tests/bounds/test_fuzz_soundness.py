@@ -68,10 +68,12 @@ _START: list[float] = []
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
     yield
-    line = (f"fuzz soundness ({PROFILE} profile): {COUNTS['examples']} examples, "
-            f"{COUNTS['certificates']} certificates (example x method x sample) checked against "
-            f"sampled points, corners and PGD; {COUNTS['skipped_after_budget']} examples drawn "
-            "after the time budget were not checked")
+    line = (
+        f"fuzz soundness ({PROFILE} profile): {COUNTS['examples']} examples, "
+        f"{COUNTS['certificates']} certificates (example x method x sample) checked against "
+        f"sampled points, corners and PGD; {COUNTS['skipped_after_budget']} examples drawn "
+        "after the time budget were not checked"
+    )
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print(f"\n{line}")
@@ -139,8 +141,9 @@ def problems(draw):
     net, shape = draw(networks())
     rng = np.random.default_rng(draw(st.integers(0, 2**20)))
     n = draw(st.integers(1, 4))
-    domain = draw(st.sampled_from(["none", "unit", "scalars", "arrays", "lower-only",
-                                   "upper-only"]))
+    domain = draw(
+        st.sampled_from(["none", "unit", "scalars", "arrays", "lower-only", "upper-only"])
+    )
     x = random_inputs(rng, n, shape, unit=domain != "none")
     lower = upper = None
     if domain == "unit":
@@ -193,11 +196,24 @@ def test_no_witness_beats_a_certified_margin(problem):
         assert not np.isnan(cert.margins).any(), method
         np.testing.assert_array_equal(cert.certified, (cert.margins > 0).all(1), err_msg=method)
 
-    sampled = sampled_min_margins(net, x, reference, eps, n_random=64 if LARGE else 100,
-                                  n_corners=32 if LARGE else 64, **domain)
+    sampled = sampled_min_margins(
+        net,
+        x,
+        reference,
+        eps,
+        n_random=64 if LARGE else 100,
+        n_corners=32 if LARGE else 64,
+        **domain,
+    )
     attacked = min_margin_attack(
-        float64_copy(net), x, reference, eps, steps=15 if LARGE else 20, restarts=2,
-        generator=torch.Generator().manual_seed(0), **domain,
+        float64_copy(net),
+        x,
+        reference,
+        eps,
+        steps=15 if LARGE else 20,
+        restarts=2,
+        generator=torch.Generator().manual_seed(0),
+        **domain,
     ).numpy()
     for method, cert in certificates.items():
         assert_below(cert.margins, sampled, what=f"sampled margin ({method})")

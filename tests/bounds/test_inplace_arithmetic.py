@@ -25,14 +25,16 @@ from certdistill.bounds.layers import Add, GraphNetwork
 def _pre_activation_skip() -> GraphNetwork:
     """``head(relu(z) + z)`` with ``z = stem(x)``: the ReLU's input is read a second time."""
     torch.manual_seed(7)
-    return GraphNetwork([nn.Linear(6, 8), nn.ReLU(), Add(), nn.Linear(8, 3)],
-                        [(-1,), (0,), (1, 0), (2,)])
+    return GraphNetwork(
+        [nn.Linear(6, 8), nn.ReLU(), Add(), nn.Linear(8, 3)], [(-1,), (0,), (1, 0), (2,)]
+    )
 
 
 def _relu_first() -> nn.Sequential:
     """A ReLU on the network input itself (the caller's tensor)."""
     torch.manual_seed(8)
     return nn.Sequential(nn.ReLU(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
 
 METHODS = ("ibp", "crown-ibp", "crown")
 
@@ -74,8 +76,7 @@ def test_in_place_and_graph_paths_give_the_same_bounds(name, method, domain):
     assert torch.equal(logits, logits_graph)
     assert torch.equal(margins, margins_graph)
     assert torch.equal(x, x_before)
-    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), weights_before,
-                                                 strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), weights_before, strict=True))
     # The perturbation's tensors are untouched: the same call again gives the same bounds.
     assert torch.equal(_bounds(engine, x, perturbation, method, graph=False)[1], margins)
 
@@ -83,8 +84,12 @@ def test_in_place_and_graph_paths_give_the_same_bounds(name, method, domain):
 def test_the_box_does_not_write_into_its_input_or_domain():
     x = torch.rand(5, 4)
     perturbation = around(x, 0.3, 0.0, 1.0)
-    before = (x.clone(), perturbation.eps.clone(), perturbation.lower.clone(),
-              perturbation.upper.clone())
+    before = (
+        x.clone(),
+        perturbation.eps.clone(),
+        perturbation.lower.clone(),
+        perturbation.upper.clone(),
+    )
     with torch.no_grad():
         center, radius = perturbation.box(x)
     lo = torch.clamp(x - 0.3, min=0.0)

@@ -79,8 +79,9 @@ def test_mix_zero_is_the_cross_entropy_of_ibp_worst_case_logits(name, eps):
     y = torch.randint(0, net(x).shape[1], (12,), generator=gen)
     engine, interval_pass = _pass(net, x, y, eps)
     expected = F.cross_entropy(worst_case_logits(interval_pass.margins), y, reduction="none")
-    torch.testing.assert_close(engine.crown_ibp_cross_entropy(interval_pass, mix=0.0), expected,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        engine.crown_ibp_cross_entropy(interval_pass, mix=0.0), expected, rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp", "mlp-bn", "cnn"])
@@ -112,8 +113,7 @@ def test_the_fused_bound_is_above_the_cross_entropy_at_every_exact_margin_minimi
     for i, result in enumerate(results):
         witnesses = torch.as_tensor(result.witness, dtype=torch.float64)
         with torch.no_grad():
-            loss = F.cross_entropy(net(witnesses), y[i].expand(len(witnesses)),
-                                   reduction="none")
+            loss = F.cross_entropy(net(witnesses), y[i].expand(len(witnesses)), reduction="none")
         assert float(bound[i]) >= float(loss.max()) - 1e-9
 
 
@@ -170,7 +170,8 @@ def test_large_radii_stay_finite():
     net, shape = _networks()["mlp"]
     x = torch.rand((8, *shape), dtype=torch.float64) * 0 + 0.5
     engine = BoundEngine(net)
-    interval_pass = engine.interval_pass(x, around(x, 50.0), torch.zeros(8, dtype=torch.long),
-                                         keep_state=True)
+    interval_pass = engine.interval_pass(
+        x, around(x, 50.0), torch.zeros(8, dtype=torch.long), keep_state=True
+    )
     bound = engine.crown_ibp_cross_entropy(interval_pass)
     assert torch.isfinite(bound).all() and np.all(bound.detach().numpy() > 0)

@@ -32,8 +32,10 @@ def _cnn():
 def test_a_smaller_budget_plans_smaller_chunks(method):
     engine = engine_for(_cnn())
     x = torch.rand(2, 1, 8, 8)
-    plans = [engine.memory_plan(x, method, memory_limit=limit, max_samples=10**6)
-             for limit in (64 * MiB, 4 * MiB, MiB)]
+    plans = [
+        engine.memory_plan(x, method, memory_limit=limit, max_samples=10**6)
+        for limit in (64 * MiB, 4 * MiB, MiB)
+    ]
     samples = [plan.samples for plan in plans]
     backward = [plan.backward_elements for plan in plans]
     assert samples == sorted(samples, reverse=True) and samples[0] > samples[-1] >= 1
@@ -43,15 +45,17 @@ def test_a_smaller_budget_plans_smaller_chunks(method):
     assert capped.samples == 7 and capped.memory_limit == 64 * MiB
     # The dearer the method, the fewer samples in the same budget.
     assert engine.memory_plan(x, "ibp", memory_limit=MiB, max_samples=10**6).samples >= (
-        engine.memory_plan(x, "alpha-crown", memory_limit=MiB, max_samples=10**6).samples)
+        engine.memory_plan(x, "alpha-crown", memory_limit=MiB, max_samples=10**6).samples
+    )
 
 
 def test_plan_fits_the_budget_by_its_own_estimate():
     shapes = [(1, 28, 28), (16, 14, 14), (16, 14, 14), (3136,), (100,), (100,), (10,)]
     activations = [2, 5]
     for limit in (16 * MiB, 256 * MiB):
-        plan = plan_memory(shapes, activations, "crown", memory_limit=limit, itemsize=4,
-                           max_samples=10**6)
+        plan = plan_memory(
+            shapes, activations, "crown", memory_limit=limit, itemsize=4, max_samples=10**6
+        )
         # One group of one neuron per sample through the largest layer fits what is left.
         assert plan.backward_elements >= plan.samples * 2 * 16 * 14 * 14
         assert plan.backward_elements * 4 * 4 <= limit
@@ -59,8 +63,14 @@ def test_plan_fits_the_budget_by_its_own_estimate():
 
 def test_one_sample_over_the_budget_warns_and_goes_one_by_one():
     with pytest.warns(UserWarning, match="bounding one sample and one neuron at a time"):
-        plan = plan_memory([(784,), (4096,), (4096,), (10,)], [2], "crown", memory_limit=1000,
-                           itemsize=4, max_samples=256)
+        plan = plan_memory(
+            [(784,), (4096,), (4096,), (10,)],
+            [2],
+            "crown",
+            memory_limit=1000,
+            itemsize=4,
+            max_samples=256,
+        )
     assert plan.samples == 1 and plan.backward_elements >= 1
 
 
@@ -95,11 +105,9 @@ def test_certify_with_a_tiny_budget_gives_the_same_margins(method, monkeypatch):
         return bound(self, x, *args, **kwargs)
 
     monkeypatch.setattr(BoundEngine, "bound", spy)
-    roomy = certify(module, X, 0.03, method=method, lower=0.0, upper=1.0,
-                    memory_limit=2**30)
+    roomy = certify(module, X, 0.03, method=method, lower=0.0, upper=1.0, memory_limit=2**30)
     roomy_calls, calls[:] = list(calls), []
-    tight = certify(module, X, 0.03, method=method, lower=0.0, upper=1.0,
-                    memory_limit=256 * 1024)
+    tight = certify(module, X, 0.03, method=method, lower=0.0, upper=1.0, memory_limit=256 * 1024)
     np.testing.assert_allclose(tight.margins, roomy.margins, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(tight.status, roomy.status)
     assert max(n for n, _ in calls) < max(n for n, _ in roomy_calls)
@@ -108,8 +116,15 @@ def test_certify_with_a_tiny_budget_gives_the_same_margins(method, monkeypatch):
 
 def test_estimators_pass_the_budget_on():
     X, y = small_digits(3, 120)
-    teacher = CertifiedTeacher(eps=0.05, method="ibp", module__hidden_sizes=(16,), max_epochs=1,
-                               lower=0.0, upper=1.0, random_state=0).fit(X, y)
+    teacher = CertifiedTeacher(
+        eps=0.05,
+        method="ibp",
+        module__hidden_sizes=(16,),
+        max_epochs=1,
+        lower=0.0,
+        upper=1.0,
+        random_state=0,
+    ).fit(X, y)
     roomy = teacher.certify(X, method="crown", memory_limit=2**30)
     tight = teacher.certify(X, method="crown", memory_limit=64 * 1024)
     np.testing.assert_allclose(tight.margins, roomy.margins, rtol=1e-5, atol=1e-5)
@@ -137,4 +152,3 @@ def test_default_budget_on_the_cpu(monkeypatch):
     assert 0 < limit <= 8 * 2**30
     monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
     assert default_memory_limit(torch.device("cpu")) == FALLBACK_CPU_LIMIT
-

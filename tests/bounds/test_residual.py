@@ -33,10 +33,14 @@ METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
 NETWORKS = {
     "mlp": lambda: (make_residual_mlp(5, 8, 2, 3, seed=1, weight_scale=1.4), (5,)),
     "mlp-bn-input-skip": lambda: (
-        make_residual_mlp(6, 6, 1, 4, seed=2, batchnorm=True, input_skip=True), (6,)),
+        make_residual_mlp(6, 6, 1, 4, seed=2, batchnorm=True, input_skip=True),
+        (6,),
+    ),
     "cnn": lambda: (make_residual_cnn((2, 6, 6), 3, 3, seed=3), (2, 6, 6)),
-    "cnn-downsample": lambda: (make_residual_cnn((1, 7, 7), 2, 3, seed=4, downsample=True),
-                               (1, 7, 7)),
+    "cnn-downsample": lambda: (
+        make_residual_cnn((1, 7, 7), 2, 3, seed=4, downsample=True),
+        (1, 7, 7),
+    ),
     "traced": lambda: (TracedResidualNet(seed=5).eval(), (5,)),
 }
 
@@ -107,23 +111,24 @@ def test_milp_optimum_is_never_below_the_bound(net, shape):
 
 
 @pytest.mark.parametrize(("net", "shape"), _tiny_cases())
-@pytest.mark.parametrize("stages", ["complete", ("ibp", "milp"), ("crown", "attack", "bab")],
-                         ids=["complete", "milp", "bab"])
+@pytest.mark.parametrize(
+    "stages",
+    ["complete", ("ibp", "milp"), ("crown", "attack", "bab")],
+    ids=["complete", "milp", "bab"],
+)
 def test_complete_verification_agrees_with_the_milp_oracle(net, shape, stages):
     rng = np.random.default_rng(17)
     x = random_inputs(rng, 6, shape).astype(np.float64)
     ref = reference_of(net, x)
     for eps in (0.05, 0.3) if len(shape) == 1 else (0.03, 0.15):
         exact = exact_min_margins(net, x, ref, eps)
-        worst = np.array([np.min(np.delete(r.optimum, k)) for r, k in zip(exact, ref,
-                                                                          strict=True)])
+        worst = np.array([np.min(np.delete(r.optimum, k)) for r, k in zip(exact, ref, strict=True)])
         cert = certify(net, x, eps, method=stages, y=ref, timeout=20)
         decided = cert.status != "unknown"
         if stages != ("crown", "attack", "bab"):
             assert decided.all(), (eps, cert.status)
         clear = np.abs(worst) > 1e-6  # the oracle's optimum is not within its tolerance of 0
-        np.testing.assert_array_equal(cert.certified[decided & clear],
-                                      (worst > 0)[decided & clear])
+        np.testing.assert_array_equal(cert.certified[decided & clear], (worst > 0)[decided & clear])
         falsified = cert.status == "falsified"
         if falsified.any():
             with torch.no_grad():
@@ -152,16 +157,20 @@ def test_a_chain_as_graph_network_bounds_like_the_sequential():
     graph = GraphNetwork(layers, [(-1,), (0,), (1,), (2,), (3,)]).eval()
     x = random_inputs(np.random.default_rng(1), 5, (4,))
     for method in METHODS:
-        np.testing.assert_allclose(certify(graph, x, 0.1, method=method).margins,
-                                   certify(sequential, x, 0.1, method=method).margins,
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            certify(graph, x, 0.1, method=method).margins,
+            certify(sequential, x, 0.1, method=method).margins,
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_skip_connections_keep_crown_tighter_than_intervals():
     """x + W x: intervals add the two boxes, the backward pass keeps their correlation."""
     torch.manual_seed(3)
-    net = GraphNetwork([nn.Linear(4, 4), Add(), nn.ReLU(), nn.Linear(4, 2)],
-                       [(-1,), (0, -1), (1,), (2,)]).eval()
+    net = GraphNetwork(
+        [nn.Linear(4, 4), Add(), nn.ReLU(), nn.Linear(4, 2)], [(-1,), (0, -1), (1,), (2,)]
+    ).eval()
     x = random_inputs(np.random.default_rng(2), 8, (4,))
     ibp = certify(net, x, 0.2, method="ibp").margins
     crown = certify(net, x, 0.2, method="crown").margins
@@ -208,15 +217,20 @@ class _TwoOutputs(nn.Module):
         return self.linear(x), x
 
 
-@pytest.mark.parametrize(("module", "pattern"), [
-    (_Untraceable(), r"_Untraceable is neither an nn.Sequential .* nor a torch.fx-traceable"),
-    (_Sigmoid(), r"_Sigmoid: call_function <built-in method sigmoid.* is not supported"),
-    (_ConstantShift(), r"only the sum of two computed tensors"),
-    (_TwoOutputs(), r"the output must be the last computed tensor"),
-    (GraphNetwork([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)], [(-1,), (0,), (0,)]),
-     r"compute outputs that nothing reads"),
-    (nn.Sequential(nn.Linear(4, 4), Add()), r"takes 2 inputs, it is given 1"),
-])
+@pytest.mark.parametrize(
+    ("module", "pattern"),
+    [
+        (_Untraceable(), r"_Untraceable is neither an nn.Sequential .* nor a torch.fx-traceable"),
+        (_Sigmoid(), r"_Sigmoid: call_function <built-in method sigmoid.* is not supported"),
+        (_ConstantShift(), r"only the sum of two computed tensors"),
+        (_TwoOutputs(), r"the output must be the last computed tensor"),
+        (
+            GraphNetwork([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)], [(-1,), (0,), (0,)]),
+            r"compute outputs that nothing reads",
+        ),
+        (nn.Sequential(nn.Linear(4, 4), Add()), r"takes 2 inputs, it is given 1"),
+    ],
+)
 def test_graphs_the_engine_refuses(module, pattern):
     with pytest.raises(UnsupportedLayerError, match=pattern):
         certify(module, np.zeros((2, 4)), 0.1)
@@ -236,13 +250,23 @@ def test_estimators_fit_and_certify_residual_modules():
 
     X, y = load_digits(return_X_y=True)
     X, y = (X[:300] / 16).astype(np.float32), y[:300]
-    teacher = CertifiedTeacher(module=TracedResidualNet(d_in=64, width=32, n_classes=10),
-                               eps=0.05, max_epochs=10, random_state=0).fit(X, y)
+    teacher = CertifiedTeacher(
+        module=TracedResidualNet(d_in=64, width=32, n_classes=10),
+        eps=0.05,
+        max_epochs=10,
+        random_state=0,
+    ).fit(X, y)
     assert teacher.score(X, y) > 0.2  # certified training through the skip connection learns
     cert = teacher.certify(X[:20], method="crown")
-    witness = sampled_min_margins(teacher.module_, X[:20], cert.prediction, 0.05,
-                                  lower=teacher.lower, upper=teacher.upper)
+    witness = sampled_min_margins(
+        teacher.module_, X[:20], cert.prediction, 0.05, lower=teacher.lower, upper=teacher.upper
+    )
     assert_below(cert.margins, witness, what="sampled margin (fitted residual teacher)")
-    student = DistilledStudent(teacher, module=make_residual_mlp(64, 16, 1, 10, seed=0),
-                               max_epochs=2, random_state=0, transfer_size=0.0).fit(X, y)
+    student = DistilledStudent(
+        teacher,
+        module=make_residual_mlp(64, 16, 1, 10, seed=0),
+        max_epochs=2,
+        random_state=0,
+        transfer_size=0.0,
+    ).fit(X, y)
     assert student.certify(X[:10], method="crown-ibp").margins.shape == (10, 10)

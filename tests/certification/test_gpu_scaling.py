@@ -27,8 +27,9 @@ def test_stream_on_cuda_equals_cpu(tmp_path):
     np.save(tmp_path / "x.npy", X)
     on_cpu = certify(net, X, EPS, method=("ibp", "crown"), lower=0.0, upper=1.0)
     X_map = np.load(tmp_path / "x.npy", mmap_mode="r")
-    on_gpu = certify(net.cuda(), X_map, EPS, method=("ibp", "crown"), lower=0.0, upper=1.0,
-                     batch_size=1000)
+    on_gpu = certify(
+        net.cuda(), X_map, EPS, method=("ibp", "crown"), lower=0.0, upper=1.0, batch_size=1000
+    )
     np.testing.assert_allclose(on_gpu.margins, on_cpu.margins, rtol=1e-4, atol=1e-4)
     assert next(net.parameters()).is_cuda
 
@@ -44,8 +45,9 @@ def test_memory_plan_on_cuda():
     tight = engine.memory_plan(X.cuda(), "crown", memory_limit=256 * 1024, max_samples=10**6)
     # No CPU cap on the groups on a GPU: a large budget gives large groups.
     assert roomy.backward_elements > 2**22 > tight.backward_elements
-    on_gpu = certify(module, X.cuda(), EPS, method="crown", lower=0.0, upper=1.0,
-                     memory_limit=256 * 1024)
+    on_gpu = certify(
+        module, X.cuda(), EPS, method="crown", lower=0.0, upper=1.0, memory_limit=256 * 1024
+    )
     np.testing.assert_allclose(on_gpu.margins, on_cpu.margins, rtol=1e-4, atol=1e-4)
 
 
@@ -71,8 +73,16 @@ def test_bound_propagation_does_not_synchronise(method):
 
 def test_fitted_on_gpu_loads_and_certifies_on_cpu(tmp_path):
     X, y = small_digits(3, 150)
-    teacher = CertifiedTeacher(eps=EPS, method="ibp", module__hidden_sizes=(16,), max_epochs=2,
-                               lower=0.0, upper=1.0, random_state=0, device="cuda").fit(X, y)
+    teacher = CertifiedTeacher(
+        eps=EPS,
+        method="ibp",
+        module__hidden_sizes=(16,),
+        max_epochs=2,
+        lower=0.0,
+        upper=1.0,
+        random_state=0,
+        device="cuda",
+    ).fit(X, y)
     on_gpu = teacher.certify(X, method=("ibp", "crown"))
     path = certdistill.save(teacher, tmp_path / "teacher.cdsafe")
     on_cpu = certdistill.load(path, device="cpu")

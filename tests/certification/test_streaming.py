@@ -46,8 +46,9 @@ def _assert_same(streamed, in_memory, exact: bool = True):
         if name == "margins" and not exact:
             np.testing.assert_allclose(streamed.margins, in_memory.margins, rtol=1e-5, atol=1e-6)
             continue
-        np.testing.assert_array_equal(getattr(streamed, name), getattr(in_memory, name),
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            getattr(streamed, name), getattr(in_memory, name), err_msg=name
+        )
     np.testing.assert_array_equal(np.asarray(streamed.counterexample), in_memory.counterexample)
     assert streamed.method == in_memory.method and streamed.eps == in_memory.eps
 
@@ -71,8 +72,9 @@ def test_200k_memory_mapped_rows_certify_like_in_memory(tmp_path):
     for rows in (slice(0, 3000), slice(123_457, 126_000), slice(198_000, 200_000)):
         in_memory = certify(net, np.array(X[rows]), EPS, method="ibp", lower=0.0, upper=1.0)
         for name in FIELDS:
-            np.testing.assert_array_equal(getattr(cert, name)[rows], getattr(in_memory, name),
-                                          err_msg=name)
+            np.testing.assert_array_equal(
+                getattr(cert, name)[rows], getattr(in_memory, name), err_msg=name
+            )
 
 
 def test_labels_and_a_cascade_match_the_array(tmp_path):
@@ -80,8 +82,10 @@ def test_labels_and_a_cascade_match_the_array(tmp_path):
     X = _memmap(tmp_path / "x.npy", 1500)
     y = np.random.default_rng(1).integers(0, 10, len(X))
     streamed = certify(net, X, EPS, method="ibp", y=y, lower=0.0, upper=1.0, batch_size=256)
-    _assert_same(streamed, certify(net, np.array(X), EPS, method="ibp", y=y, lower=0.0,
-                                   upper=1.0, batch_size=256))
+    _assert_same(
+        streamed,
+        certify(net, np.array(X), EPS, method="ibp", y=y, lower=0.0, upper=1.0, batch_size=256),
+    )
     assert (streamed.decided_by == "clean-prediction").any()
     assert isinstance(streamed.counterexample, SparseRows)
     falsified = streamed.status == "falsified"
@@ -89,8 +93,7 @@ def test_labels_and_a_cascade_match_the_array(tmp_path):
     # A cascade: later stages see other batch compositions, so rounding may differ.
     cascade = ("ibp", "crown-ibp", "crown")
     streamed = certify(net, X, EPS, method=cascade, lower=0.0, upper=1.0, batch_size=200)
-    in_memory = certify(net, np.array(X), EPS, method=cascade, lower=0.0, upper=1.0,
-                        batch_size=200)
+    in_memory = certify(net, np.array(X), EPS, method=cascade, lower=0.0, upper=1.0, batch_size=200)
     np.testing.assert_allclose(streamed.margins, in_memory.margins, rtol=1e-5, atol=1e-6)
     decided = np.abs(np.where(np.isinf(in_memory.margins), 1, in_memory.margins)).min(1) > 1e-4
     np.testing.assert_array_equal(streamed.status[decided], in_memory.status[decided])
@@ -112,11 +115,11 @@ def test_iterable_of_batches_equals_the_array(form):
     elif form == "pairs":
         stream = ((X[rows], y[rows]) for rows in batches)
     else:
-        stream = DataLoader(TensorDataset(torch.as_tensor(X), torch.as_tensor(y)),
-                            batch_size=128)
+        stream = DataLoader(TensorDataset(torch.as_tensor(X), torch.as_tensor(y)), batch_size=128)
     streamed = certify(net, stream, EPS, method="ibp", lower=0.0, upper=1.0)
-    _assert_same(streamed, certify(net, X, EPS, method="ibp", y=labels, lower=0.0, upper=1.0),
-                 exact=False)
+    _assert_same(
+        streamed, certify(net, X, EPS, method="ibp", y=labels, lower=0.0, upper=1.0), exact=False
+    )
 
 
 def test_each_chunk_is_validated_and_named(tmp_path):
@@ -130,13 +133,24 @@ def test_each_chunk_is_validated_and_named(tmp_path):
     X[450, 3] = 1.5
     np.save(path, X)
     with pytest.raises(ValueError, match=r"rows 400 to 599: .*above `upper`"):
-        certify(net, np.load(path, mmap_mode="r"), EPS, method="ibp", lower=0.0, upper=1.0,
-                batch_size=200)
+        certify(
+            net,
+            np.load(path, mmap_mode="r"),
+            EPS,
+            method="ibp",
+            lower=0.0,
+            upper=1.0,
+            batch_size=200,
+        )
     with pytest.raises(ValueError, match=r"rows 0 to 1: .*sample shape"):
         certify(net, iter([np.zeros((2, 63), np.float32)]), EPS, method="ibp")
     with pytest.raises(ValueError, match=r"rows 2 to 3: .*perturbation is for samples"):
-        certify(net, iter([np.zeros((2, 64), np.float32), np.zeros((2, 8, 8), np.float32)]),
-                EPS, method="ibp")
+        certify(
+            net,
+            iter([np.zeros((2, 64), np.float32), np.zeros((2, 8, 8), np.float32)]),
+            EPS,
+            method="ibp",
+        )
     with pytest.raises(ValueError, match="y must have 600 labels"):
         certify(net, np.load(path, mmap_mode="r"), EPS, y=np.zeros(5, int))
     with pytest.raises(ValueError, match="inside the batches"):
@@ -153,8 +167,14 @@ def test_budget_is_shared_by_the_chunks():
     net = _digits_net()
     X, _ = small_digits(10, 600)
     start = time.perf_counter()
-    cert = certify(net, (X[i:i + 50] for i in range(0, 600, 50)), 0.2,
-                   method=("ibp", "attack", "bab"), budget=0.3, timeout=5.0)
+    cert = certify(
+        net,
+        (X[i : i + 50] for i in range(0, 600, 50)),
+        0.2,
+        method=("ibp", "attack", "bab"),
+        budget=0.3,
+        timeout=5.0,
+    )
     assert time.perf_counter() - start < 10
     # Every chunk ran its first stage (the reference is known); the budget left samples open.
     with torch.no_grad():
@@ -168,8 +188,15 @@ def test_budget_is_shared_by_the_chunks():
 def test_counterexamples_of_a_complete_stream_are_real():
     net = _digits_net()
     X, _ = small_digits(10, 300)
-    cert = certify(net, (X[i:i + 100] for i in range(0, 300, 100)), 0.1, method="complete",
-                   lower=0.0, upper=1.0, timeout=1.0)
+    cert = certify(
+        net,
+        (X[i : i + 100] for i in range(0, 300, 100)),
+        0.1,
+        method="complete",
+        lower=0.0,
+        upper=1.0,
+        timeout=1.0,
+    )
     falsified = np.flatnonzero(cert.status == "falsified")
     assert len(falsified) and isinstance(cert.counterexample, SparseRows)
     assert list(cert.counterexample.rows) == list(falsified)
@@ -193,16 +220,24 @@ def test_progress_bar_on_stderr(tmp_path, capsys):
 def test_estimator_certifies_a_memmap_like_an_array(tmp_path):
     X, y = small_digits(3, 240)
     labels = np.array(["zero", "one", "two"])[y]  # labels of the estimator's own type
-    teacher = CertifiedTeacher(eps=EPS, method="ibp", module__hidden_sizes=(16,), max_epochs=2,
-                               lower=0.0, upper=1.0, random_state=0).fit(X, labels)
+    teacher = CertifiedTeacher(
+        eps=EPS,
+        method="ibp",
+        module__hidden_sizes=(16,),
+        max_epochs=2,
+        lower=0.0,
+        upper=1.0,
+        random_state=0,
+    ).fit(X, labels)
     path = tmp_path / "x.npy"
     np.save(path, X)
     X_map = np.load(path, mmap_mode="r")
     streamed = teacher.certify(X_map, y=labels, method="ibp", batch_size=64)
     _assert_same(streamed, teacher.certify(X, y=labels, method="ibp", batch_size=64))
     assert teacher.certified_accuracy(X_map, labels, method="ibp") == pytest.approx(
-        streamed.certified_fraction)
-    pairs = ((X[i:i + 100], labels[i:i + 100]) for i in range(0, 240, 100))
+        streamed.certified_fraction
+    )
+    pairs = ((X[i : i + 100], labels[i : i + 100]) for i in range(0, 240, 100))
     _assert_same(teacher.certify(pairs, method="ibp", batch_size=64), streamed, exact=False)
     with pytest.raises(ValueError, match="rows 0 to 63: .*features"):
         teacher.certify(np.load(path, mmap_mode="r")[:, :10], method="ibp", batch_size=64)
@@ -218,8 +253,18 @@ def test_sparse_rows_index_like_the_dense_array():
     np.testing.assert_array_equal(np.asarray(sparse), dense)
     mask = np.zeros(9, bool)
     mask[[2, 3, 7]] = True
-    for key in (2, 3, -2, slice(1, 8, 2), mask, [7, 0, 7], np.array([[5, 2]]), (5, 1),
-                (mask, 0, slice(1, None)), (slice(None), 1)):
+    for key in (
+        2,
+        3,
+        -2,
+        slice(1, 8, 2),
+        mask,
+        [7, 0, 7],
+        np.array([[5, 2]]),
+        (5, 1),
+        (mask, 0, slice(1, None)),
+        (slice(None), 1),
+    ):
         np.testing.assert_array_equal(sparse[key], dense[key], err_msg=repr(key))
     assert len(sparse) == 9 and sparse.ndim == 3 and sparse.size == dense.size
     assert np.isnan(sparse).sum() == np.isnan(dense).sum()
@@ -228,4 +273,3 @@ def test_sparse_rows_index_like_the_dense_array():
     with pytest.raises(ValueError, match="distinct"):
         SparseRows((3, 1), [3], [[0.0]])
     assert doctest.testmod(certdistill.certification.sparse_rows).failed == 0
-

@@ -28,8 +28,13 @@ from certdistill.io.vnnlib import parse_vnnlib  # noqa: E402
 
 def _net(seed: int, d_in: int = 4, width: int = 10, n_out: int = 3) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, n_out)).eval()
+    return nn.Sequential(
+        nn.Linear(d_in, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, n_out),
+    ).eval()
 
 
 def _write_net(net: nn.Module, path, d_in: int = 4):
@@ -115,7 +120,8 @@ def test_subset_of_classes_and_general_rows(tmp_path):
     # ... and "Y_second - Y_top >= offset" with an offset below the actual gap is sat.
     gap = logits[second] - logits[top]
     text = _box_text(x - 1e-3, x + 1e-3) + (
-        f"(assert (>= (- Y_{second} Y_{top}) {float(gap - 0.5)!r}))\n")
+        f"(assert (>= (- Y_{second} Y_{top}) {float(gap - 0.5)!r}))\n"
+    )
     outcome = verify(path, parse_vnnlib(text), timeout=10)
     assert outcome.result == "sat"
     y = _run_file(path, outcome.counterexample)
@@ -143,8 +149,10 @@ def test_conjunctions_and_disjunctive_boxes(tmp_path):
         lines += [f"(declare-const Y_{j} Real)" for j in range(3)]
         boxes = []
         for centre in (x, far):
-            box = " ".join(f"(>= X_{i} {float(c) - 1e-3!r}) (<= X_{i} {float(c) + 1e-3!r})"
-                           for i, c in enumerate(centre))
+            box = " ".join(
+                f"(>= X_{i} {float(c) - 1e-3!r}) (<= X_{i} {float(c) + 1e-3!r})"
+                for i, c in enumerate(centre)
+            )
             boxes.append(f"(and {box})")
         lines.append(f"(assert (or {' '.join(boxes)}))")
         lines.append(f"(assert (or {' '.join(f'(and (>= Y_{j} Y_{top}))' for j in others)}))")
@@ -160,15 +168,15 @@ def test_module_and_property_mismatches(tmp_path):
         verify(path, bad_inputs)
     with pytest.raises(ValueError, match="timeout must be a positive"):
         verify(path, parse_vnnlib(_robustness(np.zeros(4), np.ones(4), 0)), timeout=0)
-    outcome = verify(_net(0), parse_vnnlib(_robustness(np.zeros(4), np.zeros(4), 0)),
-                     timeout=10)
+    outcome = verify(_net(0), parse_vnnlib(_robustness(np.zeros(4), np.zeros(4), 0)), timeout=10)
     assert outcome.result in ("sat", "unsat")  # a module works too (flat rows)
 
 
 def test_timeout_and_unknown(tmp_path):
     torch.manual_seed(5)
-    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                        nn.Linear(64, 3)).eval()
+    net = nn.Sequential(
+        nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
+    ).eval()
     path = tmp_path / "deep.onnx"
     export_onnx(net, path, input_shape=(4,))
     with torch.no_grad():
@@ -204,8 +212,9 @@ def _instances(tmp_path, n: int = 4):
 
 def test_instances_batched_and_one_by_one_agree(tmp_path):
     csv_path = _instances(tmp_path, 6)
-    batched = verify_instances(csv_path, output=tmp_path / "out.csv",
-                               results_dir=tmp_path / "results")
+    batched = verify_instances(
+        csv_path, output=tmp_path / "out.csv", results_dir=tmp_path / "results"
+    )
     single = verify_instances(csv_path, batch=False)
     assert [r.outcome.result for r in batched] == [r.outcome.result for r in single]
     assert {r.outcome.result for r in batched} <= {"sat", "unsat"}
@@ -237,8 +246,21 @@ def test_cli_verify_prints_the_answer_last(tmp_path, capsys):
     prop = tmp_path / "p.vnnlib"
     prop.write_text(_robustness(x - 0.01, x + 0.01, label))
     results = tmp_path / "r.txt"
-    assert main(["verify", str(path), str(prop), "--timeout", "10", "--results-file",
-                 str(results), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(path),
+                str(prop),
+                "--timeout",
+                "10",
+                "--results-file",
+                str(results),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines()[-1] == "sat"
     assert results.read_text().startswith("sat\n((X_0 ")
 
@@ -252,17 +274,20 @@ def test_cli_verify_instances(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 3
 
 
-@pytest.mark.parametrize(("argv", "status", "message"), [
-    (["verify"], 2, "give MODEL.onnx and PROPERTY.vnnlib"),
-    (["verify", "m.onnx", "p.vnnlib", "--instances", "i.csv"], 2, "not both"),
-    (["verify", "--instances", "i.csv", "--results-file", "r.txt"], 2, "--results-dir"),
-    (["verify", "m.onnx", "p.vnnlib", "--output", "o.csv"], 2, "go with --instances"),
-    (["verify", "--instances", "i.csv", "--output", "o.txt"], 2, "unsupported extension"),
-    (["verify", "missing.onnx", "p.vnnlib"], 1, "No ONNX file"),
-    (["verify", "m.onnx", "p.vnnlib", "--timeout", "0"], 2, "must be positive"),
-    (["export", "missing.joblib", "out.onnx"], 1, "missing.joblib"),
-    (["export", "m.joblib", "out.txt"], 2, "unsupported extension"),
-])
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["verify"], 2, "give MODEL.onnx and PROPERTY.vnnlib"),
+        (["verify", "m.onnx", "p.vnnlib", "--instances", "i.csv"], 2, "not both"),
+        (["verify", "--instances", "i.csv", "--results-file", "r.txt"], 2, "--results-dir"),
+        (["verify", "m.onnx", "p.vnnlib", "--output", "o.csv"], 2, "go with --instances"),
+        (["verify", "--instances", "i.csv", "--output", "o.txt"], 2, "unsupported extension"),
+        (["verify", "missing.onnx", "p.vnnlib"], 1, "No ONNX file"),
+        (["verify", "m.onnx", "p.vnnlib", "--timeout", "0"], 2, "must be positive"),
+        (["export", "missing.joblib", "out.onnx"], 1, "missing.joblib"),
+        (["export", "m.joblib", "out.txt"], 2, "unsupported extension"),
+    ],
+)
 def test_cli_exit_paths(argv, status, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == status
@@ -286,8 +311,9 @@ def test_cli_export_then_verify_the_artifact(tmp_path, capsys):
     by_file = teacher.certify(X[:20], eps=0.05, method="crown")
     from certdistill import certify
 
-    by_artifact = certify(exported, X[:20], 0.05, method="crown", lower=teacher.lower,
-                          upper=teacher.upper)
+    by_artifact = certify(
+        exported, X[:20], 0.05, method="crown", lower=teacher.lower, upper=teacher.upper
+    )
     np.testing.assert_allclose(by_artifact.margins, by_file.margins, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(by_artifact.certified, by_file.certified)
 
@@ -307,18 +333,45 @@ def test_cli_certify_reads_an_onnx_network(tmp_path, capsys):
     np.savez(tmp_path / "test.npz", X=X[:40], y=y[:40])
     printed = {}
     for name in ("t.joblib", "t.onnx"):
-        assert main(["certify", str(tmp_path / name), str(tmp_path / "test.npz"), "--method",
-                     "crown", "--quiet"]) == 0
-        printed[name] = [line for line in capsys.readouterr().out.splitlines()
-                         if line.startswith(("clean", "certified", "falsified"))]
+        assert (
+            main(
+                [
+                    "certify",
+                    str(tmp_path / name),
+                    str(tmp_path / "test.npz"),
+                    "--method",
+                    "crown",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        printed[name] = [
+            line
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("clean", "certified", "falsified"))
+        ]
     strip = [line.split(";")[0] for line in printed["t.onnx"]]
     assert strip == [line.split(";")[0] for line in printed["t.joblib"]]
     # A bare network without certdistill metadata needs --eps, and takes index labels.
     export_onnx(teacher.module_, tmp_path / "bare.onnx", input_shape=(64,))
     assert main(["certify", str(tmp_path / "bare.onnx"), str(tmp_path / "test.npz")]) == 1
     assert "holds no eps: give --eps" in capsys.readouterr().err
-    assert main(["certify", str(tmp_path / "bare.onnx"), str(tmp_path / "test.npz"),
-                 "--eps", "0.05", "--method", "ibp", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "certify",
+                str(tmp_path / "bare.onnx"),
+                str(tmp_path / "test.npz"),
+                "--eps",
+                "0.05",
+                "--method",
+                "ibp",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "certified accuracy at eps 0.05" in capsys.readouterr().out
 
 

@@ -50,8 +50,10 @@ def test_every_expected_failure_has_its_error():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: _cheap_teacher("ibp"),
-     lambda: NeuralNetClassifier(nn.Linear, module__in_features=4, module__out_features=2)],
+    [
+        lambda: _cheap_teacher("ibp"),
+        lambda: NeuralNetClassifier(nn.Linear, module__in_features=4, module__out_features=2),
+    ],
     ids=["CertifiedTeacher", "skorch.NeuralNetClassifier"],
 )
 @pytest.mark.parametrize("name", sorted(SKORCH_EXPECTED_FAILURES))

@@ -31,11 +31,21 @@ SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.Batch
 def test_mlp_structure():
     net = make_mlp(30, 3, (64, 32))
     kinds = [type(m) for m in net]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU,
-                     nn.Linear]
+    assert kinds == [
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.ReLU,
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.ReLU,
+        nn.Linear,
+    ]
     assert net(torch.zeros(5, 30)).shape == (5, 3)
     assert [type(m) for m in make_mlp(4, 2, (8,), batch_norm=False)] == [
-        nn.Linear, nn.ReLU, nn.Linear]
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
+    ]
 
 
 def test_cnn_structure_digits():
@@ -62,8 +72,12 @@ def test_cnn_downsamples_large_images():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(input_shape=(8, 8)), dict(input_shape=(1, 8, 8), channels=()),
-     dict(input_shape=(1, 8, 8), hidden_sizes=(0,)), dict(input_shape=(1, 1, 1), channels=(4, 4))],
+    [
+        dict(input_shape=(8, 8)),
+        dict(input_shape=(1, 8, 8), channels=()),
+        dict(input_shape=(1, 8, 8), hidden_sizes=(0,)),
+        dict(input_shape=(1, 1, 1), channels=(4, 4)),
+    ],
 )
 def test_cnn_rejects_bad_arguments(kwargs):
     shape = kwargs.pop("input_shape")
@@ -111,16 +125,20 @@ def _random_batch(shape, n=16, n_classes=5, seed=0):
 @pytest.mark.parametrize("training", [False, True])
 def test_default_networks_run_through_the_training_pass(training):
     """The default networks use only layers the engine's training pass supports."""
-    for net, shape in ((make_mlp(12, 5, (16, 16)), (12,)),
-                       (make_cnn((1, 8, 8), 5, channels=(4, 6), hidden_sizes=(12,)), (1, 8, 8))):
+    for net, shape in (
+        (make_mlp(12, 5, (16, 16)), (12,)),
+        (make_cnn((1, 8, 8), 5, channels=(4, 6), hidden_sizes=(12,)), (1, 8, 8)),
+    ):
         net.train(training)
         x, y = _random_batch(shape)
-        out = BoundEngine(net).interval_pass(x, around(x, 0.05, 0.0, 1.0), y,
-                                             record_activations=True)
+        out = BoundEngine(net).interval_pass(
+            x, around(x, 0.05, 0.0, 1.0), y, record_activations=True
+        )
         with torch.no_grad():
             torch.testing.assert_close(out.logits, net(x), rtol=1e-4, atol=1e-5)
         loss = certified_loss(out.logits, worst_case_logits(out.margins), y) + shi_regularizer(
-            out.activation_bounds, out.input_radius)
+            out.activation_bounds, out.input_radius
+        )
         loss.backward()
         assert len(out.activation_bounds) == sum(isinstance(m, nn.ReLU) for m in net)
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
@@ -132,10 +150,12 @@ def test_certified_loss_formula():
     target = torch.tensor([0, 1])
     zhat = worst_case_logits(margins)
     torch.testing.assert_close(zhat, torch.tensor([[0.0, -1.0, 0.5], [-2.0, 0.0, -3.0]]))
-    expected = (math.log(1 + math.exp(-1.0) + math.exp(0.5))
-                + math.log(1 + math.exp(-2.0) + math.exp(-3.0))) / 2
-    assert certified_loss(torch.zeros_like(margins), worst_case_logits(margins),
-                          target).item() == pytest.approx(expected, rel=1e-6)
+    expected = (
+        math.log(1 + math.exp(-1.0) + math.exp(0.5)) + math.log(1 + math.exp(-2.0) + math.exp(-3.0))
+    ) / 2
+    assert certified_loss(
+        torch.zeros_like(margins), worst_case_logits(margins), target
+    ).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_certified_loss_upper_bounds_clean_loss():
@@ -212,12 +232,14 @@ def test_shi_regularizer_values_by_hand():
     layer_a = (torch.tensor([[1.0, -2.0, 0.5, -0.1]]), torch.tensor([[0.5, 0.5, 1.0, 0.05]]))
     r0 = torch.full((1, 2), 0.1)
     assert shi_regularizer([layer_a], r0, tol).item() == pytest.approx(
-        0.609756 + 0.275358, abs=1e-5)
+        0.609756 + 0.275358, abs=1e-5
+    )
     # A layer with no inactive unit adds no balance term (its ratios are undefined) and, as
     # tight as the input (0.1 / 0.1 = 1 > tol), no tightness term: the mean halves.
     layer_b = (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.1, 0.1]]))
     assert shi_regularizer([layer_a, layer_b], r0, tol).item() == pytest.approx(
-        (0.609756 + 0.275358) / 2, abs=1e-5)
+        (0.609756 + 0.275358) / 2, abs=1e-5
+    )
     # Ratios above one are folded to 1/q: mean ratio (3 / 2) / (1 / 2) = 3 -> 1/3, variance
     # ratio 4 / 4 = 1; tightness off (1.0 / 0.1 = 10): (0.5 - 1/3) / 0.5.
     layer_c = (torch.tensor([[3.0, -1.0]]), torch.tensor([[0.1, 0.1]]))
@@ -237,8 +259,7 @@ def test_eps_schedule_values():
     assert cb.value_at(0.1 + 0.5 / 4) == pytest.approx(0.2 / 13)  # s = 1/4
     assert cb.value_at(0.1 + 0.5 / 2) == pytest.approx(0.2 * 5 / 13)  # s = 1/2
     assert cb.value_at(0.6) == pytest.approx(0.2)
-    per_feature = EpsSchedule(eps=np.array([0.1, 0.0, 0.3]), warmup=0.0, ramp=1.0,
-                              shape="linear")
+    per_feature = EpsSchedule(eps=np.array([0.1, 0.0, 0.3]), warmup=0.0, ramp=1.0, shape="linear")
     per_feature.resolve(_FakeNet())
     np.testing.assert_allclose(per_feature.value_at(0.25), [0.025, 0.0, 0.075], rtol=1e-6)
     assert per_feature.value_at(0.25).dtype == np.float32
@@ -262,8 +283,14 @@ class _FakeStudent(_FakeNet):
         (TemperatureSchedule(), [6.0, 6.0, 4.0, 3.0, 2.0, 2.0]),
         (KappaSchedule(begin=0.0, stop=1.0), [1.0, 0.9, 0.65, 0.525, 0.4, 0.0]),
     ],
-    ids=["beta", "alpha-constant", "alpha-given", "distill-weight-constant", "temperature",
-         "kappa-own-window"],
+    ids=[
+        "beta",
+        "alpha-constant",
+        "alpha-given",
+        "distill-weight-constant",
+        "temperature",
+        "kappa-own-window",
+    ],
 )
 def test_linear_schedule_values(schedule, expected):
     schedule.resolve(_FakeStudent())
@@ -280,9 +307,19 @@ def test_schedules_in_a_fit_follow_the_optimisation_steps():
 
     X, y = load_digits(return_X_y=True)
     X, y = (X[:90] / 16).astype(np.float32), y[:90]
-    teacher = CertifiedTeacher(eps=0.2, eps_train_ratio=1.0, warmup=0.25, ramp=0.5,
-                               max_epochs=4, batch_size=30, lr=0.1, lr_milestones=(0.5, 0.75),
-                               lr_gamma=0.5, module__hidden_sizes=(8,), random_state=0).fit(X, y)
+    teacher = CertifiedTeacher(
+        eps=0.2,
+        eps_train_ratio=1.0,
+        warmup=0.25,
+        ramp=0.5,
+        max_epochs=4,
+        batch_size=30,
+        lr=0.1,
+        lr_milestones=(0.5, 0.75),
+        lr_gamma=0.5,
+        module__hidden_sizes=(8,),
+        random_state=0,
+    ).fit(X, y)
     reference = EpsSchedule()
     reference.resolve(teacher)
     kappa = KappaSchedule()

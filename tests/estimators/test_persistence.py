@@ -29,10 +29,25 @@ from certdistill import CertifiedTeacher, DistilledStudent
 from certdistill.estimators._architecture import build_module, describe_module
 from certdistill.estimators.persistence import MAGIC, SafeFormatError
 
-TEACHER = dict(method="crown-ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
-               random_state=0, module__hidden_sizes=(24,))
-STUDENT = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2, random_state=0,
-               module__hidden_sizes=(12,))
+TEACHER = dict(
+    method="crown-ibp",
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=3,
+    lr=1e-2,
+    random_state=0,
+    module__hidden_sizes=(24,),
+)
+STUDENT = dict(
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=3,
+    lr=1e-2,
+    random_state=0,
+    module__hidden_sizes=(12,),
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +86,18 @@ def test_round_trip_in_a_fresh_process(data, teacher, student, tmp_path, which, 
     np.savez(tmp_path / "test.npz", X=X[:60], y=names[:60])
     # a fresh interpreter: the file is all it gets from this test
     script = Path(__file__).parent.parent / "model_outputs.py"
-    subprocess.run([sys.executable, str(script), str(path),
-                    str(tmp_path / "test.npz"), str(tmp_path / "out.npz"), fmt],
-                   check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(path),
+            str(tmp_path / "test.npz"),
+            str(tmp_path / "out.npz"),
+            fmt,
+        ],
+        check=True,
+        timeout=120,
+    )
     got = np.load(tmp_path / "out.npz", allow_pickle=False)
     expected = model_outputs(model, X[:60], names[:60])
     assert sorted(got.files) == sorted(expected)
@@ -105,8 +129,12 @@ def test_safe_round_trip_keeps_parameters_attributes_and_history(teacher, data, 
 @pytest.mark.parametrize("labels", ["int", "str", "object", "float"])
 def test_label_types_round_trip(data, tmp_path, labels):
     X, y, names = data
-    target = {"int": y, "str": names, "object": names.astype(object),
-              "float": y.astype(np.float64) + 0.0}[labels]
+    target = {
+        "int": y,
+        "str": names,
+        "object": names.astype(object),
+        "float": y.astype(np.float64) + 0.0,
+    }[labels]
     model = CertifiedTeacher(**dict(TEACHER, max_epochs=1, method="ibp")).fit(X, target)
     loaded = certdistill.load(certdistill.save(model, tmp_path / "m.cdsafe"))
     assert loaded.classes_.dtype == model.classes_.dtype
@@ -127,8 +155,11 @@ def test_student_keeps_its_teacher_and_can_be_refitted(data, student, tmp_path):
     # refitting the loaded student gives the weights that refitting the original gives
     refit_loaded = loaded.fit(X, names)
     refit_original = clone(student).fit(X, names)
-    for a, b in zip(refit_loaded.module_.state_dict().values(),
-                    refit_original.module_.state_dict().values(), strict=True):
+    for a, b in zip(
+        refit_loaded.module_.state_dict().values(),
+        refit_original.module_.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     assert refit_loaded.teacher_ is loaded.teacher.estimator
 
@@ -142,29 +173,46 @@ def test_teacher_identity_and_unfitted_template(data, teacher, tmp_path):
     inner = DistilledStudent(template, **dict(STUDENT, max_epochs=1)).fit(X, names)
     loaded = certdistill.load(certdistill.save(inner, tmp_path / "inner.cdsafe"))
     assert not hasattr(loaded.teacher, "n_features_in_")  # the template stays unfitted
-    np.testing.assert_array_equal(loaded.teacher_.predict_proba(X),
-                                  inner.teacher_.predict_proba(X))
+    np.testing.assert_array_equal(loaded.teacher_.predict_proba(X), inner.teacher_.predict_proba(X))
 
 
 def test_custom_module_instance_of_supported_layers(data, tmp_path):
     X, _, names = data
     torch.manual_seed(0)
-    module = nn.Sequential(OrderedDict([
-        ("reshape", nn.Unflatten(1, (1, 8, 8))),
-        ("features", nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3),
-                                   nn.ReLU(), nn.AvgPool2d(2))),
-        ("flat", nn.Flatten()),
-        ("drop", nn.Dropout(0.1)),
-        ("skip", nn.Identity()),
-        ("head", nn.Sequential(nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                               nn.Linear(16, 4))),
-    ]))
+    module = nn.Sequential(
+        OrderedDict(
+            [
+                ("reshape", nn.Unflatten(1, (1, 8, 8))),
+                (
+                    "features",
+                    nn.Sequential(
+                        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2)
+                    ),
+                ),
+                ("flat", nn.Flatten()),
+                ("drop", nn.Dropout(0.1)),
+                ("skip", nn.Identity()),
+                (
+                    "head",
+                    nn.Sequential(
+                        nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)
+                    ),
+                ),
+            ]
+        )
+    )
     params = {k: v for k, v in TEACHER.items() if not k.startswith("module__")}
     model = CertifiedTeacher(module, **dict(params, max_epochs=2)).fit(X, names)
     loaded = certdistill.load(certdistill.save(model, tmp_path / "cnn.cdsafe"))
     assert loaded.module is loaded.module_  # the parameter is the fitted network, as before
     assert [name for name, _ in loaded.module_.named_children()] == [
-        "reshape", "features", "flat", "drop", "skip", "head"]
+        "reshape",
+        "features",
+        "flat",
+        "drop",
+        "skip",
+        "head",
+    ]
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
     np.testing.assert_array_equal(loaded.certify(X[:30]).margins, model.certify(X[:30]).margins)
 
@@ -176,9 +224,13 @@ def test_architecture_description_round_trip():
         nn.Conv2d(4, 4, 3, padding="same"),
         nn.BatchNorm2d(4, eps=1e-3, momentum=None, affine=False),
         nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
-        nn.Flatten(), nn.Unflatten(1, (4, 9)), nn.Flatten(start_dim=1, end_dim=-1),
+        nn.Flatten(),
+        nn.Unflatten(1, (4, 9)),
+        nn.Flatten(start_dim=1, end_dim=-1),
         nn.Sequential(nn.Linear(36, 5), nn.ReLU(inplace=True), nn.Dropout(0.25)),
-        nn.BatchNorm1d(5, track_running_stats=False), nn.Identity(), nn.Linear(5, 3, bias=False),
+        nn.BatchNorm1d(5, track_running_stats=False),
+        nn.Identity(),
+        nn.Linear(5, 3, bias=False),
     )
     module[7].eval()  # a mixed train/eval state comes back as it was
     description = describe_module(module)
@@ -203,8 +255,12 @@ class _DoubledReLU(nn.ReLU):
 
 @pytest.mark.parametrize(
     ("layer", "name"),
-    [(nn.Tanh(), "Tanh"), (_Tanhish(), "_Tanhish"), (_DoubledReLU(), "_DoubledReLU"),
-     (nn.MaxPool1d(1), "MaxPool1d")],
+    [
+        (nn.Tanh(), "Tanh"),
+        (_Tanhish(), "_Tanhish"),
+        (_DoubledReLU(), "_DoubledReLU"),
+        (nn.MaxPool1d(1), "MaxPool1d"),
+    ],
 )
 def test_unsupported_layers_are_refused_with_a_pointer_to_joblib(data, tmp_path, layer, name):
     X, _, names = data
@@ -249,9 +305,16 @@ def test_subclasses_are_refused(tmp_path):
 
 
 def test_unfitted_estimator_round_trip(tmp_path):
-    model = CertifiedTeacher(eps=np.float32(0.1), lower=np.zeros(3, np.float32), upper=1.0,
-                             input_shape=(1, 1, 3), lr_milestones=[0.5], callbacks="disable",
-                             optimizer=torch.optim.SGD, optimizer__momentum=0.9)
+    model = CertifiedTeacher(
+        eps=np.float32(0.1),
+        lower=np.zeros(3, np.float32),
+        upper=1.0,
+        input_shape=(1, 1, 3),
+        lr_milestones=[0.5],
+        callbacks="disable",
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+    )
     loaded = certdistill.load(certdistill.save(model, tmp_path / "m.cdsafe"))
     got, expected = loaded.get_params(deep=False), model.get_params(deep=False)
     assert set(got) == set(expected)
@@ -309,14 +372,13 @@ def _rewrite(path, edit, *, header_edit=None):
     """Edit the JSON document of a safe file and re-sign it (what a forger could do)."""
     data = path.read_bytes()
     end = data.index(b"\n", len(MAGIC))
-    header = json.loads(data[len(MAGIC):end])
-    body = data[end + 1:]
+    header = json.loads(data[len(MAGIC) : end])
+    body = data[end + 1 :]
     document = json.loads(body[: header["config_bytes"]])
-    weights = body[header["config_bytes"]:]
+    weights = body[header["config_bytes"] :]
     edit(document)
     config = json.dumps(document).encode()
-    header.update(config_bytes=len(config),
-                  sha256=hashlib.sha256(config + weights).hexdigest())
+    header.update(config_bytes=len(config), sha256=hashlib.sha256(config + weights).hexdigest())
     if header_edit:
         header_edit(header)
     path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + config + weights)
@@ -335,8 +397,9 @@ def test_other_version_warns(saved, data):
 
 
 def test_newer_format_is_refused(saved):
-    _rewrite(saved, lambda document: None,
-             header_edit=lambda header: header.update(format_version=99))
+    _rewrite(
+        saved, lambda document: None, header_edit=lambda header: header.update(format_version=99)
+    )
     with pytest.raises(ValueError, match="format version 99"):
         certdistill.load(saved)
 
@@ -353,18 +416,36 @@ def _set_optimizer(document, name):
         (lambda d: _set_optimizer(d, "torch.optim.Optimizer.__subclasses__"), "allowed"),
         (lambda d: _set_optimizer(d, "torch.nn.functional"), "allowed"),
         (lambda d: d["estimators"][0].update({"class": "Pipeline"}), "unknown estimator"),
-        (lambda d: d["modules"][0]["children"][0][1].update({"type": "Tanh"}),
-         "unknown layer type"),
-        (lambda d: d["modules"][0]["children"][0][1]["args"].update({"device": "meta"}),
-         "unknown arguments"),
-        (lambda d: d["modules"][0]["children"][0][1]["args"].update({"out_features": 5}),
-         "do not fit"),
-        (lambda d: d["estimators"][0]["fitted"]["classes_inferred_"].update({"dtype": "V8"}),
-         "allowed"),
+        (
+            lambda d: d["modules"][0]["children"][0][1].update({"type": "Tanh"}),
+            "unknown layer type",
+        ),
+        (
+            lambda d: d["modules"][0]["children"][0][1]["args"].update({"device": "meta"}),
+            "unknown arguments",
+        ),
+        (
+            lambda d: d["modules"][0]["children"][0][1]["args"].update({"out_features": 5}),
+            "do not fit",
+        ),
+        (
+            lambda d: d["estimators"][0]["fitted"]["classes_inferred_"].update({"dtype": "V8"}),
+            "allowed",
+        ),
         (lambda d: d.pop("estimators"), "malformed"),
     ],
-    ids=["eval", "os.system", "dunder", "not-a-class", "estimator", "layer", "layer-argument",
-         "shape", "dtype", "malformed"],
+    ids=[
+        "eval",
+        "os.system",
+        "dunder",
+        "not-a-class",
+        "estimator",
+        "layer",
+        "layer-argument",
+        "shape",
+        "dtype",
+        "malformed",
+    ],
 )
 def test_forged_content_is_refused(saved, edit, match):
     _rewrite(saved, edit)

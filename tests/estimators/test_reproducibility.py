@@ -21,8 +21,7 @@ from torch import nn
 import certdistill
 from certdistill import CertifiedTeacher, DistilledStudent
 
-COMMON = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2, batch_size=64,
-              random_state=7)
+COMMON = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2, batch_size=64, random_state=7)
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +41,29 @@ def _dropout_mlp():
 ESTIMATORS = {
     "teacher-ibp": lambda t: CertifiedTeacher(method="ibp", module__hidden_sizes=(16,), **COMMON),
     "teacher-crown-ibp": lambda t: CertifiedTeacher(module__hidden_sizes=(16,), **COMMON),
-    "teacher-mtl-ibp": lambda t: CertifiedTeacher(method="mtl-ibp", module__hidden_sizes=(16,),
-                                                  **COMMON),
-    "teacher-cnn": lambda t: CertifiedTeacher(method="ibp", input_shape=(1, 8, 8),
-                                              module__channels=(3,),
-                                              module__hidden_sizes=(8,), **COMMON),
+    "teacher-mtl-ibp": lambda t: CertifiedTeacher(
+        method="mtl-ibp", module__hidden_sizes=(16,), **COMMON
+    ),
+    "teacher-cnn": lambda t: CertifiedTeacher(
+        method="ibp",
+        input_shape=(1, 8, 8),
+        module__channels=(3,),
+        module__hidden_sizes=(8,),
+        **COMMON,
+    ),
     "teacher-dropout": lambda t: CertifiedTeacher(_dropout_mlp, method="ibp", **COMMON),
-    "teacher-shuffled": lambda t: CertifiedTeacher(method="ibp", module__hidden_sizes=(16,),
-                                                   iterator_train__shuffle=True, **COMMON),
-    "student-selective": lambda t: DistilledStudent(FrozenEstimator(t),
-                                                    module__hidden_sizes=(8,), **COMMON),
-    "student-adversarial": lambda t: DistilledStudent(FrozenEstimator(t), loss="adversarial",
-                                                      module__hidden_sizes=(8,), **COMMON),
-    "student-pgd-teacher": lambda t: DistilledStudent(FrozenEstimator(t), loss="margin",
-                                                      teacher_bounds="pgd",
-                                                      module__hidden_sizes=(8,), **COMMON),
+    "teacher-shuffled": lambda t: CertifiedTeacher(
+        method="ibp", module__hidden_sizes=(16,), iterator_train__shuffle=True, **COMMON
+    ),
+    "student-selective": lambda t: DistilledStudent(
+        FrozenEstimator(t), module__hidden_sizes=(8,), **COMMON
+    ),
+    "student-adversarial": lambda t: DistilledStudent(
+        FrozenEstimator(t), loss="adversarial", module__hidden_sizes=(8,), **COMMON
+    ),
+    "student-pgd-teacher": lambda t: DistilledStudent(
+        FrozenEstimator(t), loss="margin", teacher_bounds="pgd", module__hidden_sizes=(8,), **COMMON
+    ),
 }
 
 
@@ -71,8 +78,9 @@ def _assert_same_outputs(a, b, X) -> None:
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
     for method in ("ibp", "crown"):
-        np.testing.assert_array_equal(a.certify(X, method=method).margins,
-                                      b.certify(X, method=method).margins)
+        np.testing.assert_array_equal(
+            a.certify(X, method=method).margins, b.certify(X, method=method).margins
+        )
 
 
 def _without_durations(history) -> list:

@@ -26,10 +26,26 @@ from certdistill.estimators.losses import distillation_kl
 from certdistill.estimators.scoring import CertifiedAccuracy
 from certdistill.estimators.teacher_outputs import BULK_ROWS, clear_shared_cache
 
-TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
-               random_state=0, module__hidden_sizes=(32,))
-STUDENT = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2, random_state=0,
-               module__hidden_sizes=(16,), transfer=())
+TEACHER = dict(
+    method="ibp",
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=3,
+    lr=1e-2,
+    random_state=0,
+    module__hidden_sizes=(32,),
+)
+STUDENT = dict(
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=3,
+    lr=1e-2,
+    random_state=0,
+    module__hidden_sizes=(16,),
+    transfer=(),
+)
 ALONE = {k: v for k, v in STUDENT.items() if k != "transfer"}  # the same network, trained alone
 
 
@@ -77,8 +93,7 @@ def test_fit_with_fitted_teacher(small, teacher, loss):
     assert student.certified_accuracy(X[:20], y[:20], method="ibp") == cert.certified.mean()
 
 
-def test_a_new_distillation_loss_is_one_function_and_one_table_entry(small, teacher,
-                                                                     monkeypatch):
+def test_a_new_distillation_loss_is_one_function_and_one_table_entry(small, teacher, monkeypatch):
     X, y = small
     seen = []
 
@@ -86,8 +101,9 @@ def test_a_new_distillation_loss_is_one_function_and_one_table_entry(small, teac
         seen.append(batch.teacher_worst)
         return distillation_kl(batch.teacher_logits, batch.terms.logits, batch.temperature)
 
-    monkeypatch.setitem(DISTILLATION_LOSSES, "clean-kl",
-                        DistillationLoss(clean_kl_only, needs_worst=False))
+    monkeypatch.setitem(
+        DISTILLATION_LOSSES, "clean-kl", DistillationLoss(clean_kl_only, needs_worst=False)
+    )
     student = DistilledStudent(teacher, loss="clean-kl", **STUDENT).fit(X, y)
     assert seen and all(worst is None for worst in seen)
     assert np.isfinite(student.history[:, "train_loss"]).all()
@@ -120,15 +136,23 @@ def test_unfitted_teacher_is_fitted_inside(small):
 def test_teacher_with_input_shape(small):
     X, y = small
     teacher = CertifiedTeacher(
-        method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=1, random_state=0,
-        input_shape=(1, 8, 8), module__channels=(4,), module__hidden_sizes=(16,),
+        method="ibp",
+        eps=0.05,
+        lower=0.0,
+        upper=1.0,
+        max_epochs=1,
+        random_state=0,
+        input_shape=(1, 8, 8),
+        module__channels=(4,),
+        module__hidden_sizes=(16,),
     ).fit(X, y)
     student = DistilledStudent(FrozenEstimator(teacher), **STUDENT).fit(X, y)
     assert student.input_shape is None and student.score(X, y) > 0.5
     # the teacher reads the student's flat rows with its own input shape (1, 8, 8)
     clean, _ = student.teacher_logits(student.module_input(X[:10]), torch.as_tensor(y[:10]), 0.0)
-    np.testing.assert_allclose(clean.numpy(), teacher.forward(X[:10].reshape(-1, 1, 8, 8)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        clean.numpy(), teacher.forward(X[:10].reshape(-1, 1, 8, 8)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_string_labels(small, teacher):
@@ -157,9 +181,16 @@ def test_bad_teacher_and_params(small, teacher):
         DistilledStudent(teacher, loss="nope", **STUDENT).fit(X, y)
     with pytest.raises(ValueError, match="temperature"):
         DistilledStudent(teacher, temperature=0.0, **STUDENT).fit(X, y)
-    bad = [("teacher_bounds", "exact"), ("temperature_end", -1.0), ("distill_weight_end", 1.5),
-           ("distill_weight", -0.1), ("pgd_steps", 0), ("worst_case_weight", -1.0),
-           ("teacher_radius_levels", 0), ("teacher_radius_levels", 2.5)]
+    bad = [
+        ("teacher_bounds", "exact"),
+        ("temperature_end", -1.0),
+        ("distill_weight_end", 1.5),
+        ("distill_weight", -0.1),
+        ("pgd_steps", 0),
+        ("worst_case_weight", -1.0),
+        ("teacher_radius_levels", 0),
+        ("teacher_radius_levels", 2.5),
+    ]
     for name, value in bad:
         with pytest.raises(ValueError, match=name):
             DistilledStudent(teacher, **{name: value}, **STUDENT).fit(X, y)
@@ -167,9 +198,16 @@ def test_bad_teacher_and_params(small, teacher):
 
 def test_distillation_schedules_are_recorded(small, teacher):
     X, y = small
-    student = DistilledStudent(teacher, distill_weight=1.0, distill_weight_end=0.0,
-                               temperature=8.0, temperature_end=2.0, warmup=0.0, ramp=0.5,
-                               **{**STUDENT, "max_epochs": 4}).fit(X, y)
+    student = DistilledStudent(
+        teacher,
+        distill_weight=1.0,
+        distill_weight_end=0.0,
+        temperature=8.0,
+        temperature_end=2.0,
+        warmup=0.0,
+        ramp=0.5,
+        **{**STUDENT, "max_epochs": 4},
+    ).fit(X, y)
     lam = student.history[:, "distill_weight"]
     temp = student.history[:, "temperature"]
     assert lam[0] > lam[-1] == 0.0 and temp[0] > temp[-1] == 2.0
@@ -197,26 +235,38 @@ def test_teacher_bounds_are_cached_while_eps_is_constant(small, teacher, monkeyp
     X, y = small
     calls = _count_teacher_bounds(monkeypatch, teacher)
     # no warm-up and no ramp: every batch has the same eps, 3 batches per epoch, 4 epochs
-    student = DistilledStudent(teacher, warmup=0.0, ramp=0.0, batch_size=100,
-                               cache_teacher=cache, **{**STUDENT, "max_epochs": 4}).fit(X, y)
+    student = DistilledStudent(
+        teacher,
+        warmup=0.0,
+        ramp=0.0,
+        batch_size=100,
+        cache_teacher=cache,
+        **{**STUDENT, "max_epochs": 4},
+    ).fit(X, y)
     # cached: the 300 rows once, in chunks of BULK_ROWS; uncached: every batch
     assert len(calls) == (math.ceil(300 / BULK_ROWS["cpu"]) if cache else 12)
     assert student.teacher_outputs_ is None  # dropped after fit: not pickled with the student
 
 
 @pytest.mark.parametrize("levels", [None, 2, 4])
-def test_teacher_radius_levels_bound_the_teacher_passes_of_the_ramp(small, teacher, monkeypatch,
-                                                                  levels):
+def test_teacher_radius_levels_bound_the_teacher_passes_of_the_ramp(
+    small, teacher, monkeypatch, levels
+):
     X, y = small
     calls = _count_teacher_bounds(monkeypatch, teacher)
     # the whole run is the ramp: 3 batches per epoch, 6 epochs, eps changes at every batch
-    student = DistilledStudent(teacher, warmup=0.0, ramp=1.0, batch_size=100,
-                               teacher_radius_levels=levels, **{**STUDENT, "max_epochs": 6})
+    student = DistilledStudent(
+        teacher,
+        warmup=0.0,
+        ramp=1.0,
+        batch_size=100,
+        teacher_radius_levels=levels,
+        **{**STUDENT, "max_epochs": 6},
+    )
     student.fit(X, y)
     # exact: one pass per batch but the first (eps 0); rounded: each step's rows computed once,
     # in chunks of BULK_ROWS
-    assert len(calls) == (17 if levels is None
-                          else levels * math.ceil(300 / BULK_ROWS["cpu"]))
+    assert len(calls) == (17 if levels is None else levels * math.ceil(300 / BULK_ROWS["cpu"]))
 
 
 def test_second_fit_from_the_same_teacher_reuses_its_outputs(small, teacher, monkeypatch):
@@ -244,8 +294,9 @@ def test_tensor_batches_are_the_data_loaders_batches(shuffle):
     X = np.random.default_rng(0).normal(size=(23, 3)).astype(np.float32)
     y = np.arange(23) % 4
     torch.manual_seed(5)
-    expected = [(a.clone(), b.clone())
-                for a, b in DataLoader(Dataset(X, y), batch_size=5, shuffle=shuffle)]
+    expected = [
+        (a.clone(), b.clone()) for a, b in DataLoader(Dataset(X, y), batch_size=5, shuffle=shuffle)
+    ]
     after_loader = torch.rand(1)
     torch.manual_seed(5)
     batches = TensorBatches(X, y, batch_size=5, shuffle=shuffle)
@@ -337,9 +388,15 @@ def test_teacher_logits_match_its_certificate(small, teacher):
 
 # skorch's own two failures, as for the teacher (test_estimator_checks.py).
 @parametrize_with_checks(
-    [DistilledStudent(CertifiedTeacher(method="ibp", max_epochs=2, module__hidden_sizes=(8,),
-                                       random_state=0),
-                      max_epochs=2, lr=1e-2, module__hidden_sizes=(8,), random_state=0)],
+    [
+        DistilledStudent(
+            CertifiedTeacher(method="ibp", max_epochs=2, module__hidden_sizes=(8,), random_state=0),
+            max_epochs=2,
+            lr=1e-2,
+            module__hidden_sizes=(8,),
+            random_state=0,
+        )
+    ],
     expected_failed_checks=lambda estimator: SKORCH_EXPECTED_FAILURES,
 )
 def test_sklearn_compatible(estimator, check):
@@ -383,8 +440,9 @@ def test_distillation_terms_by_hand():
     assert distillation_kl(t, t, 3.0).item() == pytest.approx(0.0, abs=1e-7)
     # one case written out: T = 1, one sample, p = (1/2, 1/2), q = (e / (1 + e), 1 / (1 + e))
     p_q = math.log(0.5 / (math.e / (1 + math.e))) / 2 + math.log(0.5 / (1 / (1 + math.e))) / 2
-    assert distillation_kl(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), 1.0).item() == \
-        pytest.approx(p_q, rel=1e-6)
+    assert distillation_kl(
+        torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), 1.0
+    ).item() == pytest.approx(p_q, rel=1e-6)
     # Huber at scale T = 2: differences 1 (quadratic part) and 4 (linear part), mean of the two
     value = margin_matching(torch.zeros(1, 2), torch.tensor([[1.0, 4.0]]), 2.0).item()
     assert value == pytest.approx(2.0 * (0.5 * 0.5**2 + (2.0 - 0.5)) / 2, rel=1e-6)
@@ -396,14 +454,17 @@ def test_certified_loss_with_and_without_weights_by_hand():
     s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.0, 0.0]])
     shat = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 1.5]])
     y = torch.tensor([0, 1])
-    ce_s, ce_shat = [[_cross_entropy(z[i:i + 1], y[i:i + 1].numpy()) for i in range(2)]
-                     for z in (s.numpy(), shat.numpy())]
+    ce_s, ce_shat = [
+        [_cross_entropy(z[i : i + 1], y[i : i + 1].numpy()) for i in range(2)]
+        for z in (s.numpy(), shat.numpy())
+    ]
     kappa = 0.3
     expected = kappa * np.mean(ce_s) + (1 - kappa) * np.mean(ce_shat)
     assert _certified_loss(s, shat, y, kappa, None).item() == pytest.approx(expected, rel=1e-6)
     w = torch.tensor([1.0, 0.25])  # the second sample moves 3/4 of its certified term to clean
-    per_sample = [kappa * ce_s[i] + (1 - kappa) * (w[i] * ce_shat[i] + (1 - w[i]) * ce_s[i])
-                  for i in range(2)]
+    per_sample = [
+        kappa * ce_s[i] + (1 - kappa) * (w[i] * ce_shat[i] + (1 - w[i]) * ce_s[i]) for i in range(2)
+    ]
     got = _certified_loss(s, shat, y, kappa, w).item()
     assert got == pytest.approx(float(np.mean(per_sample)), rel=1e-6)
 
@@ -441,8 +502,14 @@ def test_training_loss_values_by_hand(loss):
     common = dict(eps=eps, lower=0.0, upper=1.0, max_epochs=0, reg_lambda=0.0)
     teacher = CertifiedTeacher(_linear(t_w, t_b), method="ibp", **common).fit(X, y)
     # the teacher's worst case at the student's exact radius (rounding is tested on its own)
-    student = DistilledStudent(teacher, _linear(s_w, s_b), loss=loss, worst_case_weight=mu,
-                               teacher_radius_levels=None, **common).fit(X, y)
+    student = DistilledStudent(
+        teacher,
+        _linear(s_w, s_b),
+        loss=loss,
+        worst_case_weight=mu,
+        teacher_radius_levels=None,
+        **common,
+    ).fit(X, y)
     student.current_perturbation_ = student.perturbation_.with_eps(eps)
     student.current_kappa_ = kappa
     student.current_distill_weight_, student.current_temperature_ = lam, temp
@@ -465,13 +532,13 @@ def test_training_loss_values_by_hand(loss):
     elif loss == "margin":
         t_shift = t - t[np.arange(6), y][:, None]
         s_shift = s - s[np.arange(6), y][:, None]
-        expected = (1 - lam) * l_cert + lam * (_huber(s_shift, t_shift, temp)
-                                               + mu * _huber(shat, that, temp))
+        expected = (1 - lam) * l_cert + lam * (
+            _huber(s_shift, t_shift, temp) + mu * _huber(shat, that, temp)
+        )
     else:  # selective: certified term weighted by 1 - lam * sigmoid(teacher's gap / T)
         gap = np.where(np.eye(3, dtype=bool)[y], -np.inf, that).max(1)
         weight = 1.0 - lam / (1.0 + np.exp(-gap / temp))
-        ce_s = np.array([_cross_entropy(s[i:i + 1], y[i:i + 1]) for i in range(6)])
-        ce_shat = np.array([_cross_entropy(shat[i:i + 1], y[i:i + 1]) for i in range(6)])
-        expected = np.mean(kappa * ce_s
-                           + (1 - kappa) * (weight * ce_shat + (1 - weight) * ce_s))
+        ce_s = np.array([_cross_entropy(s[i : i + 1], y[i : i + 1]) for i in range(6)])
+        ce_shat = np.array([_cross_entropy(shat[i : i + 1], y[i : i + 1]) for i in range(6)])
+        expected = np.mean(kappa * ce_s + (1 - kappa) * (weight * ce_shat + (1 - weight) * ce_s))
     assert got.item() == pytest.approx(expected, rel=1e-5)

@@ -92,8 +92,12 @@ def test_feature_checks(fitted, small):
 
 def test_invalid_hyperparameters_raise_in_fit(small):
     X, y = small
-    for params in (dict(method="pgd"), dict(eps=-0.1), dict(kappa_end=2.0),
-                   dict(input_shape=(0, 8))):
+    for params in (
+        dict(method="pgd"),
+        dict(eps=-0.1),
+        dict(kappa_end=2.0),
+        dict(input_shape=(0, 8)),
+    ):
         teacher = CertifiedTeacher(**params, **FAST)  # no error at construction
         with pytest.raises(ValueError):
             teacher.fit(X, y)
@@ -108,8 +112,9 @@ def test_default_modules(small):
     assert flat.module_[0].in_features == 64 and flat.module_[-1].out_features == 4
     cnn_params = dict(FAST, max_epochs=2)
     cnn_params.pop("module__hidden_sizes")
-    cnn = CertifiedTeacher(input_shape=(1, 8, 8), module__channels=(4, 8),
-                           module__hidden_sizes=(16,), **cnn_params).fit(X, y)
+    cnn = CertifiedTeacher(
+        input_shape=(1, 8, 8), module__channels=(4, 8), module__hidden_sizes=(16,), **cnn_params
+    ).fit(X, y)
     convs = [m for m in cnn.module_.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [4, 8]
     # images given as (n, 1, 8, 8) arrays are accepted as well
@@ -162,8 +167,9 @@ def test_random_state_gives_identical_weights(small):
     a = CertifiedTeacher(method="mtl-ibp", **FAST).fit(X, y)
     b = CertifiedTeacher(method="mtl-ibp", **FAST).fit(X, y)
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
-    for pa, pb in zip(a.module_.state_dict().values(), b.module_.state_dict().values(),
-                      strict=True):
+    for pa, pb in zip(
+        a.module_.state_dict().values(), b.module_.state_dict().values(), strict=True
+    ):
         assert torch.equal(pa, pb)
     c = CertifiedTeacher(method="mtl-ibp", **dict(FAST, random_state=1)).fit(X, y)
     assert not torch.equal(a.module_[0].weight, c.module_[0].weight)
@@ -171,8 +177,14 @@ def test_random_state_gives_identical_weights(small):
 
 def test_schedules_recorded_in_history(small):
     X, y = small
-    teacher = CertifiedTeacher(eps=0.1, eps_train_ratio=1.5, method="crown-ibp", warmup=0.25,
-                               ramp=0.5, **dict(FAST, max_epochs=8)).fit(X, y)
+    teacher = CertifiedTeacher(
+        eps=0.1,
+        eps_train_ratio=1.5,
+        method="crown-ibp",
+        warmup=0.25,
+        ramp=0.5,
+        **dict(FAST, max_epochs=8),
+    ).fit(X, y)
     eps = np.array(teacher.history[:, "eps"])
     assert eps[0] == 0.0  # warm-up: first two of eight epochs
     assert np.all(np.diff(eps) >= 0)
@@ -222,7 +234,8 @@ def test_certify_api(fitted, small):
     np.testing.assert_array_equal(fitted.classes_[cert.prediction], fitted.predict(X[:50]))
     labelled = fitted.certify(X[:50], y=y[:50], method="ibp")
     assert fitted.certified_accuracy(X[:50], y[:50], method="ibp") == pytest.approx(
-        labelled.certified.mean())
+        labelled.certified.mean()
+    )
     both = fitted.certify(X[:50], y=y[:50], method=("ibp", "crown"))
     crown = fitted.certify(X[:50], y=y[:50], method="crown")
     assert both.method == "ibp+crown"
@@ -234,8 +247,10 @@ def test_certify_api(fitted, small):
     assert np.all(both.margins[still_open] >= crown.margins[still_open] - 1e-5)
     assert set(both.decided_by[both.certified]) <= {"ibp", "crown"}
     bigger = fitted.certify(X[:50], eps=0.5, method="ibp")
-    assert bigger.eps == 0.5 and bigger.certified.sum() <= fitted.certify(
-        X[:50], method="ibp").certified.sum()
+    assert (
+        bigger.eps == 0.5
+        and bigger.certified.sum() <= fitted.certify(X[:50], method="ibp").certified.sum()
+    )
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown"])
@@ -248,16 +263,25 @@ def test_certified_radius_consistent(fitted, small, method):
     for r, x, label in zip(radius, X[:20], y[:20], strict=True):
         # certified at the radius (with the label: robustly correct), not a little above it
         assert fitted.certify(x[None], eps=float(r), y=[label], method=method).certified[0] == (
-            r > 0)
-        assert not fitted.certify(x[None], eps=float(r) + 2 * tol, y=[label],
-                                  method=method).certified[0]
+            r > 0
+        )
+        assert not fitted.certify(
+            x[None], eps=float(r) + 2 * tol, y=[label], method=method
+        ).certified[0]
 
 
 def test_training_raises_certified_accuracy(digits):
     """A short certified fit certifies far more than an untrained or a plainly trained net."""
     Xtr, Xte, ytr, yte = digits
-    common = dict(eps=0.1, lower=0.0, upper=1.0, random_state=0, lr=5e-3,
-                  module__hidden_sizes=(128,), max_epochs=20)
+    common = dict(
+        eps=0.1,
+        lower=0.0,
+        upper=1.0,
+        random_state=0,
+        lr=5e-3,
+        module__hidden_sizes=(128,),
+        max_epochs=20,
+    )
     certified = CertifiedTeacher(method="ibp", eps_train_ratio=1.5, **common).fit(Xtr, ytr)
     plain = CertifiedTeacher(method="ibp", eps_train_ratio=0.0, **common).fit(Xtr, ytr)
     untrained = CertifiedTeacher(method="ibp", **dict(common, max_epochs=0)).fit(Xtr, ytr)
@@ -273,12 +297,32 @@ def test_training_raises_certified_accuracy(digits):
 
 # ----------------------------------------------------------------------------- sklearn API
 def test_params_stored_verbatim_and_clone():
-    params = dict(eps=0.2, method="mtl-ibp", eps_train_ratio=1.3, warmup=0.1, ramp=0.4,
-                  kappa_start=0.9, kappa_end=0.2, beta_start=0.8, beta_end=0.1, alpha=0.7,
-                  pgd_steps=3, pgd_step_size=0.05, reg_lambda=0.1, reg_tol=0.4,
-                  input_shape=(1, 8, 8), lower=0.0, upper=1.0, random_state=3,
-                  lr_milestones=(0.5,), lr_gamma=0.5, grad_clip=None, lr=0.02, max_epochs=7,
-                  batch_size=32)
+    params = dict(
+        eps=0.2,
+        method="mtl-ibp",
+        eps_train_ratio=1.3,
+        warmup=0.1,
+        ramp=0.4,
+        kappa_start=0.9,
+        kappa_end=0.2,
+        beta_start=0.8,
+        beta_end=0.1,
+        alpha=0.7,
+        pgd_steps=3,
+        pgd_step_size=0.05,
+        reg_lambda=0.1,
+        reg_tol=0.4,
+        input_shape=(1, 8, 8),
+        lower=0.0,
+        upper=1.0,
+        random_state=3,
+        lr_milestones=(0.5,),
+        lr_gamma=0.5,
+        grad_clip=None,
+        lr=0.02,
+        max_epochs=7,
+        batch_size=32,
+    )
     teacher = CertifiedTeacher(**params)
     got = teacher.get_params()
     for key, value in params.items():
@@ -297,7 +341,8 @@ def test_certified_accuracy_scorer(fitted, small):
     assert scorer(fitted, X, y) == pytest.approx(fitted.certified_accuracy(X, y, 0.05, "ibp"))
     weights = np.where(np.arange(len(y)) < 100, 1.0, 0.0)
     assert scorer(fitted, X, y, sample_weight=weights) == pytest.approx(
-        fitted.certified_accuracy(X[:100], y[:100], 0.05, "ibp"))
+        fitted.certified_accuracy(X[:100], y[:100], 0.05, "ibp")
+    )
     assert "0.05" in repr(scorer)
     from sklearn.linear_model import LogisticRegression
 
@@ -311,8 +356,11 @@ def test_grid_search_over_eps_and_method(small, n_jobs):
     grid = GridSearchCV(
         CertifiedTeacher(lower=0.0, upper=1.0, **dict(FAST, max_epochs=3)),
         param_grid={"eps": [0.02, 0.05], "method": ["ibp", "crown-ibp"]},
-        scoring={"accuracy": "accuracy", "certified": CertifiedAccuracy(0.05),
-                 "certified_ibp": CertifiedAccuracy(0.05, method="ibp")},
+        scoring={
+            "accuracy": "accuracy",
+            "certified": CertifiedAccuracy(0.05),
+            "certified_ibp": CertifiedAccuracy(0.05, method="ibp"),
+        },
         refit="certified",
         cv=2,
         n_jobs=n_jobs,
@@ -381,12 +429,17 @@ def test_joblib_round_trip_in_fresh_process(fitted, small, tmp_path):
 def test_set_params_device_moves_a_fitted_network():
     """skorch keeps ``device`` as a plain attribute; a fitted estimator must follow it."""
     X, y = load_digits(return_X_y=True)
-    net = CertifiedTeacher(method="ibp", max_epochs=1, module__hidden_sizes=(8,),
-                           random_state=0).fit(X[:100] / 16, y[:100])
+    net = CertifiedTeacher(
+        method="ibp", max_epochs=1, module__hidden_sizes=(8,), random_state=0
+    ).fit(X[:100] / 16, y[:100])
     net.set_params(device="meta")  # a device without data: no GPU needed to see the move
     assert {p.device.type for p in net.module_.parameters()} == {"meta"}
-    states = [v for s in net.optimizer_.state.values() for v in s.values()
-              if isinstance(v, torch.Tensor) and v.dim() > 0]
+    states = [
+        v
+        for s in net.optimizer_.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    ]
     assert states and {v.device.type for v in states} == {"meta"}
     assert net.device == "meta"
 
@@ -394,8 +447,13 @@ def test_set_params_device_moves_a_fitted_network():
 # ------------------------------------------------------------------- small data sets
 @pytest.mark.parametrize(
     "n, batch_size, max_epochs, expected",
-    [(125, 128, None, 500), (377, 128, None, 167), (1257, 128, None, 60), (125, 128, 7, 7),
-     (125, 16, None, 63)],
+    [
+        (125, 128, None, 500),
+        (377, 128, None, 167),
+        (1257, 128, None, 60),
+        (125, 128, 7, 7),
+        (125, 16, None, 63),
+    ],
 )
 def test_default_epochs_reach_enough_optimiser_steps(n, batch_size, max_epochs, expected):
     teacher = CertifiedTeacher(batch_size=batch_size, max_epochs=max_epochs)
@@ -404,8 +462,9 @@ def test_default_epochs_reach_enough_optimiser_steps(n, batch_size, max_epochs, 
 
 def test_default_epochs_train_a_tiny_data_set_and_schedules_stretch(small):
     X, y = small
-    teacher = CertifiedTeacher(method="ibp", lr=1e-2, random_state=0,
-                               module__hidden_sizes=(16,)).fit(X[:40], y[:40])
+    teacher = CertifiedTeacher(
+        method="ibp", lr=1e-2, random_state=0, module__hidden_sizes=(16,)
+    ).fit(X[:40], y[:40])
     assert teacher.n_epochs_ == len(teacher.history) == 500  # one batch per epoch
     eps = teacher.history[:, "eps"]
     assert eps[0] == 0.0 and eps[-1] == pytest.approx(teacher.eps_train)
@@ -430,8 +489,17 @@ def test_tensor_batches_train_as_the_data_loader_does(monkeypatch, shuffle):
     X, y = load_digits(return_X_y=True)
     X = (X[:300] / 16).astype(np.float32)
     y = y[:300]
-    params = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=2, batch_size=64,
-                  random_state=0, module__hidden_sizes=(16,), iterator_train__shuffle=shuffle)
+    params = dict(
+        method="ibp",
+        eps=0.05,
+        lower=0.0,
+        upper=1.0,
+        max_epochs=2,
+        batch_size=64,
+        random_state=0,
+        module__hidden_sizes=(16,),
+        iterator_train__shuffle=shuffle,
+    )
     fast = CertifiedTeacher(**params).fit(X, y)
     monkeypatch.setattr(CertifiedTeacher, "_tensor_batches", False)
     slow = CertifiedTeacher(**params).fit(X, y)
@@ -455,8 +523,9 @@ def test_sabr_box_lies_inside_the_ball_around_the_attack():
 
 def test_sabr_trains_a_network_certified_by_the_sound_bounds(small):
     X, y = small
-    sabr = CertifiedTeacher(method="sabr", sabr_lambda=0.3, pgd_steps=3, eps=0.05,
-                            **{**FAST, "max_epochs": 8}).fit(X, y)
+    sabr = CertifiedTeacher(
+        method="sabr", sabr_lambda=0.3, pgd_steps=3, eps=0.05, **{**FAST, "max_epochs": 8}
+    ).fit(X, y)
     assert np.isfinite(sabr.history[:, "train_loss"]).all()
     assert sabr.score(X, y) > 0.5
     # The certificate is on the whole ball, whatever the training: sampled points agree.

@@ -20,8 +20,16 @@ EPS = 0.05
 def fitted():
     X, y = load_digits(return_X_y=True)
     X, y = (X[:400] / 16.0).astype(np.float32), y[:400]
-    teacher = CertifiedTeacher(method="ibp", eps=EPS, lower=0.0, upper=1.0, max_epochs=3,
-                               lr=1e-2, random_state=0, module__hidden_sizes=(32, 32)).fit(X, y)
+    teacher = CertifiedTeacher(
+        method="ibp",
+        eps=EPS,
+        lower=0.0,
+        upper=1.0,
+        max_epochs=3,
+        lr=1e-2,
+        random_state=0,
+        module__hidden_sizes=(32, 32),
+    ).fit(X, y)
     return teacher, torch.as_tensor(X[:40]), torch.as_tensor(y[:40])
 
 
@@ -43,8 +51,10 @@ def test_worst_case_logits_bound_every_point_of_the_ball(fitted, bounds):
 
 def test_best_is_at_least_as_tight_as_each_method(fitted):
     teacher, x, y = fitted
-    worst = {b: TeacherOutputs(teacher, b)(x, y, around(x, EPS, 0.0, 1.0))[1]
-             for b in ("ibp", "crown-ibp", "best")}
+    worst = {
+        b: TeacherOutputs(teacher, b)(x, y, around(x, EPS, 0.0, 1.0))[1]
+        for b in ("ibp", "crown-ibp", "best")
+    }
     assert torch.all(worst["best"] <= worst["ibp"] + 1e-6)
     assert torch.all(worst["best"] <= worst["crown-ibp"] + 1e-6)
 

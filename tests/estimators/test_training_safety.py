@@ -13,8 +13,7 @@ from torch import nn
 
 from certdistill import CertifiedTeacher, DistilledStudent
 
-COMMON = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=6, lr=1e-2, batch_size=50,
-              random_state=0)
+COMMON = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=6, lr=1e-2, batch_size=50, random_state=0)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +39,12 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
     def on_batch_end(self, net, training=False, **kwargs):
-        if (training and self.batch is not None and len(net.history) == self.epoch
-                and len(net.history[-1]["batches"]) == self.batch):
+        if (
+            training
+            and self.batch is not None
+            and len(net.history) == self.epoch
+            and len(net.history[-1]["batches"]) == self.batch
+        ):
             raise KeyboardInterrupt
 
 
@@ -49,8 +52,7 @@ ESTIMATORS = {
     "crown-ibp": lambda t: CertifiedTeacher(module__hidden_sizes=(16,), **COMMON),
     "mtl-ibp": lambda t: CertifiedTeacher(method="mtl-ibp", module__hidden_sizes=(16,), **COMMON),
     "sabr": lambda t: CertifiedTeacher(method="sabr", module__hidden_sizes=(16,), **COMMON),
-    "student": lambda t: DistilledStudent(FrozenEstimator(t), module__hidden_sizes=(8,),
-                                          **COMMON),
+    "student": lambda t: DistilledStudent(FrozenEstimator(t), module__hidden_sizes=(8,), **COMMON),
 }
 
 
@@ -87,8 +89,9 @@ def test_keyboard_interrupt_leaves_a_usable_model(data, teacher, name, batch):
 
 def test_resume_an_interrupted_fit_with_partial_fit(data):
     X, y = data
-    model = CertifiedTeacher(callbacks=[("stop", Interrupt(3))], module__hidden_sizes=(16,),
-                             **COMMON)
+    model = CertifiedTeacher(
+        callbacks=[("stop", Interrupt(3))], module__hidden_sizes=(16,), **COMMON
+    )
     with pytest.warns(UserWarning, match="interrupted"):
         model.fit(X, y)
     done = len(model.history) - 1  # the interrupted epoch trained no batch
@@ -108,15 +111,21 @@ def test_resume_an_interrupted_fit_with_partial_fit(data):
 
 @pytest.mark.parametrize(
     "params",
-    [dict(criterion=nn.NLLLoss), dict(criterion=nn.CrossEntropyLoss()),
-     dict(criterion__label_smoothing=0.1), dict(criterion__weight=torch.ones(4))],
+    [
+        dict(criterion=nn.NLLLoss),
+        dict(criterion=nn.CrossEntropyLoss()),
+        dict(criterion__label_smoothing=0.1),
+        dict(criterion__weight=torch.ones(4)),
+    ],
     ids=["other-loss", "instance", "label-smoothing", "class-weights"],
 )
 @pytest.mark.parametrize("kind", ["teacher", "student"])
 def test_criterion_is_rejected_rather_than_ignored(data, teacher, kind, params):
     X, y = data
-    make = {"teacher": lambda: CertifiedTeacher(**COMMON, **params),
-            "student": lambda: DistilledStudent(teacher, **COMMON, **params)}[kind]
+    make = {
+        "teacher": lambda: CertifiedTeacher(**COMMON, **params),
+        "student": lambda: DistilledStudent(teacher, **COMMON, **params),
+    }[kind]
     with pytest.raises(ValueError, match="does not use `criterion`"):
         make().fit(X, y)
     with pytest.raises(ValueError, match="does not use `criterion`"):
@@ -125,6 +134,7 @@ def test_criterion_is_rejected_rather_than_ignored(data, teacher, kind, params):
 
 def test_default_criterion_given_explicitly_is_accepted(data):
     X, y = data
-    model = CertifiedTeacher(criterion=nn.CrossEntropyLoss, module__hidden_sizes=(8,),
-                             **dict(COMMON, max_epochs=1)).fit(X, y)
+    model = CertifiedTeacher(
+        criterion=nn.CrossEntropyLoss, module__hidden_sizes=(8,), **dict(COMMON, max_epochs=1)
+    ).fit(X, y)
     assert model.score(X, y) > 0

@@ -11,10 +11,27 @@ from sklearn.frozen import FrozenEstimator
 from certdistill import CertifiedTeacher, DistilledStudent
 from certdistill.estimators.transfer import TRANSFER_KINDS, transfer_inputs
 
-TEACHER = dict(method="ibp", eps=0.05, lower=0.0, upper=1.0, max_epochs=3, lr=1e-2,
-               random_state=0, module__hidden_sizes=(32,))
-STUDENT = dict(eps=0.05, lower=0.0, upper=1.0, max_epochs=2, lr=1e-2, random_state=0,
-               module__hidden_sizes=(16,), batch_size=50, transfer=())
+TEACHER = dict(
+    method="ibp",
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=3,
+    lr=1e-2,
+    random_state=0,
+    module__hidden_sizes=(32,),
+)
+STUDENT = dict(
+    eps=0.05,
+    lower=0.0,
+    upper=1.0,
+    max_epochs=2,
+    lr=1e-2,
+    random_state=0,
+    module__hidden_sizes=(16,),
+    batch_size=50,
+    transfer=(),
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +47,14 @@ def test_unlabelled_rows_are_labelled_by_a_teacher_fitted_on_the_labelled_ones(s
     X, y = small
     y_semi = y.copy()
     y_semi[100:] = -1
-    student = DistilledStudent(CertifiedTeacher(**TEACHER), unlabeled_label=-1,
-                               **STUDENT).fit(X, y_semi)
+    student = DistilledStudent(CertifiedTeacher(**TEACHER), unlabeled_label=-1, **STUDENT).fit(
+        X, y_semi
+    )
     np.testing.assert_array_equal(student.classes_, np.unique(y[:100]))
     assert _rows_trained(student) == len(X)  # labelled and unlabelled rows
     # The teacher saw the labelled rows only: the same teacher fitted on them alone.
     alone = CertifiedTeacher(**TEACHER).fit(X[:100], y[:100])
-    np.testing.assert_array_equal(student.teacher_.predict_proba(X),
-                                  alone.predict_proba(X))
+    np.testing.assert_array_equal(student.teacher_.predict_proba(X), alone.predict_proba(X))
 
 
 def test_unlabelled_rows_take_the_teachers_predictions_as_labels(small, monkeypatch):
@@ -52,8 +69,9 @@ def test_unlabelled_rows_take_the_teachers_predictions_as_labels(small, monkeypa
 
     monkeypatch.setattr(DistilledStudent, "training_loss", spy)
     y_semi = np.concatenate([y[:100], np.full(100, -1)])
-    DistilledStudent(FrozenEstimator(teacher), unlabeled_label=-1,
-                     **dict(STUDENT, max_epochs=1)).fit(X, y_semi)
+    DistilledStudent(
+        FrozenEstimator(teacher), unlabeled_label=-1, **dict(STUDENT, max_epochs=1)
+    ).fit(X, y_semi)
     inputs = torch.cat([b[0] for b in seen["batches"]]).numpy()
     labels = torch.cat([b[1] for b in seen["batches"]]).numpy()
     np.testing.assert_allclose(inputs, X, rtol=0, atol=0)
@@ -65,8 +83,9 @@ def test_unlabelled_rows_take_the_teachers_predictions_as_labels(small, monkeypa
 def test_all_rows_unlabelled_is_an_error(small):
     X, y = small
     with pytest.raises(ValueError, match="unlabelled"):
-        DistilledStudent(CertifiedTeacher(**TEACHER), unlabeled_label=-1,
-                         **STUDENT).fit(X, np.full(len(y), -1))
+        DistilledStudent(CertifiedTeacher(**TEACHER), unlabeled_label=-1, **STUDENT).fit(
+            X, np.full(len(y), -1)
+        )
     # Without unlabeled_label, -1 is an ordinary class (binary problems label -1 and 1).
     pair = np.where(y[:20] % 2 == 0, -1, 1)
     student = DistilledStudent(CertifiedTeacher(**TEACHER), **STUDENT).fit(X[:20], pair)
@@ -77,8 +96,11 @@ def test_all_rows_unlabelled_is_an_error(small):
 def test_every_transfer_kind_adds_teacher_labelled_rows_inside_the_domain(small, kind):
     X, y = small
     teacher = CertifiedTeacher(**dict(TEACHER, input_shape=(1, 8, 8))).fit(X, y)
-    student = DistilledStudent(FrozenEstimator(teacher), transfer_size=0.5,
-                               **dict(STUDENT, input_shape=(1, 8, 8), transfer=kind)).fit(X, y)
+    student = DistilledStudent(
+        FrozenEstimator(teacher),
+        transfer_size=0.5,
+        **dict(STUDENT, input_shape=(1, 8, 8), transfer=kind),
+    ).fit(X, y)
     assert _rows_trained(student) == len(X) + len(X) // 2
     assert student.score(X, y) > 0.25
 
@@ -87,8 +109,9 @@ def test_every_transfer_kind_adds_teacher_labelled_rows_inside_the_domain(small,
 def test_a_transfer_set_of_no_rows_trains_on_the_given_rows(small, size):
     X, y = small
     teacher = FrozenEstimator(CertifiedTeacher(**TEACHER).fit(X, y))
-    student = DistilledStudent(teacher, transfer_size=size,
-                               **dict(STUDENT, transfer=("noise", "ball"))).fit(X, y)
+    student = DistilledStudent(
+        teacher, transfer_size=size, **dict(STUDENT, transfer=("noise", "ball"))
+    ).fit(X, y)
     assert _rows_trained(student) == len(X)
 
 
@@ -98,23 +121,49 @@ def test_transfer_inputs_by_hand():
     eps = np.array([0.1, 0.2, 0.0, 0.05], dtype=np.float32)
     lower, upper = np.zeros(4, np.float32), np.ones(4, np.float32)
     for kind, bound in (("noise", 2.0), ("ball", 1.5)):
-        made = transfer_inputs(X, [kind], 3.0, eps, lower=lower, upper=upper, input_shape=None,
-                               random_state=np.random.RandomState(1))
+        made = transfer_inputs(
+            X,
+            [kind],
+            3.0,
+            eps,
+            lower=lower,
+            upper=upper,
+            input_shape=None,
+            random_state=np.random.RandomState(1),
+        )
         assert made.shape == (30, 4) and made.dtype == np.float32
         assert np.all(made >= 0) and np.all(made <= 1)
         distance = np.min(np.abs(made[:, None, :] - X[None]).max(-1) / 1.0, axis=1)
         assert np.all(distance <= bound * eps.max() + 1e-6)
         np.testing.assert_array_equal(made[:, 2], np.clip(made[:, 2], 0, 1))
-    mixed = transfer_inputs(X, ["mixup"], 1.0, eps, lower=None, upper=None, input_shape=None,
-                            random_state=np.random.RandomState(2))
+    mixed = transfer_inputs(
+        X,
+        ["mixup"],
+        1.0,
+        eps,
+        lower=None,
+        upper=None,
+        input_shape=None,
+        random_state=np.random.RandomState(2),
+    )
     assert np.all(mixed >= X.min(0) - 1e-6) and np.all(mixed <= X.max(0) + 1e-6)
     image = np.arange(9, dtype=np.float32).reshape(1, 9) + 1
-    shifted = transfer_inputs(image, ["shift"], 8.0, np.float32(0.1), lower=None, upper=None,
-                              input_shape=(1, 3, 3), random_state=np.random.RandomState(3))
+    shifted = transfer_inputs(
+        image,
+        ["shift"],
+        8.0,
+        np.float32(0.1),
+        lower=None,
+        upper=None,
+        input_shape=(1, 3, 3),
+        random_state=np.random.RandomState(3),
+    )
     grids = shifted.reshape(-1, 3, 3)
     source = image.reshape(3, 3)
-    expected = {tuple(np.roll(np.pad(source, 1), shift, axis)[1:-1, 1:-1].ravel())
-                for shift, axis in ((-1, 0), (1, 0), (-1, 1), (1, 1))}
+    expected = {
+        tuple(np.roll(np.pad(source, 1), shift, axis)[1:-1, 1:-1].ravel())
+        for shift, axis in ((-1, 0), (1, 0), (-1, 1), (1, 1))
+    }
     assert {tuple(grid.ravel()) for grid in grids} <= expected
 
 
@@ -134,9 +183,11 @@ def test_default_student_has_a_tenth_of_the_teachers_parameters(small):
     teacher = CertifiedTeacher(**dict(TEACHER, module__hidden_sizes=(128, 128))).fit(X, y)
     size = sum(p.numel() for p in teacher.module_.parameters())
     for fraction in (0.1, 0.3):
-        student = DistilledStudent(FrozenEstimator(teacher), student_size=fraction,
-                                   **{k: v for k, v in STUDENT.items()
-                                      if k != "module__hidden_sizes"}).fit(X, y)
+        student = DistilledStudent(
+            FrozenEstimator(teacher),
+            student_size=fraction,
+            **{k: v for k, v in STUDENT.items() if k != "module__hidden_sizes"},
+        ).fit(X, y)
         ratio = sum(p.numel() for p in student.module_.parameters()) / size
         assert fraction * 0.8 < ratio < fraction * 1.25
     explicit = DistilledStudent(FrozenEstimator(teacher), **STUDENT).fit(X, y)

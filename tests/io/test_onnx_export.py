@@ -53,22 +53,25 @@ def digits():
 @pytest.fixture(scope="module")
 def mlp_teacher(digits):
     X, y = digits
-    return CertifiedTeacher(eps=0.1, lower=0.0, upper=1.0, max_epochs=2,
-                            random_state=0).fit(X, NAMES[y])
+    return CertifiedTeacher(eps=0.1, lower=0.0, upper=1.0, max_epochs=2, random_state=0).fit(
+        X, NAMES[y]
+    )
 
 
 @pytest.fixture(scope="module")
 def cnn_teacher(digits):
     X, y = digits
-    return CertifiedTeacher(eps=0.1, input_shape=(1, 8, 8), max_epochs=2,
-                            random_state=0).fit(X, y + 10)
+    return CertifiedTeacher(eps=0.1, input_shape=(1, 8, 8), max_epochs=2, random_state=0).fit(
+        X, y + 10
+    )
 
 
 @pytest.fixture(scope="module")
 def student(digits, mlp_teacher):
     X, y = digits
-    return DistilledStudent(FrozenEstimator(mlp_teacher), transfer=(), max_epochs=2,
-                            random_state=0).fit(X, NAMES[y])
+    return DistilledStudent(
+        FrozenEstimator(mlp_teacher), transfer=(), max_epochs=2, random_state=0
+    ).fit(X, NAMES[y])
 
 
 def _check_estimator(estimator, path, X):
@@ -105,7 +108,8 @@ def test_cnn_teacher_reshapes_flat_rows(tmp_path, digits, cnn_teacher):
     assert dims == [64]
     assert model.graph.node[0].op_type == "Reshape"
     assert {"Conv", "BatchNormalization", "Flatten", "Softmax"} <= {
-        n.op_type for n in model.graph.node}
+        n.op_type for n in model.graph.node
+    }
     meta = _metadata(path)
     assert meta["certdistill.classes"] == [10, 11, 12, 13]
     assert meta["certdistill.input_shape"] == [1, 8, 8]
@@ -125,7 +129,10 @@ def test_metadata_holds_classes_and_domain(tmp_path, mlp_teacher):
     assert meta["certdistill.estimator"] == "CertifiedTeacher"
     assert meta["certdistill.n_features_in"] == 64
     assert (meta["certdistill.eps"], meta["certdistill.lower"], meta["certdistill.upper"]) == (
-        0.1, 0.0, 1.0)
+        0.1,
+        0.0,
+        1.0,
+    )
     assert set(meta) <= set(onnx_export.METADATA_KEYS)
 
 
@@ -133,8 +140,9 @@ def _every_layer() -> nn.Sequential:
     """A network with every supported layer type; BatchNorm with non-trivial statistics."""
     torch.manual_seed(1)
     net = nn.Sequential(
-        ConstantAffine(torch.tensor([0.5, 2.0]).view(2, 1, 1), torch.tensor([0.1, -0.3]).view(
-            2, 1, 1)),
+        ConstantAffine(
+            torch.tensor([0.5, 2.0]).view(2, 1, 1), torch.tensor([0.1, -0.3]).view(2, 1, 1)
+        ),
         nn.ZeroPad2d((1, 2, 0, 3)),
         nn.Sequential(
             nn.Conv2d(2, 4, 3, padding=1),
@@ -175,8 +183,19 @@ def test_every_layer_dynamic_batch(tmp_path, opset):
     path = export_onnx(net, tmp_path / "net.onnx", input_shape=(2, 8, 8), opset=opset)
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
-    for op in ("Mul", "Add", "Pad", "Conv", "BatchNormalization", "Relu", "AveragePool",
-               "Reshape", "MatMul", "Flatten", "Gemm"):
+    for op in (
+        "Mul",
+        "Add",
+        "Pad",
+        "Conv",
+        "BatchNormalization",
+        "Relu",
+        "AveragePool",
+        "Reshape",
+        "MatMul",
+        "Flatten",
+        "Gemm",
+    ):
         assert op in ops
     assert "Identity" not in ops and "Dropout" not in ops
     assert [o.name for o in model.graph.output] == ["logits"]
@@ -203,18 +222,21 @@ def _agrees(net, tmp_path, input_shape, n=3):
     return onnx.load(str(path))
 
 
-@pytest.mark.parametrize("kernel, stride, padding, shape", [
-    (2, 2, 0, (5, 5)),  # a last window that ceil mode adds, torch and ONNX alike
-    (3, 2, 1, (6, 5)),
-    (3, 3, 1, (5, 5)),  # torch drops ceil mode's last window (it starts in the padding)
-    (2, 1, 1, (4, 6)),
-])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, shape",
+    [
+        (2, 2, 0, (5, 5)),  # a last window that ceil mode adds, torch and ONNX alike
+        (3, 2, 1, (6, 5)),
+        (3, 3, 1, (5, 5)),  # torch drops ceil mode's last window (it starts in the padding)
+        (2, 1, 1, (4, 6)),
+    ],
+)
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("count_include_pad", [False, True])
-def test_avg_pool_settings(tmp_path, kernel, stride, padding, shape, ceil_mode,
-                           count_include_pad):
-    pool = nn.AvgPool2d(kernel, stride, padding, ceil_mode=ceil_mode,
-                        count_include_pad=count_include_pad)
+def test_avg_pool_settings(tmp_path, kernel, stride, padding, shape, ceil_mode, count_include_pad):
+    pool = nn.AvgPool2d(
+        kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad
+    )
     _agrees(nn.Sequential(pool), tmp_path, (2, *shape))
 
 
@@ -230,8 +252,15 @@ def test_samples_with_more_axes(tmp_path):
     bn = nn.BatchNorm1d(3)
     bn.running_mean.uniform_(-1.0, 1.0)
     bn.running_var.uniform_(0.5, 2.0)
-    net = nn.Sequential(bn, nn.Linear(4, 5), nn.ZeroPad2d((0, 1, 2, 0)), nn.Flatten(1, 1),
-                        nn.Unflatten(1, (1, 5)), nn.Flatten(), nn.Linear(30, 2))
+    net = nn.Sequential(
+        bn,
+        nn.Linear(4, 5),
+        nn.ZeroPad2d((0, 1, 2, 0)),
+        nn.Flatten(1, 1),
+        nn.Unflatten(1, (1, 5)),
+        nn.Flatten(),
+        nn.Linear(30, 2),
+    )
     model = _agrees(net, tmp_path, (3, 4), n=7)
     assert [n.op_type for n in model.graph.node][:3] == ["BatchNormalization", "MatMul", "Add"]
 
@@ -289,18 +318,24 @@ def test_unsupported_layer_is_named(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.parametrize("layer, match", [
-    (nn.BatchNorm1d(4, track_running_stats=False), "running statistics"),
-    (nn.ZeroPad2d((-1, 0, 0, 0)), "negative padding"),
-    (nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
-    (nn.Conv2d(4, 4, 3, groups=2), "groups=1"),
-    (nn.Conv2d(4, 4, 2, padding="same"), "even kernel"),
-    (nn.Flatten(0), "batch axis"),
-])
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (nn.BatchNorm1d(4, track_running_stats=False), "running statistics"),
+        (nn.ZeroPad2d((-1, 0, 0, 0)), "negative padding"),
+        (nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
+        (nn.Conv2d(4, 4, 3, groups=2), "groups=1"),
+        (nn.Conv2d(4, 4, 2, padding="same"), "even kernel"),
+        (nn.Flatten(0), "batch axis"),
+    ],
+)
 def test_unsupported_layer_settings(tmp_path, layer, match):
     with pytest.raises(UnsupportedLayerError, match=match):
-        export_onnx(nn.Sequential(nn.Identity(), layer), tmp_path / "x.onnx",
-                    input_shape=(4, 6, 6) if not isinstance(layer, nn.BatchNorm1d) else (4,))
+        export_onnx(
+            nn.Sequential(nn.Identity(), layer),
+            tmp_path / "x.onnx",
+            input_shape=(4, 6, 6) if not isinstance(layer, nn.BatchNorm1d) else (4,),
+        )
 
 
 def test_unfitted_estimator(tmp_path):
@@ -386,8 +421,11 @@ def _residual(kind: str):
     if kind == "cnn":
         return make_residual_cnn((2, 6, 6), 3, 3, seed=3, batchnorm=True), (2, 6, 6)
     if kind == "cnn-downsample":
-        return make_residual_cnn((2, 7, 7), 3, 3, seed=4, batchnorm=True,
-                                 downsample=True), (2, 7, 7)
+        return make_residual_cnn((2, 7, 7), 3, 3, seed=4, batchnorm=True, downsample=True), (
+            2,
+            7,
+            7,
+        )
     if kind == "traced":
         return TracedResidualNet(5, 6, 3, seed=5).eval(), (5,)
     if kind == "traced-cnn":
@@ -422,8 +460,10 @@ def test_residual_networks_agree_with_torch(tmp_path, kind):
         assert logits.shape == expected.shape
         assert _max_diff(logits, expected) <= TOL
     # deterministic, like chains
-    assert export_onnx(net, tmp_path / "again.onnx",
-                       None if len(shape) == 1 else shape).read_bytes() == path.read_bytes()
+    assert (
+        export_onnx(net, tmp_path / "again.onnx", None if len(shape) == 1 else shape).read_bytes()
+        == path.read_bytes()
+    )
 
 
 def test_skip_connection_reads_the_tensors_of_its_branches(tmp_path):
@@ -450,8 +490,10 @@ def test_traced_module_and_its_graph_twin_give_one_graph(tmp_path):
     twin = onnx.load(str(export_onnx(net.as_graph(), tmp_path / "twin.onnx")))
     assert [n.op_type for n in traced.graph.node] == [n.op_type for n in twin.graph.node]
     x = torch.randn(4, 5)
-    got = [_session(tmp_path / f"{name}.onnx").run(None, {"input": x.numpy()})[0]
-           for name in ("traced", "twin")]
+    got = [
+        _session(tmp_path / f"{name}.onnx").run(None, {"input": x.numpy()})[0]
+        for name in ("traced", "twin")
+    ]
     assert _max_diff(*got) <= TOL
 
 
@@ -461,8 +503,16 @@ def test_graph_edge_cases(tmp_path):
     # by no other node). The input shape is read off the Linear behind ReLU and Add.
     torch.manual_seed(0)
     net = GraphNetwork(
-        [nn.ReLU(), nn.Identity(), nn.Dropout(0.5), Add(), nn.Linear(4, 4), Add(), Add(),
-         nn.Identity()],
+        [
+            nn.ReLU(),
+            nn.Identity(),
+            nn.Dropout(0.5),
+            Add(),
+            nn.Linear(4, 4),
+            Add(),
+            Add(),
+            nn.Identity(),
+        ],
         [(-1,), (-1,), (1,), (0, 2), (3,), (4, -1), (5, 5), (6,)],
     ).eval()
     path = export_onnx(net, tmp_path / "edge.onnx")
@@ -498,8 +548,9 @@ def test_graph_errors(tmp_path):
     with pytest.raises(UnsupportedLayerError, match=r"'act' \(Tanh\(\)\)"):
         export_onnx(WithTanh(), tmp_path / "x.onnx")
     # an exporter restriction inside a GraphNetwork: the exporter's own error
-    pool = GraphNetwork([nn.Conv2d(1, 1, 1), Add(), nn.AvgPool2d(3, 3, 1, ceil_mode=True)],
-                        [(-1,), (0, -1), (1,)])
+    pool = GraphNetwork(
+        [nn.Conv2d(1, 1, 1), Add(), nn.AvgPool2d(3, 3, 1, ceil_mode=True)], [(-1,), (0, -1), (1,)]
+    )
     with pytest.raises(UnsupportedLayerError, match=r"'layers\.2'.*ceil_mode"):
         export_onnx(pool, tmp_path / "x.onnx", input_shape=(1, 5, 6))
     # the first layer reading the input does not fix its shape
@@ -541,8 +592,13 @@ def test_residual_round_trip_through_load_onnx(tmp_path, kind):
 def test_estimator_with_a_traced_residual_module(tmp_path, digits):
     X, y = digits
     # small batches: enough steps for a fit that does not predict one class only
-    teacher = CertifiedTeacher(module=TracedResidualNet(64, 8, 4, seed=0), eps=0.05,
-                               max_epochs=2, batch_size=16, random_state=0).fit(X, y)
+    teacher = CertifiedTeacher(
+        module=TracedResidualNet(64, 8, 4, seed=0),
+        eps=0.05,
+        max_epochs=2,
+        batch_size=16,
+        random_state=0,
+    ).fit(X, y)
     assert len(set(teacher.predict(X))) > 1
     path = export_onnx(teacher, tmp_path / "teacher.onnx")
     _check_estimator(teacher, path, X)
@@ -552,9 +608,14 @@ def test_estimator_with_a_traced_residual_module(tmp_path, digits):
 
 def test_estimator_with_a_residual_graph_network(tmp_path, digits):
     X, y = digits
-    teacher = CertifiedTeacher(module=make_residual_cnn((1, 8, 8), 2, 4, seed=0),
-                               input_shape=(1, 8, 8), eps=0.05, max_epochs=1, batch_size=32,
-                               random_state=0).fit(X, y)
+    teacher = CertifiedTeacher(
+        module=make_residual_cnn((1, 8, 8), 2, 4, seed=0),
+        input_shape=(1, 8, 8),
+        eps=0.05,
+        max_epochs=1,
+        batch_size=32,
+        random_state=0,
+    ).fit(X, y)
     assert len(set(teacher.predict(X))) > 1
     path = export_onnx(teacher, tmp_path / "teacher.onnx")
     _check_estimator(teacher, path, X)

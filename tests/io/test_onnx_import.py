@@ -36,7 +36,8 @@ def _weights(*shape) -> np.ndarray:
 
 def _model(nodes, inits, in_shape, out_shape, *, opset=13, in_name="x", out_name="y"):
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, in_shape)],
         [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
         initializer=inits,
@@ -60,8 +61,12 @@ def _mlp_tail(inp: str, width: int, n_out: int = 3):
         helper.make_node("Relu", ["h1"], ["r1"]),
         helper.make_node("Gemm", ["r1", "W2", "b2"], ["y"], transB=1),
     ]
-    inits = [_const("W1", _weights(8, width)), _const("b1", _weights(8)),
-             _const("W2", _weights(n_out, 8)), _const("b2", _weights(n_out))]
+    inits = [
+        _const("W1", _weights(8, width)),
+        _const("b1", _weights(8)),
+        _const("W2", _weights(n_out, 8)),
+        _const("b2", _weights(n_out)),
+    ]
     return nodes, inits
 
 
@@ -73,16 +78,21 @@ def _conv_tail(inp: str, channels: int, size: int, n_out: int = 3):
         helper.make_node("Flatten", ["cr"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "Wc", "bc"], ["y"], transB=1),
     ]
-    inits = [_const("K", _weights(2, channels, 3, 3)), _const("kb", _weights(2)),
-             _const("Wc", _weights(n_out, 2 * size * size)), _const("bc", _weights(n_out))]
+    inits = [
+        _const("K", _weights(2, channels, 3, 3)),
+        _const("kb", _weights(2)),
+        _const("Wc", _weights(n_out, 2 * size * size)),
+        _const("bc", _weights(n_out)),
+    ]
     return nodes, inits
 
 
 def _case_gemm_mnistfc_shape():
     # VNN-COMP mnistfc: input (1, 784, 1), Flatten, Gemm/Relu chain.
     nodes, inits = _mlp_tail("f", 12)
-    return _model([helper.make_node("Flatten", ["x"], ["f"], axis=1), *nodes], inits,
-                  [1, 12, 1], [1, 3])
+    return _model(
+        [helper.make_node("Flatten", ["x"], ["f"], axis=1), *nodes], inits, [1, 12, 1], [1, 3]
+    )
 
 
 def _case_gemm_attributes():
@@ -91,8 +101,7 @@ def _case_gemm_attributes():
         helper.make_node("Relu", ["h"], ["r"]),
         helper.make_node("Gemm", ["r", "W2"], ["y"], transB=1),
     ]
-    inits = [_const("W", _weights(5, 6)), _const("c", _weights(1, 6)),
-             _const("W2", _weights(3, 6))]
+    inits = [_const("W", _weights(5, 6)), _const("c", _weights(1, 6)), _const("W2", _weights(3, 6))]
     return _model(nodes, inits, [1, 5], [1, 3])
 
 
@@ -108,9 +117,14 @@ def _case_matmul_add_normalisation():
         helper.make_node("MatMul", ["r1", "W2"], ["m2"]),
         helper.make_node("Add", ["b2", "m2"], ["y"]),
     ]
-    inits = [_const("mean", _weights(1, 1, 1, 5)), _const("std", 0.5 + RNG.random(5)),
-             _const("W1", _weights(5, 7)), _const("b1", _weights(7)),
-             _const("W2", _weights(7, 4)), _const("b2", _weights(4))]
+    inits = [
+        _const("mean", _weights(1, 1, 1, 5)),
+        _const("std", 0.5 + RNG.random(5)),
+        _const("W1", _weights(5, 7)),
+        _const("b1", _weights(7)),
+        _const("W2", _weights(7, 4)),
+        _const("b2", _weights(4)),
+    ]
     return _model(nodes, inits, [1, 1, 1, 5], [1, 4], opset=8)
 
 
@@ -129,33 +143,42 @@ def _case_conv_channel_normalisation_batchnorm():
     nodes = [
         helper.make_node("Sub", ["x", "mu"], ["s"]),
         helper.make_node("Div", ["s", "sigma"], ["n"]),
-        helper.make_node("Conv", ["n", "K0"], ["c0"], kernel_shape=[3, 3], strides=[2, 2],
-                         pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c0", "g", "be", "rm", "rv"], ["bn"],
-                         epsilon=1e-3),
+        helper.make_node(
+            "Conv", ["n", "K0"], ["c0"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("BatchNormalization", ["c0", "g", "be", "rm", "rv"], ["bn"], epsilon=1e-3),
         helper.make_node("Relu", ["bn"], ["r"]),
         *_conv_tail("r", 3, 3)[0],
     ]
-    inits = [_const("mu", _weights(1, 2, 1, 1)), _const("sigma", 0.5 + RNG.random((1, 2, 1, 1))),
-             _const("K0", _weights(3, 2, 3, 3)), _const("g", _weights(3)),
-             _const("be", _weights(3)), _const("rm", _weights(3)),
-             _const("rv", 0.5 + RNG.random(3)), *_conv_tail("r", 3, 3)[1]]
+    inits = [
+        _const("mu", _weights(1, 2, 1, 1)),
+        _const("sigma", 0.5 + RNG.random((1, 2, 1, 1))),
+        _const("K0", _weights(3, 2, 3, 3)),
+        _const("g", _weights(3)),
+        _const("be", _weights(3)),
+        _const("rm", _weights(3)),
+        _const("rv", 0.5 + RNG.random(3)),
+        *_conv_tail("r", 3, 3)[1],
+    ]
     return _model(nodes, inits, [1, 2, 6, 6], [1, 3])
 
 
 def _case_conv_asymmetric_and_same_padding():
     nodes = [
-        helper.make_node("Conv", ["x", "K0", "b0"], ["c0"], kernel_shape=[2, 3],
-                         pads=[0, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "K0", "b0"], ["c0"], kernel_shape=[2, 3], pads=[0, 1, 1, 1]),
         helper.make_node("Relu", ["c0"], ["r0"]),
         helper.make_node("Conv", ["r0", "K1"], ["c1"], kernel_shape=[3, 3], auto_pad="SAME_UPPER"),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Flatten", ["r1"], ["f"]),
         helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1),
     ]
-    inits = [_const("K0", _weights(2, 1, 2, 3)), _const("b0", _weights(2)),
-             _const("K1", _weights(2, 2, 3, 3)), _const("W", _weights(3, 2 * 6 * 6)),
-             _const("b", _weights(3))]
+    inits = [
+        _const("K0", _weights(2, 1, 2, 3)),
+        _const("b0", _weights(2)),
+        _const("K1", _weights(2, 2, 3, 3)),
+        _const("W", _weights(3, 2 * 6 * 6)),
+        _const("b", _weights(3)),
+    ]
     return _model(nodes, inits, [1, 1, 6, 6], [1, 3])
 
 
@@ -166,14 +189,24 @@ def _case_pad_average_pool():
         helper.make_node("Relu", ["c0"], ["r0"]),
         helper.make_node("Pad", ["r0", "pads"], ["p"], mode="constant"),
         helper.make_node("AveragePool", ["p"], ["ap"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("AveragePool", ["ap"], ["ap2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                         count_include_pad=0),
+        helper.make_node(
+            "AveragePool",
+            ["ap"],
+            ["ap2"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            count_include_pad=0,
+        ),
         helper.make_node("Flatten", ["ap2"], ["f"]),
         helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1),
     ]
-    inits = [_const("K0", _weights(2, 1, 3, 3)), _const("b0", _weights(2)),
-             _const("pads", np.array([0, 0, 1, 0, 0, 0, 1, 2], dtype=np.int64)),
-             _const("W", _weights(3, 2 * 3 * 3)), _const("b", _weights(3))]
+    inits = [
+        _const("K0", _weights(2, 1, 3, 3)),
+        _const("b0", _weights(2)),
+        _const("pads", np.array([0, 0, 1, 0, 0, 0, 1, 2], dtype=np.int64)),
+        _const("W", _weights(3, 2 * 3 * 3)),
+        _const("b", _weights(3)),
+    ]
     return _model(nodes, inits, [1, 1, 7, 7], [1, 3])
 
 
@@ -190,19 +223,26 @@ def _case_reshape_family():
         helper.make_node("Unsqueeze", ["flat", "axes2"], ["u"]),
         helper.make_node("Transpose", ["u"], ["t"], perm=[0, 2, 1]),
         helper.make_node("Squeeze", ["t", "axes1"], ["sq"]),
-        helper.make_node("Constant", [], ["shape2"],
-                         value=_const("shape2v", np.array([0, 2, -1], dtype=np.int64))),
+        helper.make_node(
+            "Constant",
+            [],
+            ["shape2"],
+            value=_const("shape2v", np.array([0, 2, -1], dtype=np.int64)),
+        ),
         helper.make_node("Reshape", ["sq", "shape2"], ["r2"]),
         helper.make_node("Dropout", ["r2"], ["d"]),
         helper.make_node("Cast", ["d"], ["cast"], to=TensorProto.FLOAT),
         helper.make_node("Flatten", ["cast"], ["f"]),
         *_mlp_tail("f", 12)[0],
     ]
-    inits = [_const("zero", np.array(0, dtype=np.int64)),
-             _const("axes0", np.array([0], dtype=np.int64)),
-             _const("axes1", np.array([1], dtype=np.int64)),
-             _const("axes2", np.array([2], dtype=np.int64)),
-             _const("minus_one", np.array([-1], dtype=np.int64)), *_mlp_tail("f", 12)[1]]
+    inits = [
+        _const("zero", np.array(0, dtype=np.int64)),
+        _const("axes0", np.array([0], dtype=np.int64)),
+        _const("axes1", np.array([1], dtype=np.int64)),
+        _const("axes2", np.array([2], dtype=np.int64)),
+        _const("minus_one", np.array([-1], dtype=np.int64)),
+        *_mlp_tail("f", 12)[1],
+    ]
     return _model(nodes, inits, [1, 3, 4], [1, 3])
 
 
@@ -214,18 +254,24 @@ def _case_vector_input():
         helper.make_node("Relu", ["a"], ["r"]),
         helper.make_node("MatMul", ["r", "W2"], ["y"]),
     ]
-    inits = [_const("W1", _weights(4, 3)), _const("b1", _weights(4)),
-             _const("W2", _weights(4, 2))]
+    inits = [_const("W1", _weights(4, 3)), _const("b1", _weights(4)), _const("W2", _weights(4, 2))]
     return _model(nodes, inits, [3], [2], opset=14)
 
 
 def _case_symbolic_batch_and_bias_free_conv():
-    nodes = [helper.make_node("Conv", ["x", "K0"], ["c0"], kernel_shape=[1, 1]),
-             helper.make_node("Add", ["c0", "cb"], ["a"]),
-             helper.make_node("Mul", ["a", "half"], ["h"]),
-             helper.make_node("Relu", ["h"], ["r"]), *_conv_tail("r", 2, 4)[0]]
-    inits = [_const("K0", _weights(2, 2, 1, 1)), _const("cb", _weights(1, 2, 1, 1)),
-             _const("half", np.float32(0.5)), *_conv_tail("r", 2, 4)[1]]
+    nodes = [
+        helper.make_node("Conv", ["x", "K0"], ["c0"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["c0", "cb"], ["a"]),
+        helper.make_node("Mul", ["a", "half"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        *_conv_tail("r", 2, 4)[0],
+    ]
+    inits = [
+        _const("K0", _weights(2, 2, 1, 1)),
+        _const("cb", _weights(1, 2, 1, 1)),
+        _const("half", np.float32(0.5)),
+        *_conv_tail("r", 2, 4)[1],
+    ]
     return _model(nodes, inits, ["N", 2, 4, 4], ["N", 3])
 
 
@@ -240,9 +286,14 @@ def _case_residual_mlp():
         helper.make_node("Relu", ["d"], ["r"]),
         helper.make_node("Gemm", ["r", "W3", "b3"], ["y"], transB=1),
     ]
-    inits = [_const("W1", _weights(6, 6)), _const("b1", _weights(6)),
-             _const("W2", _weights(6, 6)), _const("b2", _weights(6)),
-             _const("W3", _weights(3, 6)), _const("b3", _weights(3))]
+    inits = [
+        _const("W1", _weights(6, 6)),
+        _const("b1", _weights(6)),
+        _const("W2", _weights(6, 6)),
+        _const("b2", _weights(6)),
+        _const("W3", _weights(3, 6)),
+        _const("b3", _weights(3)),
+    ]
     return _model(nodes, inits, [1, 6], [1, 3])
 
 
@@ -260,12 +311,19 @@ def _case_residual_cnn():
         helper.make_node("Flatten", ["r2"], ["f"]),
         helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1),
     ]
-    inits = [_const("K0", _weights(2, 1, 3, 3)), _const("k0", _weights(2)),
-             _const("K1", _weights(2, 2, 3, 3)), _const("g", _weights(2)),
-             _const("be", _weights(2)), _const("rm", _weights(2)),
-             _const("rv", 0.5 + RNG.random(2)), _const("K2", _weights(2, 2, 3, 3)),
-             _const("k2", _weights(2)), _const("W", _weights(3, 2 * 5 * 5)),
-             _const("b", _weights(3))]
+    inits = [
+        _const("K0", _weights(2, 1, 3, 3)),
+        _const("k0", _weights(2)),
+        _const("K1", _weights(2, 2, 3, 3)),
+        _const("g", _weights(2)),
+        _const("be", _weights(2)),
+        _const("rm", _weights(2)),
+        _const("rv", 0.5 + RNG.random(2)),
+        _const("K2", _weights(2, 2, 3, 3)),
+        _const("k2", _weights(2)),
+        _const("W", _weights(3, 2 * 5 * 5)),
+        _const("b", _weights(3)),
+    ]
     return _model(nodes, inits, [1, 1, 5, 5], [1, 3])
 
 
@@ -336,8 +394,9 @@ def test_certify_and_certified_radius_accept_an_onnx_path(tmp_path):
     by_path = certify(str(path), x, 0.02, method="crown")
     by_module = certify(module, x, 0.02, method="crown")
     np.testing.assert_array_equal(by_path.margins, by_module.margins)
-    np.testing.assert_array_equal(certified_radius(path, x, max_eps=0.2),
-                                  certified_radius(module, x, max_eps=0.2))
+    np.testing.assert_array_equal(
+        certified_radius(path, x, max_eps=0.2), certified_radius(module, x, max_eps=0.2)
+    )
 
 
 def test_complete_verification_of_an_imported_network(tmp_path):
@@ -349,8 +408,9 @@ def test_complete_verification_of_an_imported_network(tmp_path):
     falsified = cert.status == "falsified"
     if falsified.any():  # every counterexample is real (onnxruntime disagrees with the label)
         points = cert.counterexample[falsified].astype(np.float32)
-        logits = np.concatenate([_run_ort(path, p.reshape(_file_input(module, path)))
-                                 for p in points]).reshape(falsified.sum(), -1)
+        logits = np.concatenate(
+            [_run_ort(path, p.reshape(_file_input(module, path))) for p in points]
+        ).reshape(falsified.sum(), -1)
         assert (logits.argmax(1) != cert.prediction[falsified]).all()
 
 
@@ -378,37 +438,76 @@ def test_loaded_module_attributes(tmp_path):
 # ------------------------------------------------------------------------------ errors
 def _error_cases():
     broadcast = _model(
-        [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
-         helper.make_node("ReduceSum", ["h"], ["s"], keepdims=1),
-         helper.make_node("Add", ["h", "x"], ["y"])],
-        [_const("W", _weights(4, 4))], [1, 4], [1, 4])
+        [
+            helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+            helper.make_node("ReduceSum", ["h"], ["s"], keepdims=1),
+            helper.make_node("Add", ["h", "x"], ["y"]),
+        ],
+        [_const("W", _weights(4, 4))],
+        [1, 4],
+        [1, 4],
+    )
     product = _model(
-        [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("Mul", ["r", "x"], ["y"])], [], [1, 4], [1, 4])
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "x"], ["y"])],
+        [],
+        [1, 4],
+        [1, 4],
+    )
     shapes = _model(
-        [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
-         helper.make_node("Add", ["h", "x"], ["y"])],
-        [_const("W", _weights(3, 4))], [1, 4], [1, 3])
-    unsupported = _model([helper.make_node("Sigmoid", ["x"], ["y"], name="act")], [], [1, 4],
-                         [1, 4])
-    permuting = _model([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
-                        helper.make_node("Flatten", ["t"], ["y"])], [], [1, 2, 3], [1, 6])
+        [
+            helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+            helper.make_node("Add", ["h", "x"], ["y"]),
+        ],
+        [_const("W", _weights(3, 4))],
+        [1, 4],
+        [1, 3],
+    )
+    unsupported = _model(
+        [helper.make_node("Sigmoid", ["x"], ["y"], name="act")], [], [1, 4], [1, 4]
+    )
+    permuting = _model(
+        [
+            helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+            helper.make_node("Flatten", ["t"], ["y"]),
+        ],
+        [],
+        [1, 2, 3],
+        [1, 6],
+    )
     square = _model([helper.make_node("Mul", ["x", "x"], ["y"])], [], [1, 4], [1, 4])
-    grouped = _model([helper.make_node("Conv", ["x", "K"], ["c"], kernel_shape=[1, 1], group=2),
-                      helper.make_node("Flatten", ["c"], ["y"])],
-                     [_const("K", _weights(2, 1, 1, 1))], [1, 2, 3, 3], [1, 18])
-    divide_by_x = _model([helper.make_node("Div", ["one", "x"], ["y"])],
-                         [_const("one", np.float32(1))], [1, 4], [1, 4])
-    reflect = _model([helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
-                      helper.make_node("Flatten", ["p"], ["y"])],
-                     [_const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))],
-                     [1, 1, 3, 3], [1, 25])
+    grouped = _model(
+        [
+            helper.make_node("Conv", ["x", "K"], ["c"], kernel_shape=[1, 1], group=2),
+            helper.make_node("Flatten", ["c"], ["y"]),
+        ],
+        [_const("K", _weights(2, 1, 1, 1))],
+        [1, 2, 3, 3],
+        [1, 18],
+    )
+    divide_by_x = _model(
+        [helper.make_node("Div", ["one", "x"], ["y"])],
+        [_const("one", np.float32(1))],
+        [1, 4],
+        [1, 4],
+    )
+    reflect = _model(
+        [
+            helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+            helper.make_node("Flatten", ["p"], ["y"]),
+        ],
+        [_const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))],
+        [1, 1, 3, 3],
+        [1, 25],
+    )
     del broadcast
     return {
         "product-of-branches": (product, r"Mul of 2 computed tensors is not supported"),
         "branches-of-two-shapes": (shapes, r"Add node .*shapes \(1, 3\) and \(1, 4\)"),
-        "unsupported-op": (unsupported, r"Sigmoid node 'act'.*op 'Sigmoid' is not supported\. "
-                                        r"Supported ONNX ops: Gemm, MatMul"),
+        "unsupported-op": (
+            unsupported,
+            r"Sigmoid node 'act'.*op 'Sigmoid' is not supported\. "
+            r"Supported ONNX ops: Gemm, MatMul",
+        ),
         "permuting-transpose": (permuting, r"Transpose .*perm=\[0, 2, 1\].*permutes data"),
         "square": (square, r"Mul node .*same computed tensor twice"),
         "grouped-conv": (grouped, r"Conv node .*group=2"),

@@ -312,8 +312,11 @@ def test_paths_gzip_and_text_detection(tmp_path: pathlib.Path):
 
 def test_errors_from_files_name_the_file(tmp_path: pathlib.Path):
     path = tmp_path / "broken.vnnlib.gz"
-    path.write_bytes(gzip.compress(b"(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
-                                   b"(assert (<= X_0 Y_9))\n"))
+    path.write_bytes(
+        gzip.compress(
+            b"(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 Y_9))\n"
+        )
+    )
     err = error_of(path)
     assert (err.path, err.line) == (str(path), 3)
     assert str(err).startswith(f"{path}:3: ") and "Y_9" in str(err)
@@ -335,8 +338,11 @@ BOX = "(assert (>= X_0 0))\n(assert (<= X_0 1))\n"  # lines 3-4
         (HEAD + BOX + "(assrt (<= Y_0 1))\n", 5, "unknown command 'assrt'"),
         (HEAD + BOX + "Y_0\n", 5, "expected a command"),
         (HEAD + BOX + "(assert (not (<= Y_0 1)))\n", 5, "unsupported operator 'not'"),
-        (HEAD + BOX + "(assert\n  (or (<= Y_0 1)\n      (=> (<= Y_0 1) (>= Y_0 2))))\n", 7,
-         "operator '=>'"),
+        (
+            HEAD + BOX + "(assert\n  (or (<= Y_0 1)\n      (=> (<= Y_0 1) (>= Y_0 2))))\n",
+            7,
+            "operator '=>'",
+        ),
         (HEAD + BOX + "(assert (<= (max Y_0 1) 1))\n", 5, "operator 'max'"),
         (HEAD + BOX + "(assert (+ Y_0 1))\n", 5, "arithmetic term"),
         (HEAD + BOX + "(assert (<= Y_0 (<= Y_0 1)))\n", 5, "term was expected"),
@@ -349,8 +355,11 @@ BOX = "(assert (>= X_0 0))\n(assert (<= X_0 1))\n"  # lines 3-4
         (HEAD + "(declare-const X_1 Int)\n", 3, "unsupported sort 'Int'"),
         (HEAD + "(declare-const X_1)\n", 3, "expected (declare-const NAME Real)"),
         (HEAD + "(declare-const X_2 Real)\n" + BOX, 3, "X_2 is declared but X_1 is not"),
-        ("(declare-const X_0 Real)\n(declare-const Y_1 Real)\n" + BOX, 2,
-         "Y_1 is declared but Y_0 is not"),
+        (
+            "(declare-const X_0 Real)\n(declare-const Y_1 Real)\n" + BOX,
+            2,
+            "Y_1 is declared but Y_0 is not",
+        ),
         (HEAD + BOX + "(assert (<= Y_0 0.5.3))\n", 5, "invalid numeric constant '0.5.3'"),
         (HEAD + BOX + "(assert (<= Y_0 nan))\n", 5, "invalid numeric constant 'nan'"),
         (HEAD + BOX + "(assert (<= Y_0 inf))\n", 5, "invalid numeric constant 'inf'"),
@@ -360,14 +369,20 @@ BOX = "(assert (>= X_0 0))\n(assert (<= X_0 1))\n"  # lines 3-4
         (HEAD + BOX + "(assert (<= (/ 1 Y_0) 1))\n", 5, "division by a variable"),
         (HEAD + BOX + "(assert (<= (/ Y_0 0) 1))\n", 5, "division by zero"),
         (HEAD + BOX + "(assert\n  (<= X_0 Y_0))\n", 6, "mixing inputs (X) and outputs (Y)"),
-        ("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
-         "(assert (<= (+ X_0 X_1) 1))\n", 4, "coupling several inputs"),
+        (
+            "(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+            "(assert (<= (+ X_0 X_1) 1))\n",
+            4,
+            "coupling several inputs",
+        ),
         (HEAD + "(assert (>= X_0 0))\n(assert (<= Y_0 1))\n", 1, "X_0 has no finite upper"),
         (HEAD + "(assert (<= X_0 0))\n(assert (<= Y_0 1))\n", 1, "X_0 has no finite lower"),
-        (HEAD + "(assert (or (and (>= X_0 0) (<= X_0 1))\n(>= X_0 2)))\n", 1,
-         "conjunction 1 of 2"),
-        (HEAD + "(assert (>= X_0 0.5))\n(assert (<= X_0 1))\n\n(assert (<= X_0 0.25))\n", 6,
-         "empty input box"),
+        (HEAD + "(assert (or (and (>= X_0 0) (<= X_0 1))\n(>= X_0 2)))\n", 1, "conjunction 1 of 2"),
+        (
+            HEAD + "(assert (>= X_0 0.5))\n(assert (<= X_0 1))\n\n(assert (<= X_0 0.25))\n",
+            6,
+            "empty input box",
+        ),
         (HEAD + BOX + "(assert)\n", 5, "exactly one formula"),
         (HEAD + BOX + "(assert (<= Y_0))\n", 5, "at least two arguments"),
         (HEAD + BOX + "(assert ((<= Y_0 1)))\n", 5, "expected an operator"),
@@ -472,8 +487,10 @@ def formulas(depth: int):
         return text, lambda y: join(c[1](y) for c in children)
 
     return st.one_of(
-        atom, st.tuples(st.sampled_from(["and", "or"]), st.lists(sub, min_size=1, max_size=3))
-        .map(combine)
+        atom,
+        st.tuples(st.sampled_from(["and", "or"]), st.lists(sub, min_size=1, max_size=3)).map(
+            combine
+        ),
     )
 
 

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.timeout(300)  # a stuck cluster fails the test instead 
 EPS = 0.05
 SEED = 0
 # Tiny networks and few epochs: a fit takes a fraction of a second, the test seconds.
-TINY = dict(module__hidden_sizes=(16,), max_epochs=3, batch_size=64, lower=0.0, upper=1.0,
-            random_state=SEED)
+TINY = dict(
+    module__hidden_sizes=(16,), max_epochs=3, batch_size=64, lower=0.0, upper=1.0, random_state=SEED
+)
 
 
 class _RecordThreads(Callback):
@@ -87,8 +88,13 @@ def client():
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
         with (
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                         dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
             Client(cluster) as client,
         ):
             yield client
@@ -96,8 +102,11 @@ def client():
         os.environ.clear()
         os.environ.update(environ)
     # multiprocessing's resource tracker lives as long as this process: it is not a leak.
-    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before
-            and "resource_tracker" not in " ".join(_cmdline(p))]
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and "resource_tracker" not in " ".join(_cmdline(p))
+    ]
     _, alive = psutil.wait_procs(left, timeout=10)
     assert not alive, f"the cluster left processes behind: {alive}"
 
@@ -111,33 +120,50 @@ def _cmdline(process) -> list[str]:
 
 def _searches(teacher):
     """The three searches by name; each is fitted once with ``n_jobs=1``, once on dask."""
-    scoring = {"certified": CertifiedAccuracy(EPS, method="ibp"), "accuracy": "accuracy",
-               "threads": _fit_threads, "pid": _fit_pid}
+    scoring = {
+        "certified": CertifiedAccuracy(EPS, method="ibp"),
+        "accuracy": "accuracy",
+        "threads": _fit_threads,
+        "pid": _fit_pid,
+    }
     callbacks = [("threads", _RecordThreads())]
     cv = StratifiedKFold(2, shuffle=True, random_state=SEED)
     return {
         "teacher-grid": GridSearchCV(
             CertifiedTeacher(eps=EPS, method="ibp", callbacks=callbacks, **TINY),
             {"lr": [1e-3, 1e-2], "eps_train_ratio": [1.0, 1.5]},
-            scoring=scoring, refit="certified", cv=cv,
+            scoring=scoring,
+            refit="certified",
+            cv=cv,
         ),
         "student-frozen-teacher-grid": GridSearchCV(
             DistilledStudent(FrozenEstimator(teacher), eps=EPS, callbacks=callbacks, **TINY),
             {"loss": ["selective", "baseline"], "distill_weight": [0.3, 1.0]},
-            scoring=scoring, refit="certified", cv=cv,
+            scoring=scoring,
+            refit="certified",
+            cv=cv,
         ),
         # Every fit trains its own teacher (a clone of the unfitted one) on its training folds.
         "student-unfitted-teacher-randomized": RandomizedSearchCV(
-            DistilledStudent(CertifiedTeacher(eps=EPS, method="ibp", **TINY), eps=EPS,
-                             callbacks=callbacks, **TINY),
+            DistilledStudent(
+                CertifiedTeacher(eps=EPS, method="ibp", **TINY),
+                eps=EPS,
+                callbacks=callbacks,
+                **TINY,
+            ),
             {"distill_weight": uniform(0.0, 1.0), "temperature": [1.0, 4.0]},
-            n_iter=3, random_state=SEED, scoring=scoring, refit="certified", cv=cv,
+            n_iter=3,
+            random_state=SEED,
+            scoring=scoring,
+            refit="certified",
+            cv=cv,
         ),
     }
 
 
-@pytest.mark.parametrize("name", ["teacher-grid", "student-frozen-teacher-grid",
-                                  "student-unfitted-teacher-randomized"])
+@pytest.mark.parametrize(
+    "name", ["teacher-grid", "student-frozen-teacher-grid", "student-unfitted-teacher-randomized"]
+)
 def test_search_on_dask_equals_sequential(name, client, data, teacher):
     X, y = data
     search = _searches(teacher)[name]
@@ -160,8 +186,9 @@ def test_search_on_dask_equals_sequential(name, client, data, teacher):
     expected, got = sequential.cv_results_, on_dask.cv_results_
     assert got["params"] == expected["params"]
     for key in expected:
-        if (key.startswith(("split", "mean_test", "std_test", "rank_test"))
-                and not key.endswith(("threads", "pid"))):
+        if key.startswith(("split", "mean_test", "std_test", "rank_test")) and not key.endswith(
+            ("threads", "pid")
+        ):
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     assert on_dask.best_params_ == sequential.best_params_
     assert on_dask.best_score_ == sequential.best_score_
@@ -187,8 +214,10 @@ def test_estimators_pickle_to_workers(client, data, teacher):
     remote = client.submit(_fit, clone(unfitted), X, y, pure=False).result()
     local = clone(unfitted).fit(X, y)
     assert remote.teacher_ is not remote.teacher and remote.teacher_outputs_ is None
-    for a, b in ((remote.module_, local.module_), (remote.teacher_.module_,
-                                                    local.teacher_.module_)):
+    for a, b in (
+        (remote.module_, local.module_),
+        (remote.teacher_.module_, local.teacher_.module_),
+    ):
         for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert torch.equal(p, q), name
     np.testing.assert_array_equal(remote.predict(X), local.predict(X))
@@ -197,9 +226,13 @@ def test_estimators_pickle_to_workers(client, data, teacher):
 def test_torch_threads_on_a_worker(client, data):
     # The user's torch_threads wins over the worker's single thread, for the fit only. (One
     # epoch: two threads on a busy 2-core machine are slow, which is the point of the default.)
-    estimator = CertifiedTeacher(eps=EPS, method="ibp", torch_threads=2,
-                                 callbacks=[("threads", _RecordThreads())],
-                                 **{**TINY, "max_epochs": 1})
+    estimator = CertifiedTeacher(
+        eps=EPS,
+        method="ibp",
+        torch_threads=2,
+        callbacks=[("threads", _RecordThreads())],
+        **{**TINY, "max_epochs": 1},
+    )
     during, after = client.submit(_fit_and_threads_after, estimator, *data, pure=False).result()
     assert list(during) == [2]
     assert after == float(os.environ.get("OMP_NUM_THREADS", 1))
@@ -208,8 +241,9 @@ def test_torch_threads_on_a_worker(client, data):
 # ---------------------------------------------------------------------------- certify_dask
 def _digits_module():
     torch.manual_seed(SEED)
-    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 10)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    ).eval()
 
 
 def test_certify_dask_on_the_cluster_equals_in_memory(client, data, teacher):
@@ -228,8 +262,7 @@ def test_certify_dask_on_the_cluster_equals_in_memory(client, data, teacher):
     assert result.method == "ibp+crown" and result.eps == pytest.approx(EPS)
     # Lazy until computed; computed together, each block is certified once, on the workers.
     with distributed.get_task_stream(client) as tasks:
-        status, certified, margins = dask.compute(result.status, result.certified,
-                                                  result.margins)
+        status, certified, margins = dask.compute(result.status, result.certified, result.margins)
     blocks = [t for t in tasks.data if "certify_block" in str(t["key"])]
     assert len(blocks) == len(X_dask.chunks[0])
     expected = certify(module, X, EPS, method=methods, y=y, lower=0.0, upper=1.0)

@@ -50,8 +50,14 @@ def test_context_rejects_bad_values(bad):
 def test_estimator_fits_predicts_and_certifies_with_its_threads(data, monkeypatch):
     X, y = data
     before = torch.get_num_threads()
-    net = CertifiedTeacher(method="ibp", module__hidden_sizes=(8,), max_epochs=2, random_state=0,
-                           torch_threads=before + 1, callbacks=[("threads", _RecordThreads())])
+    net = CertifiedTeacher(
+        method="ibp",
+        module__hidden_sizes=(8,),
+        max_epochs=2,
+        random_state=0,
+        torch_threads=before + 1,
+        callbacks=[("threads", _RecordThreads())],
+    )
     net.fit(X, y)
     assert net.history_[:, "torch_threads"] == [before + 1] * 2
     assert torch.get_num_threads() == before
@@ -62,6 +68,7 @@ def test_estimator_fits_predicts_and_certifies_with_its_threads(data, monkeypatc
         def wrapper(*args, **kwargs):
             seen[name] = torch.get_num_threads()
             return function(*args, **kwargs)
+
         return wrapper
 
     def forward_hook(*_):
@@ -82,8 +89,12 @@ def test_estimator_fits_predicts_and_certifies_with_its_threads(data, monkeypatc
 def test_default_leaves_threads_alone(data):
     X, y = data
     torch.set_num_threads(1)  # as conftest.py
-    net = CertifiedTeacher(method="ibp", module__hidden_sizes=(8,), max_epochs=1,
-                           callbacks=[("threads", _RecordThreads())]).fit(X, y)
+    net = CertifiedTeacher(
+        method="ibp",
+        module__hidden_sizes=(8,),
+        max_epochs=1,
+        callbacks=[("threads", _RecordThreads())],
+    ).fit(X, y)
     assert net.torch_threads is None
     assert net.history_[:, "torch_threads"] == [1]
 
@@ -95,8 +106,9 @@ def test_invalid_torch_threads_raise_in_fit(data):
 
 def test_estimators_pickled_before_the_parameter_still_predict(data):
     X, y = data
-    net = CertifiedTeacher(method="ibp", module__hidden_sizes=(8,), max_epochs=1,
-                           random_state=0).fit(X, y)
+    net = CertifiedTeacher(
+        method="ibp", module__hidden_sizes=(8,), max_epochs=1, random_state=0
+    ).fit(X, y)
     del net.torch_threads  # as in a file written by an older version
     restored = pickle.loads(pickle.dumps(net))
     np.testing.assert_array_equal(restored.predict(X), net.predict(X))

@@ -22,8 +22,9 @@ ORACLE_TOL = 1e-5
 
 
 def _oracle(net, x, reference, eps, lower, upper) -> np.ndarray:
-    exact = exact_min_margins(net, x.numpy().astype(np.float64), reference, eps, lower=lower,
-                              upper=upper)
+    exact = exact_min_margins(
+        net, x.numpy().astype(np.float64), reference, eps, lower=lower, upper=upper
+    )
     return np.array([result.optimum.min() for result in exact])
 
 
@@ -31,8 +32,9 @@ def _check_against_oracle(net, x, cert, eps, lower, upper, *, spot_checks: int =
     """Every certified (or unknown) sample and a few falsified ones against the MILP oracle;
     every counterexample against the module itself (a real flip is what the oracle's negative
     minimum means, so a checked counterexample is agreement)."""
-    _check_counterexamples(net, x, cert, eps, -np.inf if lower is None else lower,
-                           np.inf if upper is None else upper)
+    _check_counterexamples(
+        net, x, cert, eps, -np.inf if lower is None else lower, np.inf if upper is None else upper
+    )
     falsified = np.flatnonzero(cert.status == "falsified")
     rows = np.concatenate([np.flatnonzero(cert.status != "falsified"), falsified[:spot_checks]])
     if not len(rows):
@@ -44,8 +46,9 @@ def _check_against_oracle(net, x, cert, eps, lower, upper, *, spot_checks: int =
 
 
 def _expected_status(minimum: np.ndarray) -> np.ndarray:
-    return np.where(minimum > ORACLE_TOL, "certified",
-                    np.where(minimum < -ORACLE_TOL, "falsified", "either"))
+    return np.where(
+        minimum > ORACLE_TOL, "certified", np.where(minimum < -ORACLE_TOL, "falsified", "either")
+    )
 
 
 def _check_counterexamples(net, x, cert, eps, lower, upper):
@@ -67,11 +70,12 @@ def _check_counterexamples(net, x, cert, eps, lower, upper):
 
 NETWORKS = {
     "mlp": lambda: (make_mlp(4, [12, 12], 3, seed=1), (4,)),
-    "mlp-bn-dropout": lambda: (make_mlp(5, [10, 8], 4, seed=2, batchnorm=True, dropout=True),
-                               (5,)),
+    "mlp-bn-dropout": lambda: (make_mlp(5, [10, 8], 4, seed=2, batchnorm=True, dropout=True), (5,)),
     "cnn-bn-avgpool": lambda: (make_cnn((1, 6, 6), (3,), 3, seed=1), (1, 6, 6)),
-    "cnn-stride2": lambda: (make_cnn((2, 6, 6), (3, 4), 3, seed=4, stride=2, avgpool=False,
-                                     hidden=6), (2, 6, 6)),
+    "cnn-stride2": lambda: (
+        make_cnn((2, 6, 6), (3, 4), 3, seed=4, stride=2, avgpool=False, hidden=6),
+        (2, 6, 6),
+    ),
 }
 
 
@@ -110,8 +114,9 @@ def test_each_search_stage_alone_is_sound():
         cert = certify(net, x, 0.1, method=stages, lower=0.0, upper=1.0, timeout=20.0)
         certified = np.flatnonzero(cert.status == "certified")
         if len(certified):
-            minimum = _oracle(net, x[torch.as_tensor(certified)], cert.prediction[certified],
-                              0.1, 0.0, 1.0)
+            minimum = _oracle(
+                net, x[torch.as_tensor(certified)], cert.prediction[certified], 0.1, 0.0, 1.0
+            )
             assert np.all(minimum > -ORACLE_TOL)
         _check_counterexamples(net, x, cert, 0.1, 0.0, 1.0)
     incomplete = certify(net, x, 0.1, method=("ibp", "crown"), lower=0.0, upper=1.0)
@@ -120,8 +125,9 @@ def test_each_search_stage_alone_is_sound():
 
 def test_complete_on_2d_inputs_agrees_with_a_dense_grid():
     torch.manual_seed(5)
-    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                        nn.Linear(16, 3)).eval()
+    net = nn.Sequential(
+        nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).eval()
     x = torch.rand(12, 2)
     eps = 0.08
     cert = certify(net, x, eps, method="complete", lower=0.0, upper=1.0, timeout=20.0)
@@ -130,8 +136,9 @@ def test_complete_on_2d_inputs_agrees_with_a_dense_grid():
     for i in range(len(x)):
         points = (x[i] + eps * grid).clamp(0, 1)
         with torch.no_grad():
-            flips = worst_margin(net(points), torch.full((len(points),),
-                                                         int(cert.prediction[i]))) < 0
+            flips = (
+                worst_margin(net(points), torch.full((len(points),), int(cert.prediction[i]))) < 0
+            )
         if bool(flips.any()):
             assert cert.status[i] == "falsified", i  # the grid found a flip: never certified
         else:
@@ -142,8 +149,7 @@ def test_complete_on_2d_inputs_agrees_with_a_dense_grid():
 def test_timeout_and_budget_leave_samples_unknown_never_guessed():
     net, shape = NETWORKS["cnn-stride2"]()
     x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(1))
-    quick = certify(net, x, 0.12, method=("ibp", "bab", "milp"), lower=0.0, upper=1.0,
-                    timeout=1e-6)
+    quick = certify(net, x, 0.12, method=("ibp", "bab", "milp"), lower=0.0, upper=1.0, timeout=1e-6)
     full = certify(net, x, 0.12, method="complete", lower=0.0, upper=1.0, timeout=20.0)
     decided = quick.status != "unknown"
     assert np.all(quick.status[decided] == full.status[decided])
@@ -197,18 +203,18 @@ def test_non_relu_activations_get_a_clear_message():
 def test_certified_radius_by_complete_verification_brackets_the_exact_radius():
     net, shape = NETWORKS["mlp"]()
     x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(2))
-    radius = certified_radius(net, x, method="complete", lower=0.0, upper=1.0, max_eps=0.4,
-                              tol=0.01, timeout=20.0)
-    crown = certified_radius(net, x, method="crown", lower=0.0, upper=1.0, max_eps=0.4,
-                             tol=0.01)
+    radius = certified_radius(
+        net, x, method="complete", lower=0.0, upper=1.0, max_eps=0.4, tol=0.01, timeout=20.0
+    )
+    crown = certified_radius(net, x, method="crown", lower=0.0, upper=1.0, max_eps=0.4, tol=0.01)
     assert np.all(radius >= crown - 1e-9)  # complete is never below an incomplete method
     with torch.no_grad():
         reference = net(x).argmax(1).numpy()
     for i, r in enumerate(radius):
         if r <= 0 or r >= 0.4:
             continue
-        inside = _oracle(net, x[i:i + 1], reference[i:i + 1], r, 0.0, 1.0)[0]
-        outside = _oracle(net, x[i:i + 1], reference[i:i + 1], r + 0.01, 0.0, 1.0)[0]
+        inside = _oracle(net, x[i : i + 1], reference[i : i + 1], r, 0.0, 1.0)[0]
+        outside = _oracle(net, x[i : i + 1], reference[i : i + 1], r + 0.01, 0.0, 1.0)[0]
         assert inside > -ORACLE_TOL and outside < ORACLE_TOL
 
 
@@ -219,14 +225,22 @@ def test_complete_verification_is_exposed_on_the_estimators():
 
     X, y = load_digits(return_X_y=True)
     X, y = X[:200] / 16.0, y[:200]
-    net = CertifiedTeacher(method="ibp", eps=0.1, lower=0.0, upper=1.0, max_epochs=3,
-                           module__hidden_sizes=(16,), random_state=0).fit(X, y)
+    net = CertifiedTeacher(
+        method="ibp",
+        eps=0.1,
+        lower=0.0,
+        upper=1.0,
+        max_epochs=3,
+        module__hidden_sizes=(16,),
+        random_state=0,
+    ).fit(X, y)
     cert = net.certify(X[:60], y=y[:60], method="complete", timeout=20.0)
     assert np.all(cert.status != "unknown")
     incomplete = net.certify(X[:60], y=y[:60])
     assert np.all(cert.certified >= incomplete.certified)
     assert net.certified_accuracy(X[:60], y[:60], method="complete") == pytest.approx(
-        cert.certified_fraction)
+        cert.certified_fraction
+    )
     scorer = CertifiedAccuracy(0.1, method="complete", timeout=20.0)
     assert scorer(net, X[:60], y[:60]) == pytest.approx(cert.certified_fraction)
 
@@ -234,8 +248,16 @@ def test_complete_verification_is_exposed_on_the_estimators():
 def test_every_supported_layer_combination_in_tiny_networks():
     """Random tiny networks with BN, AvgPool, Dropout, conv, Identity against the oracle."""
     for seed, (batchnorm, dropout) in enumerate(itertools.product([False, True], repeat=2)):
-        net = make_mlp(3, [6, 6], 3, seed=20 + seed, batchnorm=batchnorm, dropout=dropout,
-                       identity=True, nested=True)
+        net = make_mlp(
+            3,
+            [6, 6],
+            3,
+            seed=20 + seed,
+            batchnorm=batchnorm,
+            dropout=dropout,
+            identity=True,
+            nested=True,
+        )
         x = torch.rand(10, 3, generator=torch.Generator().manual_seed(seed))
         cert = certify(net, x, 0.15, method="complete", lower=0.0, upper=1.0, timeout=20.0)
         assert np.all(cert.status != "unknown")
@@ -254,14 +276,21 @@ def test_filtered_smart_branching_picks_free_unstable_neurons_with_the_best_chil
     center = torch.rand(12, *shape, generator=generator)
     radius = torch.full_like(center, 0.15)
     perturbation = Perturbation.create(0.15, shape)
-    interval = dict(zip(engine._activation_indices,
-                        engine.activation_interval_bounds(center, perturbation), strict=True))
+    interval = dict(
+        zip(
+            engine._activation_indices,
+            engine.activation_interval_bounds(center, perturbation),
+            strict=True,
+        )
+    )
     with torch.no_grad():
         reference = net(center).argmax(1)
     root = engine.bound_subdomains(center, radius, interval, reference)
     layers = sorted(root.bounds)
-    splits = {k: torch.zeros(len(center), lower[0].numel(), dtype=torch.int8)
-              for k, (lower, _) in root.bounds.items()}
+    splits = {
+        k: torch.zeros(len(center), lower[0].numel(), dtype=torch.int8)
+        for k, (lower, _) in root.bounds.items()
+    }
     rows = torch.arange(len(center))
     boxes = (center, radius, reference)
 
@@ -278,11 +307,20 @@ def test_filtered_smart_branching_picks_free_unstable_neurons_with_the_best_chil
                     lower[here, neuron[here]] = lower[here, neuron[here]].clamp(min=0)
                 else:
                     upper[here, neuron[here]] = upper[here, neuron[here]].clamp(max=0)
-                child_bounds[k] = (lower.view_as(root.bounds[k][0]),
-                                   upper.view_as(root.bounds[k][1]))
+                child_bounds[k] = (
+                    lower.view_as(root.bounds[k][0]),
+                    upper.view_as(root.bounds[k][1]),
+                )
                 child_splits[k] = split.view_as(root.bounds[k][0])
-            child = engine.bound_split_subdomains(center, radius, child_bounds, child_splits,
-                                                  reference, closed=root.margins > 0, steps=0)
+            child = engine.bound_split_subdomains(
+                center,
+                radius,
+                child_bounds,
+                child_splits,
+                reference,
+                closed=root.margins > 0,
+                steps=0,
+            )
             best = torch.maximum(best, child.margins.min(1).values)
         return best
 

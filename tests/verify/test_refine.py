@@ -33,11 +33,18 @@ def _setup(net: nn.Module, x: torch.Tensor, eps: float):
     perturbation = Perturbation.create(eps, tuple(x.shape[1:]), dtype=torch.float64)
     center, radius = perturbation.box(x)
     with torch.no_grad():
-        interval = dict(zip(engine._activation_indices,
-                            engine.activation_interval_bounds(x, perturbation), strict=True))
+        interval = dict(
+            zip(
+                engine._activation_indices,
+                engine.activation_interval_bounds(x, perturbation),
+                strict=True,
+            )
+        )
     segments = engine.affine_segments(tuple(x.shape[1:]))
-    milp = MarginMilp([(w.detach().numpy(), b.detach().numpy()) for w, b in segments],
-                      wide=engine.segments_are_wide)
+    milp = MarginMilp(
+        [(w.detach().numpy(), b.detach().numpy()) for w, b in segments],
+        wide=engine.segments_are_wide,
+    )
     with torch.no_grad():
         reference = net(x).argmax(1)
     return net, engine, center, radius, interval, milp, reference
@@ -45,8 +52,11 @@ def _setup(net: nn.Module, x: torch.Tensor, eps: float):
 
 def _activation_inputs(net: nn.Module, points: torch.Tensor) -> list[torch.Tensor]:
     seen = []
-    hooks = [m.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
-             for m in net.modules() if isinstance(m, nn.ReLU)]
+    hooks = [
+        m.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
+        for m in net.modules()
+        if isinstance(m, nn.ReLU)
+    ]
     with torch.no_grad():
         net(points)
     for hook in hooks:
@@ -68,15 +78,17 @@ def test_refined_bounds_hold_at_sampled_points_and_are_tighter(name):
     net, engine, center, radius, interval, milp, reference = _setup(NETWORKS[name](), x, 0.25)
     with torch.no_grad():
         crown = engine.bound_subdomains(center, radius, interval, reference)
-    refined = refine_bounds(engine, milp, center, radius, interval, reference,
-                            deadline=float("inf"))
+    refined = refine_bounds(
+        engine, milp, center, radius, interval, reference, deadline=float("inf")
+    )
     assert refined.complete
     points = center + (torch.rand(4000, *center.shape[1:], dtype=torch.float64) * 2 - 1) * radius
     corners = center + torch.sign(torch.randn(500, *center.shape[1:], dtype=torch.float64)) * radius
     points = torch.cat([points, corners])
     tighter = 0.0
-    for index, seen in zip(engine._activation_indices, _activation_inputs(net, points),
-                           strict=True):
+    for index, seen in zip(
+        engine._activation_indices, _activation_inputs(net, points), strict=True
+    ):
         lower, upper = refined.bounds[index]
         assert (seen >= lower - 1e-9).all() and (seen <= upper + 1e-9).all()
         crown_lower, crown_upper = crown.bounds[index]
@@ -95,7 +107,7 @@ def _neuron_head(net: nn.Sequential, layer: int, neuron: int) -> nn.Sequential:
     """The network up to the input of ReLU ``layer``, with a head whose class 0 is that neuron
     and class 1 is 0 (so margins give its minimum and maximum)."""
     relus = [position for position, module in enumerate(net) if isinstance(module, nn.ReLU)]
-    prefix = copy.deepcopy(net[:relus[layer]])
+    prefix = copy.deepcopy(net[: relus[layer]])
     width = [m for m in prefix if isinstance(m, nn.Linear)][-1].out_features
     head = nn.Linear(width, 2).double()
     with torch.no_grad():
@@ -110,8 +122,9 @@ def test_refined_bounds_never_exceed_the_exact_optimum():
     x = torch.tensor([[0.4, 0.6, 0.5]], dtype=torch.float64)
     eps = 0.3
     net, engine, center, radius, interval, milp, reference = _setup(net, x, eps)
-    refined = refine_bounds(engine, milp, center, radius, interval, reference,
-                            deadline=float("inf"))
+    refined = refine_bounds(
+        engine, milp, center, radius, interval, reference, deadline=float("inf")
+    )
     for layer, index in enumerate(engine._activation_indices):
         lower, upper = (b[0].numpy() for b in refined.bounds[index])
         for neuron in range(lower.size):
@@ -132,16 +145,20 @@ def test_the_dual_bound_holds_for_any_multipliers():
     point = rng.uniform(-1, 1, n_vars)  # a feasible point
     values = matrix @ point
     row_lower = np.where(rng.random(n_rows) < 0.5, values - rng.uniform(0, 1, n_rows), -np.inf)
-    row_upper = np.where(np.isinf(row_lower) | (rng.random(n_rows) < 0.5),
-                         values + rng.uniform(0, 1, n_rows), np.inf)
+    row_upper = np.where(
+        np.isinf(row_lower) | (rng.random(n_rows) < 0.5), values + rng.uniform(0, 1, n_rows), np.inf
+    )
     var_lower, var_upper = np.full(n_vars, -1.0), np.full(n_vars, 1.0)
     cost = rng.normal(size=n_vars)
     finite_upper = np.isfinite(row_upper)
     finite_lower = np.isfinite(row_lower)
     optimum = linprog(
-        cost, A_ub=np.vstack([matrix[finite_upper], -matrix[finite_lower]]),
+        cost,
+        A_ub=np.vstack([matrix[finite_upper], -matrix[finite_lower]]),
         b_ub=np.concatenate([row_upper[finite_upper], -row_lower[finite_lower]]),
-        bounds=list(zip(var_lower, var_upper, strict=True)), method="highs").fun
+        bounds=list(zip(var_lower, var_upper, strict=True)),
+        method="highs",
+    ).fun
     sparse = csr_matrix(matrix)
     for _ in range(200):
         duals = rng.normal(size=n_rows) * rng.choice([0.0, 0.1, 1.0, 10.0])

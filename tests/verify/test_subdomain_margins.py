@@ -9,14 +9,20 @@ from certdistill.bounds import Perturbation, engine_for
 
 def _subdomains(n: int = 2):
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                           nn.Linear(16, 6)).eval()
+    module = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6)
+    ).eval()
     engine = engine_for(module)
     x = torch.rand(n, 8)
     perturbation = Perturbation.create(0.3, (8,), lower=0.0, upper=1.0)
     center, radius = perturbation.box(x)
-    interval = dict(zip(engine._activation_indices,
-                        engine.activation_interval_bounds(x, perturbation), strict=True))
+    interval = dict(
+        zip(
+            engine._activation_indices,
+            engine.activation_interval_bounds(x, perturbation),
+            strict=True,
+        )
+    )
     with torch.no_grad():
         reference = module(x).argmax(1)
     root = engine.bound_subdomains(center, radius, interval, reference)
@@ -32,22 +38,28 @@ def test_padded_classes_keep_their_bounds():
     closed[1] = True
     closed[1, open_1] = False
     closed[1, reference[1]] = False
-    together = engine.bound_split_subdomains(center, radius, bounds, splits, reference,
-                                             closed=closed, steps=0)
+    together = engine.bound_split_subdomains(
+        center, radius, bounds, splits, reference, closed=closed, steps=0
+    )
 
     def alone(row: int):
         pick = slice(row, row + 1)
         return engine.bound_split_subdomains(
-            center[pick], radius[pick], {k: (lo[pick], up[pick]) for k, (lo, up) in bounds.items()},
-            {k: v[pick] for k, v in splits.items()}, reference[pick], closed=closed[pick],
-            steps=0).margins[0]
+            center[pick],
+            radius[pick],
+            {k: (lo[pick], up[pick]) for k, (lo, up) in bounds.items()},
+            {k: v[pick] for k, v in splits.items()},
+            reference[pick],
+            closed=closed[pick],
+            steps=0,
+        ).margins[0]
 
     for row in range(2):
         torch.testing.assert_close(together.margins[row], alone(row))
     assert torch.isfinite(together.margins[1, open_1]).all()
     # And the bounds hold at sampled points of the box.
     with torch.no_grad():
-        points = (center[1] + (torch.rand(2000, 8) * 2 - 1) * radius[1])
+        points = center[1] + (torch.rand(2000, 8) * 2 - 1) * radius[1]
         logits = module(points)
-        margins = logits[:, reference[1]:reference[1] + 1] - logits
+        margins = logits[:, reference[1] : reference[1] + 1] - logits
     assert (margins[:, open_1] >= together.margins[1, open_1] - 1e-5).all()
