@@ -106,6 +106,9 @@ class IntervalPass:
     input_radius: Tensor
     reference: Tensor
     _state: Propagation | None = field(default=None, repr=False)
+    #: IBP lower and upper bounds of ``z_ref - z_j`` (0 in the reference column), kept with
+    #: ``_state`` for the fused CROWN-IBP loss.
+    _tail_bounds: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass

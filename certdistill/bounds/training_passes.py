@@ -59,7 +59,8 @@ class TrainingPasses:
             for index in self._activation_indices:
                 lower, upper = state.ibp_bounds[index]
                 recorded.append(((upper + lower) / 2, (upper - lower) / 2))
-        margins = self._tail_margins(state, reference)
+        # The fused CROWN-IBP step needs the upper margin bounds too: one tail pass for both.
+        margins, upper_margins = self._tail_margin_bounds(state, reference, upper=keep_state)
         return IntervalPass(
             logits=state.logits,
             margins=mask_reference(margins, reference),
@@ -67,6 +68,7 @@ class TrainingPasses:
             input_radius=state.radius,
             reference=reference,
             _state=state if keep_state else None,
+            _tail_bounds=(margins, upper_margins) if keep_state else None,
         )
 
     def crown_ibp_margins(self, interval_pass: IntervalPass) -> Tensor:
@@ -124,7 +126,7 @@ class TrainingPasses:
                 "crown_ibp_cross_entropy needs an interval_pass run with keep_state=True."
             )
         reference = interval_pass.reference.view(-1, 1)
-        lower_margin, upper_margin = self._tail_margin_bounds(state, interval_pass.reference)
+        lower_margin, upper_margin = interval_pass._tail_bounds
         shift = (-lower_margin).amax(1, keepdim=True).detach()  # >= 0: the reference's is 0
         # t_j = z_j - z_ref - shift lies in [low, high] <= 0 (t_ref = -shift exactly).
         low, high = -upper_margin - shift, -lower_margin - shift

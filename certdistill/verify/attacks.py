@@ -14,7 +14,7 @@ two places:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -194,25 +194,13 @@ def pgd_attack(
             return nn.functional.cross_entropy(logits, y, reduction="none")
         return -_margin_objective(logits, y)
 
-    view = (-1,) + (1,) * (x.dim() - 1)
-    best_x = x.clone()
-    best_val = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
-    with _attack_mode(module, mode), torch.enable_grad():
-        for _ in range(restarts):
-            x_adv = _uniform_in_box(lo, hi, generator) if random_start else x.clone()
-            for it in range(steps + 1):
-                x_adv.requires_grad_(True)
-                val = objective(module(x_adv))
-                with torch.no_grad():
-                    better = val > best_val
-                    best_val = torch.where(better, val, best_val)
-                    best_x = torch.where(better.view(view), x_adv, best_x)
-                if it == steps:
-                    break
-                # Gradient w.r.t. the input only: parameters' .grad stay untouched.
-                (grad,) = torch.autograd.grad(val.sum(), x_adv)
-                with torch.no_grad():
-                    x_adv = torch.minimum(torch.maximum(x_adv + step * grad.sign(), lo), hi)
+    def start(restart: int) -> torch.Tensor:
+        return _uniform_in_box(lo, hi, generator) if random_start else x.clone()
+
+    with _attack_mode(module, mode):
+        _, best_x = _signed_gradient_ascent(
+            module, objective, start, lo, hi, step, steps=steps, restarts=restarts, initial=x
+        )
     return best_x.detach()
 
 
@@ -371,30 +359,64 @@ def _targeted_pgd(
     """Signed-gradient descent of ``z_reference - z_target``, one attack per row in the box
     ``[lo, hi]``: restart 0 from ``first`` (clipped into the box), the others uniform. The
     smallest margin per row and where (``first`` where no restart ran)."""
-    best = torch.full((first.shape[0],), float("inf"), dtype=first.dtype, device=first.device)
-    best_x = first.clone()
 
-    def margin(z: torch.Tensor) -> torch.Tensor:
-        return z.gather(1, reference[:, None]).squeeze(1) - z.gather(1, target[:, None]).squeeze(1)
+    def negative_margin(z: torch.Tensor) -> torch.Tensor:
+        return z.gather(1, target[:, None]).squeeze(1) - z.gather(1, reference[:, None]).squeeze(1)
 
-    view = (-1,) + (1,) * (first.dim() - 1)
+    def start(restart: int) -> torch.Tensor:
+        if restart == 0:
+            return torch.minimum(torch.maximum(first, lo), hi)
+        return _uniform_in_box(lo, hi, generator)
+
+    worst, best_x = _signed_gradient_ascent(
+        module,
+        negative_margin,
+        start,
+        lo,
+        hi,
+        step,
+        steps=steps,
+        restarts=restarts if first.shape[0] else 0,
+        initial=first,
+    )
+    return -worst, best_x
+
+
+def _signed_gradient_ascent(
+    module: nn.Module,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    start: Callable[[int], torch.Tensor],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    steps: int,
+    restarts: int,
+    initial: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PGD loop shared by every attack: from ``start(restart)``, ``steps`` signed-gradient
+    steps up ``objective(module(x))`` (one value per row) projected into ``[lo, hi]``. Returns
+    the largest value per row over all restarts and iterates and where it was reached
+    (``initial`` and ``-inf`` where no restart ran)."""
+    best = torch.full(
+        (initial.shape[0],), float("-inf"), dtype=initial.dtype, device=initial.device
+    )
+    best_x = initial.clone()
+    view = (-1,) + (1,) * (initial.dim() - 1)
     with torch.enable_grad():
-        for r in range(restarts if first.shape[0] else 0):
-            x_adv = (
-                torch.minimum(torch.maximum(first, lo), hi)
-                if r == 0
-                else _uniform_in_box(lo, hi, generator)
-            )
+        for restart in range(restarts):
+            x_adv = start(restart)
             for it in range(steps + 1):
                 x_adv.requires_grad_(True)
-                val = margin(module(x_adv))
+                value = objective(module(x_adv))
                 with torch.no_grad():
-                    better = val < best
-                    best = torch.where(better, val, best)
+                    better = value > best
+                    best = torch.where(better, value, best)
                     best_x = torch.where(better.view(view), x_adv, best_x)
                 if it == steps:
                     break
-                (grad,) = torch.autograd.grad(val.sum(), x_adv)
+                # Gradient w.r.t. the input only: parameters' .grad stay untouched.
+                (grad,) = torch.autograd.grad(value.sum(), x_adv)
                 with torch.no_grad():
-                    x_adv = torch.minimum(torch.maximum(x_adv - step * grad.sign(), lo), hi)
+                    x_adv = torch.minimum(torch.maximum(x_adv + step * grad.sign(), lo), hi)
     return best, best_x
