@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 
 from certdistill.datasets import make_digits28
 from certdistill.estimators.teacher import CertifiedTeacher
+from certdistill.scale.allocator import retain_freed_memory
 from certdistill.verify.attacks import pgd_attack
 
 #: Benchmark names of the teacher's configurations beyond its ``method`` values.
@@ -218,7 +219,14 @@ def main(argv=None) -> None:
         default="digits",
         help="digits (8x8) or digits28 (MNIST-sized, generated)",
     )
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="call certdistill.scale.allocator.retain_freed_memory() first (glibc)",
+    )
     args = parser.parse_args(argv)
+    if args.retain_freed_memory:
+        print("retain_freed_memory():", retain_freed_memory())
     torch.set_num_threads(args.threads)
     rows = run(args)
     print()
@@ -226,7 +234,8 @@ def main(argv=None) -> None:
     print(
         f"Data {args.data} ({len(load_data(args.data)[0])} training images), stratified split "
         f"(seed 0), eps = {args.eps}, {'flat MLP' if args.flat else f'input_shape={shape} CNN'}"
-        f" default teacher, device {args.device}, {args.threads} torch threads. Certified by "
+        f" default teacher, device {args.device}, {args.threads} torch threads"
+        f"{', freed memory retained' if args.retain_freed_memory else ''}. Certified by "
         "the default cascade of certify() (IBP, then CROWN-IBP and CROWN on the samples "
         "still open), timed in "
         "'certify s'. Step ratios at full training eps (CROWN-IBP with beta = 1)."

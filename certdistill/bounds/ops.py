@@ -742,8 +742,10 @@ class _ReLUInterval(torch.autograd.Function):
     def forward(ctx, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
         lower = center - radius
         upper = center + radius
-        lower_on, upper_on = lower > 0, upper > 0
-        ctx.save_for_backward(lower_on, upper_on)
+        # The masks where the gradient is zero, kept as booleans: a masked fill needs no
+        # conversion to the gradient's dtype (a multiplication by a boolean mask copies it).
+        lower_off, upper_off = lower <= 0, upper <= 0
+        ctx.save_for_backward(lower_off, upper_off)
         lower.clamp_(min=0)
         upper.clamp_(min=0)
         new_radius = torch.sub(upper, lower).mul_(0.5)
@@ -751,9 +753,9 @@ class _ReLUInterval(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_center: Tensor, grad_radius: Tensor) -> tuple[Tensor, Tensor]:
-        lower_on, upper_on = ctx.saved_tensors
-        through_upper = (grad_center + grad_radius).mul_(0.5).mul_(upper_on)
-        through_lower = (grad_center - grad_radius).mul_(0.5).mul_(lower_on)
+        lower_off, upper_off = ctx.saved_tensors
+        through_upper = (grad_center + grad_radius).mul_(0.5).masked_fill_(upper_off, 0.0)
+        through_lower = (grad_center - grad_radius).mul_(0.5).masked_fill_(lower_off, 0.0)
         return through_upper + through_lower, through_upper.sub_(through_lower)
 
 

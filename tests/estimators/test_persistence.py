@@ -18,7 +18,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from digits import small_digits
+from digits import SMALL_FIT, small_digits
 from model_outputs import model_outputs
 from sklearn.base import clone
 from sklearn.frozen import FrozenEstimator
@@ -29,25 +29,8 @@ from certdistill import CertifiedTeacher, DistilledStudent
 from certdistill.estimators._architecture import build_module, describe_module
 from certdistill.estimators.persistence import MAGIC, SafeFormatError
 
-TEACHER = dict(
-    method="crown-ibp",
-    eps=0.05,
-    lower=0.0,
-    upper=1.0,
-    max_epochs=3,
-    lr=1e-2,
-    random_state=0,
-    module__hidden_sizes=(24,),
-)
-STUDENT = dict(
-    eps=0.05,
-    lower=0.0,
-    upper=1.0,
-    max_epochs=3,
-    lr=1e-2,
-    random_state=0,
-    module__hidden_sizes=(12,),
-)
+TEACHER = {**SMALL_FIT, "method": "crown-ibp", "module__hidden_sizes": (24,)}
+STUDENT = {**SMALL_FIT, "module__hidden_sizes": (12,)}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from digits import small_digits
+from digits import SMALL_FIT, small_digits
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
@@ -26,26 +26,8 @@ from certdistill.estimators.losses import distillation_kl
 from certdistill.estimators.scoring import CertifiedAccuracy
 from certdistill.estimators.teacher_outputs import BULK_ROWS, clear_shared_cache
 
-TEACHER = dict(
-    method="ibp",
-    eps=0.05,
-    lower=0.0,
-    upper=1.0,
-    max_epochs=3,
-    lr=1e-2,
-    random_state=0,
-    module__hidden_sizes=(32,),
-)
-STUDENT = dict(
-    eps=0.05,
-    lower=0.0,
-    upper=1.0,
-    max_epochs=3,
-    lr=1e-2,
-    random_state=0,
-    module__hidden_sizes=(16,),
-    transfer=(),
-)
+TEACHER = {**SMALL_FIT, "method": "ibp", "module__hidden_sizes": (32,)}
+STUDENT = {**SMALL_FIT, "module__hidden_sizes": (16,), "transfer": ()}
 ALONE = {k: v for k, v in STUDENT.items() if k != "transfer"}  # the same network, trained alone
 
 

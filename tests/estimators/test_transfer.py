@@ -5,33 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from digits import small_digits
+from digits import SMALL_FIT, small_digits
 from sklearn.frozen import FrozenEstimator
 
 from certdistill import CertifiedTeacher, DistilledStudent
 from certdistill.estimators.transfer import TRANSFER_KINDS, transfer_inputs
 
-TEACHER = dict(
-    method="ibp",
-    eps=0.05,
-    lower=0.0,
-    upper=1.0,
-    max_epochs=3,
-    lr=1e-2,
-    random_state=0,
-    module__hidden_sizes=(32,),
-)
-STUDENT = dict(
-    eps=0.05,
-    lower=0.0,
-    upper=1.0,
-    max_epochs=2,
-    lr=1e-2,
-    random_state=0,
-    module__hidden_sizes=(16,),
-    batch_size=50,
-    transfer=(),
-)
+TEACHER = {**SMALL_FIT, "method": "ibp", "module__hidden_sizes": (32,)}
+STUDENT = {
+    **SMALL_FIT,
+    "max_epochs": 2,
+    "module__hidden_sizes": (16,),
+    "batch_size": 50,
+    "transfer": (),
+}
 
 
 @pytest.fixture(scope="module")
