@@ -150,3 +150,81 @@ def test_the_relu_interval_step_of_training_has_autograd_values_and_gradients():
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+def _reference_interval_pass(module: nn.Sequential, x, lower, upper, y):
+    """IBP of a training step by plain autograd arithmetic, layer by layer: clean batch,
+    centres and radii, BatchNorm with the clean batch's statistics."""
+    center, radius = (upper + lower) / 2, (upper - lower) / 2
+    layers = list(module)
+    for layer in layers[:-1]:
+        if isinstance(layer, nn.Conv2d):
+            conv = torch.nn.functional.conv2d
+            args = (layer.stride, layer.padding)
+            x = conv(x, layer.weight, layer.bias, *args)
+            center = conv(center, layer.weight, layer.bias, *args)
+            radius = conv(radius, layer.weight.abs(), None, *args)
+        elif isinstance(layer, nn.Linear):
+            x, center = layer(x), layer(center)
+            radius = radius @ layer.weight.abs().T
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+            scale = layer.weight / torch.sqrt(var + layer.eps)
+            shift = layer.bias - mean * scale
+            view = (-1,) + (1,) * (x.dim() - 2)
+            scale, shift = scale.view(view), shift.view(view)
+            x, center, radius = x * scale + shift, center * scale + shift, radius * scale.abs()
+        elif isinstance(layer, nn.ReLU):
+            low, high = torch.relu(center - radius), torch.relu(center + radius)
+            x, center, radius = torch.relu(x), (high + low) / 2, (high - low) / 2
+        else:  # AvgPool2d, Flatten: linear maps with non-negative weights
+            x, center, radius = layer(x), layer(center), layer(radius)
+    last = layers[-1]
+    rows = last.weight[y][:, None, :] - last.weight[None, :, :]  # (n, classes, features)
+    offsets = last.bias[y][:, None] - last.bias[None, :]
+    margins = (
+        torch.einsum("ncf,nf->nc", rows, center)
+        - torch.einsum("ncf,nf->nc", rows.abs(), radius)
+        + offsets
+    )
+    return last(x), margins.scatter(1, y[:, None], float("inf"))
+
+
+def test_training_pass_values_and_gradients_equal_plain_autograd_arithmetic():
+    """The fused training steps (stacked clean and centre rows through affine layers,
+    BatchNorm and ReLU) compute IBP's values and parameter gradients exactly."""
+    torch.manual_seed(3)
+    module = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    ).double()
+    for layer in module:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            nn.init.normal_(layer.weight)  # negative scales too
+            nn.init.normal_(layer.bias)
+    reference = copy.deepcopy(module)
+    x = torch.rand(12, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,))
+    box = around(x, 0.05, 0.0, 1.0)
+    result = BoundEngine(module.train()).interval_pass(x, box, y)
+    lower, upper = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    logits, margins = _reference_interval_pass(reference, x, lower, upper, y)
+    torch.testing.assert_close(result.logits, logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(result.margins, margins, rtol=0, atol=1e-12)
+    finite = torch.isfinite(margins)
+    weights = torch.randn(12, 5, dtype=torch.float64)
+    for clean, bounds in ((result.logits, result.margins), (logits, margins)):
+        ((clean + torch.where(finite, bounds, 0.0)) * weights).sum().backward()
+    for (name, ours), theirs in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-11, msg=name)
