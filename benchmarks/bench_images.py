@@ -19,12 +19,16 @@ Run (``pip install mlxtend`` first; it is not a dependency of certdistill)::
 
 ``--student-eps-train-ratio R`` sets both students' training radius to ``R * eps``;
 ``--distill-param NAME=VALUE`` (repeatable) sets a ``DistilledStudent`` parameter, e.g.
-``--distill-param distill_weight=0.5 --distill-param loss=baseline``.
+``--distill-param distill_weight=0.5 --distill-param loss=baseline`` (a comma makes a tuple:
+``transfer=noise,ball``; ``transfer=`` is the empty tuple). ``--models`` fits only some of the
+three; ``--teacher-cache DIR`` keeps each fitted teacher (per radius, seed, epochs and labelled
+share) in ``DIR`` and reuses it, so that variants of the students see the same teacher.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shlex
 import sys
 import time
@@ -73,6 +77,13 @@ def load_images(seed: int):
     return train_test_split(X, np.asarray(y), test_size=0.2, stratify=y, random_state=seed)
 
 
+MODEL_NAMES = {
+    "teacher": "teacher CNN (IBP)",
+    "distilled": "distilled student",
+    "alone": "student alone (IBP)",
+}
+
+
 def build_models(args, eps: float, seed: int) -> dict:
     """The three unfitted models of one radius and seed, in the order to fit them."""
     common = {"lower": 0.0, "upper": 1.0, "eps": eps, "random_state": seed, "device": args.device}
@@ -86,11 +97,33 @@ def build_models(args, eps: float, seed: int) -> dict:
         students["eps_train_ratio"] = args.student_eps_train_ratio
     student = DistilledStudent(teacher, **students, **dict(args.distill_param))
     alone = CertifiedTeacher(method="ibp", **students)
-    return {
-        "teacher CNN (IBP)": teacher,
-        "distilled student": student,
-        "student alone (IBP)": alone,
-    }
+    models = dict(zip(MODEL_NAMES.values(), (teacher, student, alone), strict=True))
+    return {name: models[name] for name in (MODEL_NAMES[key] for key in args.models)}
+
+
+def _teacher_cache_path(args, eps: float, seed: int) -> Path:
+    key = f"{eps:g}-{seed}-{args.teacher_epochs}-{args.labelled:g}-{args.device}"
+    return (
+        Path(args.teacher_cache) / f"teacher_{hashlib.sha1(key.encode()).hexdigest()[:12]}.joblib"
+    )
+
+
+def fit_teacher(args, teacher, X, y, eps: float, seed: int):
+    """Fit ``teacher`` (or load the one fitted before for this radius and seed); its seconds."""
+    import joblib
+
+    path = None if args.teacher_cache is None else _teacher_cache_path(args, eps, seed)
+    if path is not None and path.exists():
+        fitted, seconds = joblib.load(path)
+        print(f"  (teacher loaded from {path}; its fit took {seconds:.0f} s)", flush=True)
+        return fitted, seconds
+    start = time.perf_counter()
+    teacher.fit(X, y)
+    seconds = time.perf_counter() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump((teacher, seconds), path)
+    return teacher, seconds
 
 
 def certified_curve(model, X, y, radii: np.ndarray) -> np.ndarray:
@@ -135,7 +168,23 @@ def run(args) -> list[dict]:
         for eps in args.eps:
             radii = np.linspace(0.0, args.curve_factor * eps, args.curve_points)
             curves = {}
-            for name, model in build_models(args, eps, seed).items():
+            models = build_models(args, eps, seed)
+            teacher_name = MODEL_NAMES["teacher"]
+            if teacher_name in models or MODEL_NAMES["distilled"] in models:
+                labelled = y_fit >= 0
+                teacher, teacher_seconds = fit_teacher(
+                    args,
+                    build_models(_with_models(args, ["teacher"]), eps, seed)[teacher_name],
+                    X_train[labelled],
+                    y_fit[labelled],
+                    eps,
+                    seed,
+                )
+                if MODEL_NAMES["distilled"] in models:
+                    models[MODEL_NAMES["distilled"]].set_params(teacher=teacher)
+                if teacher_name in models:
+                    models[teacher_name] = teacher
+            for name, model in models.items():
                 labelled = y_fit >= 0
                 # The student alone can use the labelled rows only; the distilled student is
                 # given the rest unlabelled (-1), as a scikit-learn semi-supervised estimator.
@@ -145,9 +194,12 @@ def run(args) -> list[dict]:
                     X_fit, y_model = X_train, y_fit
                 if name == "distilled student":
                     model.set_params(unlabeled_label=-1)
-                start = time.perf_counter()
-                model.fit(X_fit, y_model)
-                seconds = time.perf_counter() - start
+                if name == teacher_name:
+                    seconds = teacher_seconds  # fitted above
+                else:
+                    start = time.perf_counter()
+                    model.fit(X_fit, y_model)
+                    seconds = time.perf_counter() - start
                 row = {
                     "eps": eps,
                     "seed": seed,
@@ -162,10 +214,12 @@ def run(args) -> list[dict]:
                 }
                 rows.append(row)
                 curves[name] = (radii, certified_curve(model, X_test, y_test, radii))
+                kept = getattr(model, "transfer_kept_", None)
                 print(
                     f"  seed {seed} eps {eps:g} {name}: fit {seconds:.0f} s, clean "
                     f"{row['clean']:.1%}, PGD {row['pgd']:.1%}, certified "
-                    f"{row['certified']:.1%}",
+                    f"{row['certified']:.1%}"
+                    + ("" if kept is None else f", {kept:,} transfer inputs kept"),
                     flush=True,
                 )
             print(f"\ncertified accuracy against the radius (seed {seed}, trained at eps {eps:g}):")
@@ -178,6 +232,10 @@ def run(args) -> list[dict]:
                 plot(curves, eps, path)
                 print(f"plot: {path}")
     return rows
+
+
+def _with_models(args, models: list[str]):
+    return argparse.Namespace(**{**vars(args), "models": models})
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -203,10 +261,13 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def _name_value(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` with VALUE read as a number where it is one."""
+    """``NAME=VALUE`` with VALUE read as a number where it is one, as a tuple of strings where
+    it has a comma, and as the empty tuple where it is empty."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if not value or "," in value:
+        return name, tuple(part for part in value.split(",") if part)
     try:
         return name, float(value) if any(c in value for c in ".e") else int(value)
     except ValueError:
@@ -239,6 +300,19 @@ def main(argv=None) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="a DistilledStudent parameter, e.g. distill_weight=0.5 (repeatable)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODEL_NAMES),
+        default=list(MODEL_NAMES),
+        help="which of the three models to fit and score",
+    )
+    parser.add_argument(
+        "--teacher-cache",
+        default=None,
+        metavar="DIR",
+        help="keep fitted teachers in DIR and reuse them (per eps, seed, epochs, labels)",
     )
     parser.add_argument("--curve-points", type=int, default=9)
     parser.add_argument("--curve-factor", type=float, default=2.0)

@@ -22,7 +22,11 @@ from certdistill.estimators.base import (
 from certdistill.estimators.teacher_outputs import TeacherOutputs
 from certdistill.estimators.transfer import transfer_inputs
 
-__all__ = ["TeacherGuidance"]
+__all__ = ["AUTO_SHARE", "TeacherGuidance"]
+
+#: ``transfer_keep="auto"`` keeps every transfer input when the teacher certifies at least this
+#: share of them, else only those it certifies (see :class:`~certdistill.DistilledStudent`).
+AUTO_SHARE = 0.5
 
 
 def _unlabeled_rows(y, marker) -> np.ndarray | None:
@@ -92,19 +96,49 @@ class TeacherGuidance:
         if reset or not hasattr(self, "teacher_"):
             y_orig = np.asarray(self.classes_)[y_enc]
             self.teacher_ = self._fitted_teacher(X, y_orig)
-        extra = [] if X_unlabeled is None else [self._validate_unlabeled(X_unlabeled)]
+        # The teacher labels every row that has no label of its own.
+        X_parts, y_parts = [X], [y_enc]
+        self.transfer_kept_, self.transfer_certified_ = 0, None
+        if X_unlabeled is not None:
+            X_unlabeled = self._validate_unlabeled(X_unlabeled)
+            X_parts.append(X_unlabeled)
+            y_parts.append(self._teacher_labels(X_unlabeled))
         if self.transfer:
-            extra.append(self._transfer_inputs(np.concatenate([X, *extra])))
-        extra = [rows for rows in extra if len(rows)]  # a small transfer_size may make none
-        if extra:
-            # The teacher labels every row that has no label of its own.
-            X_extra = np.concatenate(extra)
-            y_extra = self._teacher_labels(X_extra)
-            X, y_enc = np.concatenate([X, X_extra]), np.concatenate([y_enc, y_extra])
+            transfer = self._transfer_inputs(np.concatenate(X_parts))
+            labels = self._teacher_labels(transfer)
+            if self.transfer_keep != "all" and len(transfer):
+                proven = self._teacher_certifies(transfer, labels)
+                self.transfer_certified_ = float(proven.mean())
+                if self.transfer_keep == "certified" or self.transfer_certified_ < AUTO_SHARE:
+                    transfer, labels = transfer[proven], labels[proven]
+            self.transfer_kept_ = len(transfer)
+            if len(transfer):
+                X_parts.append(transfer)
+                y_parts.append(labels)
+        if len(X_parts) > 1:
+            X, y_enc = np.concatenate(X_parts), np.concatenate(y_parts)
         return X, y_enc
+
+    def _teacher_certifies(self, X: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Whether the teacher's bound (``teacher_bounds``; for ``"pgd"``, its attack) proves
+        each row's label within the student's eps ball (a boolean mask)."""
+        perturbation = self.perturbation_.to(device=self.device)
+        if len(X) == 0 or perturbation.level <= 0.0:
+            return np.ones(len(X), dtype=bool)
+        outputs = self._teacher_outputs()
+        kept = []
+        for start in range(0, len(X), 1024):
+            x = self.module_input(X[start : start + 1024])
+            y = torch.as_tensor(labels[start : start + 1024], device=x.device)
+            _, worst = outputs(x, y, perturbation, cache=False)
+            others = worst.scatter(1, y[:, None], float("-inf"))
+            kept.append((others.amax(1) < 0).cpu().numpy())
+        return np.concatenate(kept)
 
     def _teacher_labels(self, X: np.ndarray) -> np.ndarray:
         """The teacher's predicted class index of each (validated, flat) row."""
+        if len(X) == 0:  # a small transfer_size may make no transfer inputs
+            return np.empty(0, dtype=np.int64)
         module = self.teacher_.module_
         with torch.no_grad(), eval_mode(module):
             logits = [

@@ -9,6 +9,7 @@ from digits import SMALL_FIT, small_digits
 from sklearn.frozen import FrozenEstimator
 
 from certdistill import CertifiedTeacher, DistilledStudent
+from certdistill.estimators.guidance import AUTO_SHARE
 from certdistill.estimators.transfer import TRANSFER_KINDS, transfer_inputs
 
 TEACHER = {**SMALL_FIT, "method": "ibp", "module__hidden_sizes": (32,)}
@@ -86,9 +87,10 @@ def test_every_transfer_kind_adds_teacher_labelled_rows_inside_the_domain(small,
     student = DistilledStudent(
         FrozenEstimator(teacher),
         transfer_size=0.5,
+        transfer_keep="all",
         **dict(STUDENT, input_shape=(1, 8, 8), transfer=kind),
     ).fit(X, y)
-    assert _rows_trained(student) == len(X) + len(X) // 2
+    assert _rows_trained(student) == len(X) + len(X) // 2 == len(X) + student.transfer_kept_
     assert student.score(X, y) > 0.25
 
 
@@ -100,6 +102,68 @@ def test_a_transfer_set_of_no_rows_trains_on_the_given_rows(small, size):
         teacher, transfer_size=size, **dict(STUDENT, transfer=("noise", "ball"))
     ).fit(X, y)
     assert _rows_trained(student) == len(X)
+
+
+def _trained_rows(monkeypatch, student, X, y) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs and labels of the student's first epoch, in the order trained."""
+    seen = []
+    original = DistilledStudent.training_loss
+
+    def spy(self, x, labels, training=True):
+        seen.append((x.detach().clone(), labels.clone()))
+        return original(self, x, labels, training)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DistilledStudent, "training_loss", spy)
+        student.set_params(max_epochs=1).fit(X, y)
+    return torch.cat([b[0] for b in seen]).numpy(), torch.cat([b[1] for b in seen]).numpy()
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_transfer_keep_certified_keeps_the_transfer_rows_the_teacher_certifies(
+    small, monkeypatch, eps
+):
+    X, y = small
+    teacher = CertifiedTeacher(**dict(TEACHER, eps=eps, max_epochs=6)).fit(X, y)
+    made, shares = {}, {}
+    for keep in ("all", "certified", "auto"):
+        student = DistilledStudent(
+            FrozenEstimator(teacher),
+            transfer_keep=keep,
+            transfer_size=1.0,
+            **dict(STUDENT, eps=eps, transfer=("noise", "ball"), iterator_train__shuffle=False),
+        )
+        inputs, labels = _trained_rows(monkeypatch, student, X, y)
+        np.testing.assert_array_equal(inputs[: len(X)], X)
+        made[keep] = inputs[len(X) :], labels[len(X) :], student.transfer_kept_
+        shares[keep] = student.transfer_certified_
+    rows, labels, count = made["all"]
+    assert count == len(rows) == 2 * len(X)
+    np.testing.assert_array_equal(labels, teacher.predict_proba(rows).argmax(1))
+    # Kept: the rows whose teacher label IBP (the student's teacher_bounds) proves at eps.
+    proven = teacher.certify(rows, eps=eps, method="ibp", y=teacher.classes_[labels]).certified
+    kept_rows, kept_labels, kept = made["certified"]
+    assert kept == int(proven.sum()) == len(kept_rows)
+    np.testing.assert_array_equal(kept_rows, rows[proven])
+    np.testing.assert_array_equal(kept_labels, labels[proven])
+    assert shares["all"] is None
+    assert shares["certified"] == shares["auto"] == pytest.approx(proven.mean())
+    if eps == 0.05:
+        assert 0 < kept < len(rows)  # the filter has both kinds of rows to sort
+        assert proven.mean() >= AUTO_SHARE  # so "auto" keeps them all
+        expected = made["all"]
+    else:
+        assert kept < len(rows) * AUTO_SHARE  # a teacher cannot vouch for its labels far out
+        expected = made["certified"]
+    for got, want in zip(made["auto"], expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_transfer_keep_is_checked(small):
+    X, y = small
+    teacher = FrozenEstimator(CertifiedTeacher(**TEACHER).fit(X, y))
+    with pytest.raises(ValueError, match="transfer_keep must be one of"):
+        DistilledStudent(teacher, transfer_keep="some", **STUDENT).fit(X, y)
 
 
 def test_transfer_inputs_by_hand():
