@@ -19,7 +19,8 @@ Run (``pip install mlxtend`` first; it is not a dependency of certdistill)::
 
 ``--student-eps-train-ratio R`` sets both students' training radius to ``R * eps``;
 ``--distill-param NAME=VALUE`` (repeatable) sets a ``DistilledStudent`` parameter, e.g.
-``--distill-param distill_weight=0.5 --distill-param loss=baseline`` (a comma makes a tuple:
+``--distill-param distill_weight=0.5 --distill-param loss=baseline`` (``--teacher-param`` the
+same for the teacher; a comma makes a tuple:
 ``transfer=noise,ball``; ``transfer=`` is the empty tuple). ``--models`` fits only some of the
 three; ``--teacher-cache DIR`` keeps each fitted teacher (per radius, seed, epochs and labelled
 share) in ``DIR`` and reuses it, so that variants of the students see the same teacher.
@@ -90,7 +91,7 @@ def build_models(args, eps: float, seed: int) -> dict:
     student_net = STUDENTS[args.student]
     teacher = CertifiedTeacher(
         method="ibp", input_shape=INPUT_SHAPE, max_epochs=args.teacher_epochs, **common
-    )
+    ).set_params(**dict(args.teacher_param))
     # The students' training radius is ``eps * eps_train_ratio``; the teacher keeps its default.
     students = {"max_epochs": args.student_epochs, **student_net, **common}
     if args.student_eps_train_ratio is not None:
@@ -103,6 +104,8 @@ def build_models(args, eps: float, seed: int) -> dict:
 
 def _teacher_cache_path(args, eps: float, seed: int) -> Path:
     key = f"{eps:g}-{seed}-{args.teacher_epochs}-{args.labelled:g}-{args.device}"
+    if args.teacher_param:
+        key += repr(sorted(args.teacher_param))
     return (
         Path(args.teacher_cache) / f"teacher_{hashlib.sha1(key.encode()).hexdigest()[:12]}.joblib"
     )
@@ -300,6 +303,14 @@ def main(argv=None) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="a DistilledStudent parameter, e.g. distill_weight=0.5 (repeatable)",
+    )
+    parser.add_argument(
+        "--teacher-param",
+        type=_name_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a CertifiedTeacher parameter of the teacher, e.g. eps_train_ratio=1.0 (repeatable)",
     )
     parser.add_argument(
         "--models",
