@@ -159,6 +159,23 @@ def test_transfer_keep_certified_keeps_the_transfer_rows_the_teacher_certifies(
         np.testing.assert_array_equal(got, want)
 
 
+def test_transfer_keep_with_a_pgd_teacher_keeps_what_its_attack_cannot_flip(small):
+    X, y = small
+    teacher = CertifiedTeacher(**dict(TEACHER, max_epochs=6)).fit(X, y)
+    kept = {}
+    for bounds in ("ibp", "pgd"):
+        student = DistilledStudent(
+            FrozenEstimator(teacher),
+            teacher_bounds=bounds,
+            transfer_keep="certified",
+            transfer_size=1.0,
+            **dict(STUDENT, max_epochs=1, transfer=("noise", "ball")),
+        ).fit(X, y)
+        kept[bounds] = student.transfer_kept_
+    # Whatever IBP proves, no attack flips: the attack keeps at least as many rows.
+    assert kept["ibp"] <= kept["pgd"] <= 2 * len(X)
+
+
 def test_transfer_keep_is_checked(small):
     X, y = small
     teacher = FrozenEstimator(CertifiedTeacher(**TEACHER).fit(X, y))
