@@ -296,22 +296,21 @@ def main(argv=None) -> None:
         default=None,
         help="eps_train_ratio of both students (default: the estimators' own, 1.5)",
     )
-    parser.add_argument(
-        "--distill-param",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a DistilledStudent parameter, e.g. distill_weight=0.5 (repeatable)",
-    )
-    parser.add_argument(
-        "--teacher-param",
-        type=_name_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a CertifiedTeacher parameter of the teacher, e.g. eps_train_ratio=1.0 (repeatable)",
-    )
+    for flag, example in (
+        ("--distill-param", "a DistilledStudent parameter, e.g. distill_weight=0.5"),
+        (
+            "--teacher-param",
+            "a CertifiedTeacher parameter of the teacher, e.g. eps_train_ratio=1.0",
+        ),
+    ):
+        parser.add_argument(
+            flag,
+            type=_name_value,
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help=f"{example} (repeatable)",
+        )
     parser.add_argument(
         "--models",
         nargs="+",
