@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certdistill.estimators.losses import certified_loss, distillation_kl, margin_matching
+from certdistill.estimators.losses import (
+    certified_loss,
+    distillation_kl,
+    margin_matching,
+    rival_gap,
+)
 from certdistill.estimators.training import IntervalTerms
 from certdistill.verify.attacks import pgd_attack
 
@@ -141,7 +146,7 @@ def selective_loss(b: DistillationBatch) -> Tensor:
     it: its largest worst-case logit other than the label's, softened by ``T``."""
     if b.weight <= 0.0:
         return b.certified()
-    gap = b.teacher_worst.scatter(1, b.y[:, None], float("-inf")).amax(1)
+    gap = rival_gap(b.teacher_worst, b.y)
     return b.certified(weights=1.0 - b.weight * torch.sigmoid(gap / b.temperature))
 
 

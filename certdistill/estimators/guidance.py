@@ -19,6 +19,7 @@ from certdistill.estimators.base import (
     CertifiedNetBase,
     TensorBatches,
 )
+from certdistill.estimators.losses import rival_gap
 from certdistill.estimators.teacher_outputs import TeacherOutputs
 from certdistill.estimators.transfer import transfer_inputs
 
@@ -131,8 +132,7 @@ class TeacherGuidance:
             x = self.module_input(X[start : start + 1024])
             y = torch.as_tensor(labels[start : start + 1024], device=x.device)
             _, worst = outputs(x, y, perturbation, cache=False)
-            others = worst.scatter(1, y[:, None], float("-inf"))
-            kept.append((others.amax(1) < 0).cpu().numpy())
+            kept.append((rival_gap(worst, y) < 0).cpu().numpy())
         return np.concatenate(kept)
 
     def _teacher_labels(self, X: np.ndarray) -> np.ndarray:

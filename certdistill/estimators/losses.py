@@ -24,6 +24,7 @@ __all__ = [
     "certified_loss",
     "distillation_kl",
     "margin_matching",
+    "rival_gap",
     "shi_regularizer",
     "worst_case_logits",
     "with_clean_term",
@@ -44,6 +45,13 @@ def worst_case_logits(margins: Tensor) -> Tensor:
         Logits whose softmax cross-entropy at the reference upper-bounds the worst-case loss.
     """
     return torch.where(torch.isinf(margins) & (margins > 0), torch.zeros_like(margins), -margins)
+
+
+def rival_gap(worst: Tensor, y: Tensor) -> Tensor:
+    """The largest worst-case logit other than the label's (``worst`` from
+    :func:`worst_case_logits`): minus the smallest margin bound, negative exactly where every
+    margin of the label is proven positive."""
+    return worst.scatter(1, y[:, None], float("-inf")).amax(1)
 
 
 def with_clean_term(worst_loss: Tensor, logits: Tensor, target: Tensor, kappa: float) -> Tensor:
